@@ -76,6 +76,40 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
+IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--base-channels", type=int, default=64, help="width of the first U-Net level")
+    group.add_argument("--depth", type=int, default=4, help="number of down-sampling steps")
+    group.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
+    group.add_argument("--single-logit", action="store_true",
+                       help="two-class data: one sigmoid logit (BCE) instead of two softmax logits")
+    return group
+
+
+def model_args_from(args, num_classes):
+    """The checkpoint's architecture dict, from train.py's arguments and the dataset's number of classes."""
+    if args.single_logit and num_classes != 2:
+        raise ValueError(f"--single-logit needs two-class data, but the dataset has {num_classes} classes")
+    for name in ("base_channels", "depth"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return {"arch": "unet", "in_channels": 3, "num_classes": 1 if args.single_logit else num_classes,
+            "base_channels": args.base_channels, "depth": args.depth, "bilinear": args.bilinear}
+
+
+def input_normalization(model_args):
+    """Mean and std (of 0..1 pixels) the model expects; saved in the checkpoint."""
+    return IMAGENET_NORMALIZE
+
+
+def parameter_groups(model, lr):
+    """Optimizer parameter groups (pretrained encoders may get their own, lower, learning rate)."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+
 def build_model(model_args):
     """Rebuild a model from the `model_args` dict stored in a checkpoint."""
     args = dict(model_args)

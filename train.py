@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -11,21 +12,14 @@ from tqdm import tqdm
 from datasets import add_dataset_args, build_dataset, check_dataset_args
 from inference import evaluate, preprocess
 from metrics import segmentation_loss
-from model import build_model, count_parameters
+from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
+    parameter_groups
 from utils import pick_device, save_checkpoint
-
-IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataset_args(p)
-    m = p.add_argument_group("model")
-    m.add_argument("--base-channels", type=int, default=64, help="width of the first U-Net level")
-    m.add_argument("--depth", type=int, default=4, help="number of down-sampling steps")
-    m.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
-    m.add_argument("--single-logit", action="store_true",
-                   help="two-class data: one sigmoid logit (BCE) instead of two softmax logits")
+    add_model_args(p)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10, help="training epochs")
     o.add_argument("--batch-size", type=int, default=16, help="images per step")
@@ -53,7 +47,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     check_dataset_args(args)
-    for name in ("epochs", "batch_size", "base_channels", "depth"):
+    for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -93,13 +87,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     train_set, val_set = build_dataset(args, "train"), build_dataset(args, "val")
     classes = list(train_set.classes)
-    if args.single_logit and len(classes) != 2:
-        raise SystemExit(f"error: --single-logit needs two-class data, but '{args.dataset}' has {len(classes)} classes")
-    num_logits = 1 if args.single_logit else len(classes)
-    model_args = {"arch": "unet", "in_channels": 3, "num_classes": num_logits,
-                  "base_channels": args.base_channels, "depth": args.depth, "bilinear": args.bilinear}
+    try:
+        model_args = model_args_from(args, len(classes))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    num_logits = model_args["num_classes"]
     model = build_model(model_args).to(device)
-    normalize = IMAGENET_NORMALIZE
+    normalize = input_normalization(model_args)
     ignore_index = train_set.ignore_index
 
     loader_args = {"batch_size": args.batch_size, "num_workers": args.workers,
@@ -109,7 +103,7 @@ def main(argv=None):
                                                generator=generator, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = optimizer_class(parameter_groups(model, args.lr), lr=args.lr, weight_decay=args.weight_decay)
 
     run_dir = Path(args.checkpoint_dir) / f"{args.name or args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 1
