@@ -61,6 +61,35 @@ def voc_palette(num_colors=256):
     return palette
 
 
+def plot_confusion_matrix(matrix, classes, path):
+    """Save the confusion matrix with rows normalised to 1 (each row: where that true class went)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rows = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    n = len(classes)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if normalised[i, j] >= 0.005:
+                    ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if normalised[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def label_image(labels, mask_values):
     """Class map (HxW ints) -> PIL image in the mask format of the data: 0/255 greyscale for two classes,
     a VOC-palette PNG of the mask values otherwise."""
