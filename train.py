@@ -23,9 +23,9 @@ from inference import evaluate, predict_probs, preprocess, probs_to_labels
 from metrics import segmentation_loss
 from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
     parameter_groups
-from utils import CheckpointError, all_gather_objects, all_reduce_sum, derived_seed, init_distributed, \
-    is_distributed, load_checkpoint, pick_device, plot_curves, rng_states, sample_grid, save_checkpoint, \
-    seed_everything, set_rng_states
+from utils import CheckpointError, all_gather_objects, all_reduce_sum, average_across_processes, derived_seed, \
+    init_distributed, is_distributed, load_checkpoint, pick_device, plot_curves, rng_states, sample_grid, \
+    save_checkpoint, seed_everything, set_rng_states
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -74,6 +74,8 @@ def parse_args(argv=None):
                    help="data-loader worker processes")
     r.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     args = p.parse_args(argv)
+    if args.resume and args.load:
+        p.error("--resume continues a run, --load starts a new one from its weights: give only one")
     if args.resume:  # the run's own arguments, overridden by the flags given now
         p.set_defaults(**resume_defaults(p, args.resume))
         args = p.parse_args(argv)
@@ -107,8 +109,6 @@ def check_args(args):
         raise ValueError(f"--warmup-epochs ({args.warmup_epochs}) must be shorter than --epochs ({args.epochs})")
     if args.class_weights and min(args.class_weights) < 0:
         raise ValueError(f"--class-weights cannot be negative, got {args.class_weights}")
-    if args.resume and args.load:
-        raise ValueError("--resume continues a run, --load starts a new one from its weights: give only one")
 
 
 class NonFiniteLoss(Exception):
@@ -267,7 +267,7 @@ def load_weights(model, path, checkpoint):
           + (f"; left at their initial values: {', '.join(skipped)}" if skipped else ""))
 
 
-def epoch_loader(dataset, indices, args, device, seed, drop_last=False):
+def make_loader(dataset, indices, args, device, seed, drop_last=False):
     """A loader over `indices` in this order. Worker seeds come from `seed`, so an epoch's augmentations
     are the same after a resume; workers ignore Ctrl-C, which the main process handles."""
     return torch.utils.data.DataLoader(
@@ -280,33 +280,34 @@ def ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_one_epoch(runner, loader, epoch, args, device, stop, first_batch, num_batches, main_process):
-    """Trains on the loader's batches, which start at batch `first_batch` of an epoch of `num_batches`.
-    Returns (mean loss, finished); finished is False when a stop was requested (after a whole step).
-    Raises NonFiniteLoss before any update with a NaN or infinite loss on any process."""
+def train_one_epoch(runner, loader, epoch, args, device, stop, progress, main_process):
+    """Trains on the loader's batches. `progress` ({"batch", "batches", "loss_sum", "images"}) says where in
+    the epoch the loader starts (after a resume) and is kept up to date. Returns False when a stop was
+    requested, after a whole step. Raises NonFiniteLoss, before any update, for a NaN or infinite loss."""
     runner.model.train()
-    loss_sum, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", total=num_batches, initial=first_batch,
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", total=progress["batches"], initial=progress["batch"],
                leave=False, disable=not main_process)
-    for batch, (images, masks) in enumerate(bar, start=first_batch):
+    for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        batch = progress["batch"]
         group_start = batch - batch % args.accumulate
-        group_size = min(args.accumulate, num_batches - group_start)
+        group_size = min(args.accumulate, progress["batches"] - group_start)
         ends_step = batch + 1 == group_start + group_size
         loss = runner.forward_backward(images, masks, 1 / group_size, sync_gradients=ends_step)
         # One sync per batch: the loss summed over processes, and whether any process was asked to stop.
         flags = torch.tensor([len(images), stop.requested], dtype=torch.float32, device=device)
         totals = torch.cat([(loss.float() * len(images)).view(1), flags])
-        batch_loss, batch_count, stop_votes = all_reduce_sum(totals).tolist()
+        batch_loss, batch_images, stop_votes = all_reduce_sum(totals).tolist()
         if not math.isfinite(batch_loss):
             raise NonFiniteLoss(f"the training loss is {batch_loss} at epoch {epoch}, batch {batch + 1}")
-        loss_sum, count = loss_sum + batch_loss, count + int(batch_count)
-        bar.set_postfix(loss=f"{batch_loss / batch_count:.4f}")
+        progress.update(batch=batch + 1, loss_sum=progress["loss_sum"] + batch_loss,
+                        images=progress["images"] + int(batch_images))
+        bar.set_postfix(loss=f"{batch_loss / batch_images:.4f}")
         if ends_step:
             runner.update()
-            if stop_votes and batch + 1 < num_batches:  # at the epoch's end, finish it: validate and save
-                return loss_sum / count, False
-    return loss_sum / max(count, 1), True
+            if stop_votes and batch + 1 < progress["batches"]:  # at the epoch's end, finish it: validate, save
+                return False
+    return True
 
 
 def any_process(flag, device):
@@ -387,11 +388,7 @@ def main(argv=None):
 
 def train(args, device, rank, world_size):
     main_process = rank == 0
-    checkpoint_path = args.resume or args.load
-    try:
-        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    checkpoint = read_checkpoint(args.resume or args.load)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
@@ -405,99 +402,92 @@ def train(args, device, rank, world_size):
     num_logits = model_args["num_classes"]
     model = build_model(model_args)
     if args.resume:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            sys.exit(f"error: --resume {args.resume} holds another architecture ({str(e).splitlines()[1]})")
+        load_all_weights(model, args.resume, checkpoint)
     elif args.load:
         load_weights(model, args.load, checkpoint)
     model, step_model, ddp = prepare_model(model, args, device, world_size)
-    normalize = input_normalization(model_args)
-    ignore_index = train_set.ignore_index
+    normalize, ignore_index = input_normalization(model_args), train_set.ignore_index
     meta = {"model_args": model_args, "classes": classes, "mask_values": list(train_set.mask_values),
             "ignore_index": ignore_index, "normalize": normalize}
 
     train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
-    num_samples = len(train_sampler)
-    batches_per_epoch = num_samples // args.batch_size if num_samples > args.batch_size else 1
-    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulate)
+    drop_last = len(train_sampler) > args.batch_size
+    batches_per_epoch = len(train_sampler) // args.batch_size if drop_last else 1
     # Each process scores its own share of the validation set; the confusion matrices are summed.
-    val_loader = epoch_loader(val_set, range(rank, len(val_set), world_size), args, device, args.seed)
+    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), args, device, args.seed)
 
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, args, math.ceil(batches_per_epoch / args.accumulate))
     amp_dtype = amp_dtype_for(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = build_criterion(args, num_logits, ignore_index, device)
     runner = StepRunner(step_model, optimizer, scheduler, scaler, criterion, normalize, amp_dtype,
                         args.channels_last, args.clip_grad, ddp)
-
-    done_epochs, best_score, metrics, resume_rng = 0, -1.0, None, None
+    # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
+    run = {"epoch": 0, "best_score": -1.0, "metrics": None, "epoch_progress": None}
+    resume_rng = None
     if args.resume:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        done_epochs, best_score, metrics = checkpoint["epoch"], checkpoint["best_score"], checkpoint["metrics"]
-        if len(checkpoint["rng"]) == world_size:
-            resume_rng = checkpoint["rng"][rank]
-    skip_batches = (scheduler.last_epoch - done_epochs * steps_per_epoch) * args.accumulate
-    if not 0 <= skip_batches < batches_per_epoch:  # the batch size changed: restart the interrupted epoch
-        skip_batches = 0
+        run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank,
+                                           world_size)
 
     run_dir = log = None
     if main_process:
         run_dir = Path(args.resume).parent if args.resume else new_run_dir(args)
         (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        log = RunLog(run_dir, args.metric, done_epochs)
+        log = RunLog(run_dir, args.metric, run["epoch"])
         print(f"{count_parameters(model) / 1e6:.2f} M parameters, {len(train_set)} train / "
               f"{len(val_set)} val images, device {device} x {world_size}, "
               f"{'AMP ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, run folder {run_dir}"
-              + (f", resuming after epoch {done_epochs} step {scheduler.last_epoch}" if args.resume else ""))
+              + (f", resuming after step {scheduler.last_epoch}" if args.resume else ""))
     last_good = Path(args.resume) if args.resume else None
 
-    def save(epoch, name="last.pth"):
+    def save(name):
         """Every process calls it (the RNG states are gathered); rank 0 writes."""
         rng = all_gather_objects(rng_states())
         if main_process:
-            state = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "step": scheduler.last_epoch, "metrics": metrics, "args": vars(args),
-                     "best_score": best_score, "rng": rng}
-            save_checkpoint(state, run_dir / name)
-        return run_dir / name if main_process else None
+            save_checkpoint({**meta, **run, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "step": scheduler.last_epoch, "args": vars(args), "rng": rng}, run_dir / name)
+            return run_dir / name
 
     with StopRequest() as stop:
-        for epoch in range(done_epochs + 1, args.epochs + 1):
+        for epoch in range(run["epoch"] + 1, args.epochs + 1):
             start = time.perf_counter()
+            progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
+                                                 "images": 0}
+            run["epoch_progress"] = progress
             seed_everything(derived_seed(args.seed, epoch, rank))
-            if skip_batches and resume_rng:
-                set_rng_states(resume_rng)
+            if progress["batch"] and resume_rng:
+                set_rng_states(resume_rng)  # resumed mid-epoch
             train_sampler.set_epoch(epoch)
-            indices = list(train_sampler)[skip_batches * args.batch_size:]
-            loader = epoch_loader(train_set, indices, args, device, derived_seed(args.seed, epoch, rank, 1),
-                                  drop_last=num_samples > args.batch_size)
+            indices = list(train_sampler)[progress["batch"] * args.batch_size:]
+            loader = make_loader(train_set, indices, args, device, derived_seed(args.seed, epoch, rank, 1),
+                                 drop_last)
             try:
-                loss, finished = train_one_epoch(runner, loader, epoch, args, device, stop, skip_batches,
-                                                 batches_per_epoch, main_process)
+                finished = train_one_epoch(runner, loader, epoch, args, device, stop, progress, main_process)
             except NonFiniteLoss as e:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 sys.exit(f"error: {e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off."
                          if main_process else 1)
-            skip_batches = 0
             if not finished:
-                path = save(epoch - 1)
+                path = save("last.pth")
                 if main_process:
                     print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
                 return run_dir
+            loss = progress["loss_sum"] / progress["images"]
+            # BatchNorm statistics differ between processes: average them, so that every process scores,
+            # and the checkpoint holds, the same model.
+            average_across_processes(model.buffers())
             with autocast(device, amp_dtype):
                 metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
                                    distributed=world_size > 1)
             score = score_of(metrics, args.metric, num_logits)
-            improved = score > best_score
-            best_score = max(best_score, score)
-            last_good = save(epoch)
+            improved = score > run["best_score"]
+            run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
+                       best_score=max(run["best_score"], score))
+            last_good = save("last.pth")
             if improved:
-                save(epoch, "best.pth")
+                save("best.pth")
             if main_process:
                 seconds = time.perf_counter() - start
                 log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
@@ -514,8 +504,35 @@ def train(args, device, rank, world_size):
                     print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
                 return run_dir
     if main_process:
-        print(f"best {args.metric} {best_score:.4f}: {run_dir / 'best.pth'}")
+        print(f"best {args.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}")
     return run_dir
+
+
+def read_checkpoint(path):
+    try:
+        return load_checkpoint(path) if path else None
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
+def load_all_weights(model, path, checkpoint):
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: --resume {path} holds another architecture ({str(e).splitlines()[1].strip()})")
+
+
+def restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank, world_size):
+    """--resume: the optimizer, scheduler and scaler states; returns the run's progress and this process's
+    RNG states at the time of the save."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    run = {key: checkpoint[key] for key in ("epoch", "best_score", "metrics", "epoch_progress")}
+    if run["epoch_progress"] and run["epoch_progress"]["batches"] != batches_per_epoch:
+        print("note: the number of batches per epoch changed, so the interrupted epoch starts again")
+        run["epoch_progress"] = None
+    return run, checkpoint["rng"][rank] if len(checkpoint["rng"]) == world_size else None
 
 
 if __name__ == "__main__":

@@ -115,6 +115,15 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def average_across_processes(tensors):
+    """Replace each floating-point tensor by its mean over the processes, in place."""
+    if is_distributed():
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                torch.distributed.all_reduce(tensor)
+                tensor /= torch.distributed.get_world_size()
+
+
 def all_gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
     if not is_distributed():
