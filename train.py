@@ -239,8 +239,8 @@ def build_criterion(args, num_logits, ignore_index, device):
 
 
 def prepare_model(model, args, device, world_size):
-    """Returns (model, what the training step calls): the same model, or it wrapped in DDP and/or compiled.
-    Checkpoints always save the plain model."""
+    """Returns (model, what the training step calls, the DDP wrapper or None). The step calls the model
+    itself, or it wrapped in DDP and/or torch.compile; checkpoints always save the plain model."""
     if args.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -497,7 +497,7 @@ def train(args, device, rank, world_size):
                     save_samples(model, val_set, normalize, amp_dtype, device,
                                  run_dir / "samples" / f"epoch_{epoch:03d}.png")
                 print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
-                      f"pixel acc {metrics['pixel_acc']:.4f}  {args.metric} {score:.4f}"
+                      f"pixel acc {metrics['pixel_acc']:.4f}{f'  dice {score:.4f}' if args.metric == 'dice' else ''}"
                       f"{'  (best)' if improved else ''}  {seconds:.1f}s")
             if any_process(stop.requested, device):
                 if main_process:
