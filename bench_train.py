@@ -4,6 +4,7 @@ run; the step's FLOPs are counted with FlopCounterMode). Runs train.py's own ste
 Example: python bench_train.py    (CPU: fp32, add --channels-last for NHWC too; CUDA: fp32, bf16 AMP + NHWC + compile)
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -34,12 +35,11 @@ def sync(device):
 
 
 def matmul_peak(device, dtype):
-    """FLOP/s of the best of several large square matmuls (timed before and after each configuration, the
-    higher figure kept, so that a busy machine does not flatter the fraction)."""
+    """FLOP/s of the best of several large square matmuls."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(10 if device.type == "cuda" else 4):
+    for _ in range(10 if device.type == "cuda" else 3):
         sync(device)
         start = time.perf_counter()
         a @ b
@@ -70,17 +70,22 @@ def step_flops(args):
     return counter.get_total_flops()
 
 
-def seconds_per_step(runner, images, masks, steps, device, warmup):
+def timed_steps(runner, images, masks, steps, device, warmup, peak_dtype):
+    """[(seconds of one training step, matmul FLOP/s timed just before it)] after `warmup` steps: pairing each
+    step with its own peak keeps the fraction honest on a machine whose load changes."""
     for _ in range(warmup):
         runner.forward_backward(images, masks)
         runner.update()
-    sync(device)
-    start = time.perf_counter()
+    results = []
     for _ in range(steps):
+        peak = matmul_peak(device, peak_dtype)
+        sync(device)
+        start = time.perf_counter()
         runner.forward_backward(images, masks)
         runner.update()
-    sync(device)
-    return (time.perf_counter() - start) / steps
+        sync(device)
+        results.append((time.perf_counter() - start, peak))
+    return results
 
 
 def main():
@@ -108,16 +113,17 @@ def main():
             configs.append(("fp32 channels_last", {"channels_last": True}, torch.float32))
     baseline = None
     for name, options, peak_dtype in configs:
-        peak = matmul_peak(device, peak_dtype)
         runner = make_runner(args, device, **options)
         warmup = 3 if options.get("compile") else 1  # compile, and cudnn.benchmark, settle in the first steps
-        seconds = seconds_per_step(runner, images, masks, args.steps, device, warmup)
-        peak = max(peak, matmul_peak(device, peak_dtype))
+        results = timed_steps(runner, images, masks, args.steps, device, warmup, peak_dtype)
+        seconds = statistics.median(s for s, _ in results)
+        fraction = statistics.median(flops / s / peak for s, peak in results)
+        peak = statistics.median(peak for _, peak in results)
         baseline = baseline or seconds
-        achieved = flops / seconds
         print(f"{name:<36} {batch / seconds:8.2f} images/s  {seconds * 1e3:8.1f} ms/step  "
-              f"{achieved / 1e12:.3f} TFLOP/s = {achieved / peak:.2f} of the {str(peak_dtype).removeprefix('torch.')} "
-              f"matmul peak ({peak / 1e12:.3f} TFLOP/s)  {baseline / seconds:.2f}x fp32")
+              f"{flops / seconds / 1e12:.3f} TFLOP/s = {fraction:.2f} of the "
+              f"{str(peak_dtype).removeprefix('torch.')} matmul peak ({peak / 1e12:.3f} TFLOP/s)  "
+              f"{baseline / seconds:.2f}x fp32")
 
 
 if __name__ == "__main__":

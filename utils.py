@@ -174,13 +174,14 @@ def plot_curves(history, path, metric="miou"):
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    panels = [("train_loss", "training loss"), (metric, f"validation {metric}"),
+    panels = [("train_loss", "training loss"), (metric, f"validation {'mIoU' if metric == 'miou' else 'Dice'}"),
               ("pixel_acc", "validation pixel accuracy")]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), layout="constrained")
     for ax, (key, title) in zip(axes, panels):
         ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     figure.savefig(tmp, dpi=100)
