@@ -53,11 +53,15 @@ def probs_to_labels(probs, threshold=0.5):
     return probs.argmax(1)
 
 
-def evaluate(model, loader, num_classes, normalize, ignore_index, device):
-    """Scores over the whole loader from one confusion matrix."""
+def evaluate(model, loader, num_classes, normalize, ignore_index, device, distributed=False):
+    """Scores over the whole loader from one confusion matrix. distributed=True: each process holds a shard
+    of the set; the matrices are summed over the processes and only rank 0 draws a progress bar."""
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2), ignore_index, device)
-    for images, masks in tqdm(loader, desc="val", leave=False):
+    quiet = distributed and torch.distributed.get_rank() > 0
+    for images, masks in tqdm(loader, desc="val", leave=False, disable=quiet):
         probs = predict_probs(model, images.to(device), normalize)
         confusion.update(probs_to_labels(probs), masks.to(device))
+    if distributed:
+        confusion.reduce_from_all_processes()
     return confusion.compute()

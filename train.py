@@ -1,20 +1,37 @@
-"""Train a U-Net. Example: python train.py --dataset shapes --epochs 10 --base-channels 16"""
+"""Train a U-Net. Example: python train.py --dataset shapes --epochs 10 --base-channels 16
+Several GPUs: torchrun --nproc_per_node=4 train.py ... (--batch-size is per process)."""
 import argparse
+import csv
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import add_dataset_args, build_dataset, check_dataset_args
-from inference import evaluate, preprocess
+from inference import evaluate, predict_probs, preprocess, probs_to_labels
 from metrics import segmentation_loss
 from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
     parameter_groups
-from utils import pick_device, save_checkpoint
+from utils import CheckpointError, all_gather_objects, all_reduce_sum, average_across_processes, derived_seed, \
+    init_distributed, is_distributed, load_checkpoint, pick_device, plot_curves, rng_states, sample_grid, \
+    save_checkpoint, seed_everything, set_rng_states
+
+try:
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:  # TensorBoard is optional
+    SummaryWriter = None
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -22,22 +39,46 @@ def parse_args(argv=None):
     add_model_args(p)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10, help="training epochs")
-    o.add_argument("--batch-size", type=int, default=16, help="images per step")
-    o.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    o.add_argument("--batch-size", type=int, default=16, help="images per step and process")
+    o.add_argument("--accumulate", type=int, default=1, help="batches whose gradients add up to one step")
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     o.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    o.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"], help="optimizer")
+    o.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"], help="optimizer")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--scheduler", default="poly", choices=["poly", "cosine", "constant"],
+                   help="learning-rate decay over the run, per step (poly: (1 - t/T)^0.9)")
+    o.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
+    o.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     o.add_argument("--loss", default="ce", choices=["ce", "dice", "ce+dice"],
                    help="cross-entropy (BCE for a single logit), soft Dice, or their sum")
+    o.add_argument("--class-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="cross-entropy weight of each class, background first (two for a single logit)")
     o.add_argument("--metric", default="miou", choices=["miou", "dice"],
                    help="validation score that picks best.pth (dice: foreground Dice for two classes)")
+    s = p.add_argument_group("speed")
+    s.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
+                   help="mixed precision; auto: bf16 on GPUs that support it, else fp16 with loss scaling; "
+                        "off on CPUs unless a dtype is named")
+    s.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on tensor cores)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
     r = p.add_argument_group("run")
     r.add_argument("--name", default=None, help="run name (default: the dataset); the run folder adds a timestamp")
     r.add_argument("--checkpoint-dir", default="checkpoints", help="folder that holds the run folders")
+    r.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue a run from its checkpoint, in its folder (flags not given come from it)")
+    r.add_argument("--load", default=None, metavar="PATH", help="start from these weights (fine-tuning)")
+    r.add_argument("--sample-every", type=int, default=5, help="save a sample grid every N epochs (0: never)")
     r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
     r.add_argument("--workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
                    help="data-loader worker processes")
     r.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     args = p.parse_args(argv)
+    if args.resume and args.load:
+        p.error("--resume continues a run, --load starts a new one from its weights: give only one")
+    if args.resume:  # the run's own arguments, overridden by the flags given now
+        p.set_defaults(**resume_defaults(p, args.resume))
+        args = p.parse_args(argv)
     try:
         check_args(args)
     except ValueError as e:
@@ -45,34 +86,232 @@ def parse_args(argv=None):
     return args
 
 
+def resume_defaults(parser, path):
+    try:
+        saved = load_checkpoint(path)["args"]
+    except CheckpointError as e:
+        parser.error(f"--resume: {e}")
+    known = {action.dest for action in parser._actions}
+    return {key: value for key, value in saved.items() if key in known and key not in ("resume", "load")}
+
+
 def check_args(args):
     check_dataset_args(args)
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "accumulate"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.weight_decay < 0:
-        raise ValueError(f"--weight-decay cannot be negative, got {args.weight_decay}")
-    if args.workers < 0:
-        raise ValueError(f"--workers cannot be negative, got {args.workers}")
+    for name in ("weight_decay", "momentum", "warmup_epochs", "clip_grad", "workers", "sample_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(args, name)}")
+    if args.warmup_epochs >= args.epochs:
+        raise ValueError(f"--warmup-epochs ({args.warmup_epochs}) must be shorter than --epochs ({args.epochs})")
+    if args.class_weights and min(args.class_weights) < 0:
+        raise ValueError(f"--class-weights cannot be negative, got {args.class_weights}")
 
 
-def train_one_epoch(model, loader, optimizer, args, normalize, ignore_index, device, epoch):
-    model.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False)
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step and save a resumable checkpoint.
+    A second Ctrl-C aborts at once, unless it comes within a second: torchrun forwards the first one."""
+
+    def __init__(self):
+        self.requested_at = None
+        self.previous = {}
+
+    @property
+    def requested(self):
+        return self.requested_at is not None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+            print("\nstopping after this step to save a resumable checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr)
+        elif now - self.requested_at > 1.0:
+            raise KeyboardInterrupt
+
+
+@dataclass
+class StepRunner:
+    """The forward, backward and update of one optimisation step; bench_train.py times the same code."""
+    model: torch.nn.Module  # what the forward pass calls: possibly wrapped by DDP and torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: Callable
+    normalize: dict
+    amp_dtype: torch.dtype = None
+    channels_last: bool = False
+    clip_grad: float = 0.0
+    ddp: DistributedDataParallel = None
+
+    def forward_backward(self, images, masks, loss_scale=1.0, sync_gradients=True):
+        """Adds this batch's gradients (times loss_scale); returns the detached loss."""
+        x = preprocess(images, self.normalize)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with nullcontext() if sync_gradients or self.ddp is None else self.ddp.no_sync():
+            with autocast(x.device, self.amp_dtype):
+                logits = self.model(x)
+            loss = self.criterion(logits, masks)
+            self.scaler.scale(loss * loss_scale).backward()
+        return loss.detach()
+
+    def update(self):
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def amp_dtype_for(args, device):
+    if args.amp == "off":
+        return None
+    if args.amp == "auto":
+        if device.type != "cuda":  # CPUs without native bf16 run bf16 autocast many times slower than fp32
+            print("note: --amp stays off on CPU; name a dtype (--amp bf16) to force it")
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+
+def build_optimizer(model, args):
+    groups = parameter_groups(model, args.lr)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_scheduler(optimizer, args, steps_per_epoch):
+    """Per-step factor on every group's learning rate: linear warm-up, then poly, cosine or constant."""
+    total = args.epochs * steps_per_epoch
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if args.scheduler == "poly":
+            return (1 - progress) ** 0.9
+        if args.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_criterion(args, num_logits, ignore_index, device):
+    weights = args.class_weights
+    if weights is not None:
+        expected = max(num_logits, 2)
+        if len(weights) != expected:
+            sys.exit(f"error: --class-weights needs {expected} values (one per class, background first), "
+                     f"got {len(weights)}")
+        weights = torch.tensor(weights, dtype=torch.float32, device=device)
+
+    def criterion(logits, masks):
+        return segmentation_loss(logits, masks, args.loss, ignore_index, weights)
+
+    return criterion
+
+
+def prepare_model(model, args, device, world_size):
+    """Returns (model, what the training step calls, the DDP wrapper or None). The step calls the model
+    itself, or it wrapped in DDP and/or torch.compile; checkpoints always save the plain model."""
+    if args.sync_bn and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp = None
+    if world_size > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = ddp or model
+    if args.compile:
+        step_model = torch.compile(step_model)
+    return model, step_model, ddp
+
+
+def load_weights(model, path, checkpoint):
+    """--load: every tensor whose name and shape match (a new number of classes skips the last layer)."""
+    own = model.state_dict()
+    matching = {k: v for k, v in checkpoint["model"].items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        sys.exit(f"error: --load {path}: no weight matches this model ({checkpoint['model_args']})")
+    model.load_state_dict(matching, strict=False)
+    skipped = sorted(set(own) - set(matching))
+    print(f"loaded {len(matching)}/{len(own)} tensors from {path}"
+          + (f"; left at their initial values: {', '.join(skipped)}" if skipped else ""))
+
+
+def make_loader(dataset, indices, args, device, seed, drop_last=False):
+    """A loader over `indices` in this order. Worker seeds come from `seed`, so an epoch's augmentations
+    are the same after a resume; workers ignore Ctrl-C, which the main process handles."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
+        pin_memory=device.type == "cuda", drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigint)
+
+
+def ignore_sigint(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_one_epoch(runner, loader, epoch, args, device, stop, progress, main_process):
+    """Trains on the loader's batches. `progress` ({"batch", "batches", "loss_sum", "images"}) says where in
+    the epoch the loader starts (after a resume) and is kept up to date. Returns False when a stop was
+    requested, after a whole step. Raises NonFiniteLoss, before any update, for a NaN or infinite loss."""
+    runner.model.train()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", total=progress["batches"], initial=progress["batch"],
+               leave=False, disable=not main_process)
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        logits = model(preprocess(images, normalize))
-        loss = segmentation_loss(logits, masks, args.loss, ignore_index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(images)
-        count += len(images)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total / count
+        batch = progress["batch"]
+        group_start = batch - batch % args.accumulate
+        group_size = min(args.accumulate, progress["batches"] - group_start)
+        ends_step = batch + 1 == group_start + group_size
+        loss = runner.forward_backward(images, masks, 1 / group_size, sync_gradients=ends_step)
+        # One sync per batch: the loss summed over processes, and whether any process was asked to stop.
+        flags = torch.tensor([len(images), stop.requested], dtype=torch.float32, device=device)
+        totals = torch.cat([(loss.float() * len(images)).view(1), flags])
+        batch_loss, batch_images, stop_votes = all_reduce_sum(totals).tolist()
+        if not math.isfinite(batch_loss):
+            raise NonFiniteLoss(f"the training loss is {batch_loss} at epoch {epoch}, batch {batch + 1}")
+        progress.update(batch=batch + 1, loss_sum=progress["loss_sum"] + batch_loss,
+                        images=progress["images"] + int(batch_images))
+        bar.set_postfix(loss=f"{batch_loss / batch_images:.4f}")
+        if ends_step:
+            runner.update()
+            if stop_votes and batch + 1 < progress["batches"]:  # at the epoch's end, finish it: validate, save
+                return False
+    return True
+
+
+def any_process(flag, device):
+    return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
 
 
 def score_of(metrics, name, num_classes):
@@ -81,9 +320,78 @@ def score_of(metrics, name, num_classes):
     return metrics["miou"]
 
 
+def new_run_dir(args):
+    run_dir = Path(args.checkpoint_dir) / f"{args.name or args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 1
+    while run_dir.exists():  # two runs started in the same second never share a folder
+        run_dir = run_dir.with_name(f"{run_dir.name.rsplit('.', 1)[0]}.{suffix}")
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+class RunLog:
+    """metrics.csv (one row per epoch), curves.png, TensorBoard events when installed. Rank 0 only.
+    A resumed run keeps the rows of the epochs its checkpoint had finished."""
+
+    def __init__(self, run_dir, metric, resumed_epoch=0):
+        self.csv_path, self.curves_path, self.metric = run_dir / "metrics.csv", run_dir / "curves.png", metric
+        self.history = []
+        if resumed_epoch and self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            self.history = [row for row in rows if row["epoch"] <= resumed_epoch]
+        self.rewrite()
+        self.tensorboard = SummaryWriter(run_dir / "tensorboard") if SummaryWriter else None
+
+    def rewrite(self):
+        with open(self.csv_path, "w", newline="") as f:
+            if self.history:
+                writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
+                writer.writeheader()
+                writer.writerows(self.history)
+
+    def append(self, row):
+        self.history.append(row)
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if len(self.history) == 1:
+                writer.writeheader()
+            writer.writerow(row)
+        plot_curves(self.history, self.curves_path, self.metric)
+        if self.tensorboard:
+            for key, value in row.items():
+                self.tensorboard.add_scalar(key, value, int(row["epoch"]))
+            self.tensorboard.flush()
+
+
+def save_samples(model, dataset, normalize, amp_dtype, device, path, count=4):
+    """image | truth | prediction for the first `count` images of `dataset`."""
+    model.eval()
+    images, truths = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
+    with autocast(device, amp_dtype):
+        predictions = [probs_to_labels(predict_probs(model, image[None].to(device), normalize))[0].cpu()
+                       for image in images]
+    path.parent.mkdir(exist_ok=True)
+    sample_grid(images, truths, predictions).save(path)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device, rank, world_size = init_distributed(pick_device(args.device))
+    try:
+        return train(args, device, rank, world_size)
+    finally:
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def train(args, device, rank, world_size):
+    main_process = rank == 0
+    checkpoint = read_checkpoint(args.resume or args.load)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
     torch.manual_seed(args.seed)
     train_set, val_set = build_dataset(args, "train"), build_dataset(args, "val")
     classes = list(train_set.classes)
@@ -92,51 +400,139 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     num_logits = model_args["num_classes"]
-    model = build_model(model_args).to(device)
-    normalize = input_normalization(model_args)
-    ignore_index = train_set.ignore_index
+    model = build_model(model_args)
+    if args.resume:
+        load_all_weights(model, args.resume, checkpoint)
+    elif args.load:
+        load_weights(model, args.load, checkpoint)
+    model, step_model, ddp = prepare_model(model, args, device, world_size)
+    normalize, ignore_index = input_normalization(model_args), train_set.ignore_index
+    meta = {"model_args": model_args, "classes": classes, "mask_values": list(train_set.mask_values),
+            "ignore_index": ignore_index, "normalize": normalize}
 
-    loader_args = {"batch_size": args.batch_size, "num_workers": args.workers,
-                   "pin_memory": device.type == "cuda", "persistent_workers": args.workers > 0}
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
-                                               generator=generator, **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
-    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(parameter_groups(model, args.lr), lr=args.lr, weight_decay=args.weight_decay)
+    train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
+    drop_last = len(train_sampler) > args.batch_size
+    batches_per_epoch = len(train_sampler) // args.batch_size if drop_last else 1
+    # Each process scores its own share of the validation set; the confusion matrices are summed.
+    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), args, device, args.seed)
 
-    run_dir = Path(args.checkpoint_dir) / f"{args.name or args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 1
-    while run_dir.exists():  # two runs started in the same second never share a folder
-        run_dir = run_dir.with_name(f"{run_dir.name.rsplit('.', 1)[0]}.{suffix}")
-        suffix += 1
-    run_dir.mkdir(parents=True)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    print(f"{count_parameters(model) / 1e6:.2f} M parameters, {len(train_set)} train / {len(val_set)} val images, "
-          f"device {device}, run folder {run_dir}")
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, math.ceil(batches_per_epoch / args.accumulate))
+    amp_dtype = amp_dtype_for(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    criterion = build_criterion(args, num_logits, ignore_index, device)
+    runner = StepRunner(step_model, optimizer, scheduler, scaler, criterion, normalize, amp_dtype,
+                        args.channels_last, args.clip_grad, ddp)
+    # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
+    run = {"epoch": 0, "best_score": -1.0, "metrics": None, "epoch_progress": None}
+    resume_rng = None
+    if args.resume:
+        run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank,
+                                           world_size)
 
-    best_score = -1.0
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        loss = train_one_epoch(model, train_loader, optimizer, args, normalize, ignore_index, device, epoch)
-        metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device)
-        score = score_of(metrics, args.metric, num_logits)
-        state = {
-            "model": model.state_dict(), "model_args": model_args, "classes": classes,
-            "mask_values": list(train_set.mask_values), "ignore_index": ignore_index, "normalize": normalize,
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "metrics": metrics, "args": vars(args),
-            "best_score": max(best_score, score),
-        }
-        save_checkpoint(state, run_dir / "last.pth")
-        improved = score > best_score
-        if improved:
-            best_score = score
-            save_checkpoint(state, run_dir / "best.pth")
-        print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
-              f"pixel acc {metrics['pixel_acc']:.4f}  {args.metric} {score:.4f}"
-              f"{'  (best)' if improved else ''}  {time.perf_counter() - start:.1f}s")
-    print(f"best {args.metric} {best_score:.4f}: {run_dir / 'best.pth'}")
+    run_dir = log = None
+    if main_process:
+        run_dir = Path(args.resume).parent if args.resume else new_run_dir(args)
+        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        log = RunLog(run_dir, args.metric, run["epoch"])
+        print(f"{count_parameters(model) / 1e6:.2f} M parameters, {len(train_set)} train / "
+              f"{len(val_set)} val images, device {device} x {world_size}, "
+              f"{'AMP ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, run folder {run_dir}"
+              + (f", resuming after step {scheduler.last_epoch}" if args.resume else ""))
+    last_good = Path(args.resume) if args.resume else None
+
+    def save(name):
+        """Every process calls it (the RNG states are gathered); rank 0 writes."""
+        rng = all_gather_objects(rng_states())
+        if main_process:
+            save_checkpoint({**meta, **run, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "step": scheduler.last_epoch, "args": vars(args), "rng": rng}, run_dir / name)
+            return run_dir / name
+
+    with StopRequest() as stop:
+        for epoch in range(run["epoch"] + 1, args.epochs + 1):
+            start = time.perf_counter()
+            progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
+                                                 "images": 0}
+            run["epoch_progress"] = progress
+            seed_everything(derived_seed(args.seed, epoch, rank))
+            if progress["batch"] and resume_rng:
+                set_rng_states(resume_rng)  # resumed mid-epoch
+            train_sampler.set_epoch(epoch)
+            indices = list(train_sampler)[progress["batch"] * args.batch_size:]
+            loader = make_loader(train_set, indices, args, device, derived_seed(args.seed, epoch, rank, 1),
+                                 drop_last)
+            try:
+                finished = train_one_epoch(runner, loader, epoch, args, device, stop, progress, main_process)
+            except NonFiniteLoss as e:
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                sys.exit(f"error: {e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off."
+                         if main_process else 1)
+            if not finished:
+                path = save("last.pth")
+                if main_process:
+                    print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
+                return run_dir
+            loss = progress["loss_sum"] / progress["images"]
+            # BatchNorm statistics differ between processes: average them, so that every process scores,
+            # and the checkpoint holds, the same model.
+            average_across_processes(model.buffers())
+            with autocast(device, amp_dtype):
+                metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
+                                   distributed=world_size > 1)
+            score = score_of(metrics, args.metric, num_logits)
+            improved = score > run["best_score"]
+            run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
+                       best_score=max(run["best_score"], score))
+            last_good = save("last.pth")
+            if improved:
+                save("best.pth")
+            if main_process:
+                seconds = time.perf_counter() - start
+                log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
+                            "train_loss": loss, **{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                            "score": score, "seconds": seconds})
+                if args.sample_every and (epoch % args.sample_every == 0 or epoch == args.epochs):
+                    save_samples(model, val_set, normalize, amp_dtype, device,
+                                 run_dir / "samples" / f"epoch_{epoch:03d}.png")
+                print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
+                      f"pixel acc {metrics['pixel_acc']:.4f}{f'  dice {score:.4f}' if args.metric == 'dice' else ''}"
+                      f"{'  (best)' if improved else ''}  {seconds:.1f}s")
+            if any_process(stop.requested, device):
+                if main_process:
+                    print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
+                return run_dir
+    if main_process:
+        print(f"best {args.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}")
     return run_dir
+
+
+def read_checkpoint(path):
+    try:
+        return load_checkpoint(path) if path else None
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
+def load_all_weights(model, path, checkpoint):
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: --resume {path} holds another architecture ({str(e).splitlines()[1].strip()})")
+
+
+def restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank, world_size):
+    """--resume: the optimizer, scheduler and scaler states; returns the run's progress and this process's
+    RNG states at the time of the save."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    run = {key: checkpoint[key] for key in ("epoch", "best_score", "metrics", "epoch_progress")}
+    if run["epoch_progress"] and run["epoch_progress"]["batches"] != batches_per_epoch:
+        print("note: the number of batches per epoch changed, so the interrupted epoch starts again")
+        run["epoch_progress"] = None
+    return run, checkpoint["rng"][rank] if len(checkpoint["rng"]) == world_size else None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Checkpoints (atomic save, safe load), palettes and label images."""
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -115,3 +116,116 @@ def pick_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"error: --device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
     return device
+
+
+# Distributed runs (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK), seeds and RNG states.
+
+def init_distributed(device):
+    """Join the process group torchrun describes, if any. Returns (device, rank, world_size): under torchrun
+    a CUDA device becomes cuda:LOCAL_RANK (NCCL backend); a CPU device uses the gloo backend."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, torch.distributed.get_rank(), world_size
+
+
+def is_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all processes in place (nothing to do in a single process); returns it."""
+    if is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def average_across_processes(tensors):
+    """Replace each floating-point tensor by its mean over the processes, in place."""
+    if is_distributed():
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                torch.distributed.all_reduce(tensor)
+                tensor /= torch.distributed.get_world_size()
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def derived_seed(*numbers):
+    """One 63-bit seed from several integers (seed, epoch, rank), well mixed."""
+    return int(np.random.SeedSequence(numbers).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    """The Python, NumPy, torch and CUDA random states, as plain lists and tensors (weights_only-loadable)."""
+    python = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    return {"python": list(python[1]), "python_gauss": python[2],
+            "numpy_key": numpy["state"]["key"].tolist(), "numpy_pos": int(numpy["state"]["pos"]),
+            "numpy_gauss": [int(numpy["has_gauss"]), float(numpy["gauss"])], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+
+
+def set_rng_states(states):
+    random.setstate((3, tuple(states["python"]), states["python_gauss"]))
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": states["numpy_gauss"][0],
+                         "gauss": states["numpy_gauss"][1],
+                         "state": {"key": np.array(states["numpy_key"], dtype=np.uint32),
+                                   "pos": states["numpy_pos"]}})
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+# Watching a run: curves and sample grids.
+
+def plot_curves(history, path, metric="miou"):
+    """Training loss, the validation score and pixel accuracy against the epoch, one panel each, as a PNG."""
+    import matplotlib  # imported here: eval.py and predict.py need no plotting
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    panels = [("train_loss", "training loss"), (metric, f"validation {'mIoU' if metric == 'miou' else 'Dice'}"),
+              ("pixel_acc", "validation pixel accuracy")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), layout="constrained")
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def sample_grid(images, truths, predictions):
+    """One row per image: image | truth | prediction, classes in VOC colours (ignored pixels in VOC's void
+    colour). Images uint8 3xHxW, label maps HxW; rows of different widths are padded. Returns a PIL image."""
+    palette = voc_palette()
+    rows = []
+    for image, truth, prediction in zip(images, truths, predictions):
+        panels = [image.permute(1, 2, 0).numpy(), palette[truth.numpy()], palette[prediction.numpy()]]
+        rows.append(np.concatenate(panels, axis=1))
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
+    return Image.fromarray(np.concatenate(rows, axis=0))

@@ -1,0 +1,130 @@
+"""Training speed of the classic U-Net (base 64, depth 4, 2 classes) at 256x256, batch 4: images/s, and the
+fraction of this machine's matmul peak that the training step reaches (a large matmul is timed in the same
+run; the step's FLOPs are counted with FlopCounterMode). Runs train.py's own step (StepRunner).
+Example: python bench_train.py    (CPU: fp32, add --channels-last for NHWC too; CUDA: fp32, bf16 AMP + NHWC + compile)
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from metrics import segmentation_loss
+from model import IMAGENET_NORMALIZE, UNet
+from train import StepRunner
+from utils import pick_device
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--base-channels", type=int, default=64)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2, help="timed training steps per configuration")
+    p.add_argument("--channels-last", action="store_true", help="CPU: also time fp32 with channels_last")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of the best of several large square matmuls."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(10 if device.type == "cuda" else 3):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def make_runner(args, device, amp_dtype=None, channels_last=False, compile=False):
+    model = UNet(3, 2, args.base_channels, args.depth).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step_model = torch.compile(model) if compile else model
+    return StepRunner(step_model, optimizer, scheduler, scaler, segmentation_loss, IMAGENET_NORMALIZE, amp_dtype,
+                      channels_last)
+
+
+def step_flops(args):
+    """FLOPs of one forward + backward, counted on the meta device (shapes only, no arithmetic)."""
+    model = UNet(3, 2, args.base_channels, args.depth).to("meta")
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device="meta")
+    masks = torch.randint(0, 2, (args.batch_size, args.image_size, args.image_size), device="meta")
+    with FlopCounterMode(display=False) as counter:
+        segmentation_loss(model(x), masks).backward()
+    return counter.get_total_flops()
+
+
+def timed_steps(runner, images, masks, steps, device, warmup, peak_dtype):
+    """[(seconds of one training step, matmul FLOP/s timed just before it)] after `warmup` steps: pairing each
+    step with its own peak keeps the fraction honest on a machine whose load changes."""
+    for _ in range(warmup):
+        runner.forward_backward(images, masks)
+        runner.update()
+    results = []
+    for _ in range(steps):
+        peak = matmul_peak(device, peak_dtype)
+        sync(device)
+        start = time.perf_counter()
+        runner.forward_backward(images, masks)
+        runner.update()
+        sync(device)
+        results.append((time.perf_counter() - start, peak))
+    return results
+
+
+def main():
+    args = parse_args()
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size, batch = args.image_size, args.batch_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    masks = torch.randint(0, 2, (batch, size, size), device=device)
+    flops = step_flops(args)
+    print(f"UNet base {args.base_channels} depth {args.depth}, {size}x{size}, batch {batch}, device {device}"
+          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}: "
+          f"{flops / 1e9:.1f} GFLOP per training step (forward + backward)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # as train.py: TF32 in fp32 runs
+        configs = [("fp32", {}, torch.float32),
+                   ("bf16 AMP + channels_last + compile",
+                    {"amp_dtype": torch.bfloat16, "channels_last": True, "compile": True}, torch.bfloat16)]
+    else:
+        configs = [("fp32", {}, torch.float32)]
+        if args.channels_last:
+            configs.append(("fp32 channels_last", {"channels_last": True}, torch.float32))
+    baseline = None
+    for name, options, peak_dtype in configs:
+        runner = make_runner(args, device, **options)
+        warmup = 3 if options.get("compile") else 1  # compile, and cudnn.benchmark, settle in the first steps
+        results = timed_steps(runner, images, masks, args.steps, device, warmup, peak_dtype)
+        seconds = statistics.median(s for s, _ in results)
+        fraction = statistics.median(flops / s / peak for s, peak in results)
+        peak = statistics.median(peak for _, peak in results)
+        baseline = baseline or seconds
+        print(f"{name:<36} {batch / seconds:8.2f} images/s  {seconds * 1e3:8.1f} ms/step  "
+              f"{flops / seconds / 1e12:.3f} TFLOP/s = {fraction:.2f} of the "
+              f"{str(peak_dtype).removeprefix('torch.')} matmul peak ({peak / 1e12:.3f} TFLOP/s)  "
+              f"{baseline / seconds:.2f}x fp32")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""train.py at scale: exact resume, Ctrl-C, the NaN stop, atomic saves, logs, curves, samples, torchrun."""
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conftest import ROOT
+from datasets import Shapes
+from inference import evaluate, load_model, predict_probs, probs_to_labels
+from utils import load_checkpoint, save_checkpoint, voc_palette
+
+# 32 training images in batches of 8: 4 steps an epoch.
+TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", "--num-val", "6", "--epochs", "3",
+        "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0", "--lr", "1e-2",
+        "--warmup-epochs", "0.5", "--sample-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted 3-epoch run."""
+    return train.main(TINY + ["--checkpoint-dir", str(tmp_path_factory.mktemp("full"))])
+
+
+def assert_same_weights(a, b):
+    state_a, state_b = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+def read_log(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def interrupt_after(monkeypatch, target, name, calls):
+    """Send this process a real SIGINT once `target.name` has been called `calls` times."""
+    original, count = getattr(target, name), [0]
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(full_run, tmp_path, monkeypatch, capsys):
+    # SIGINT during step 6 (epoch 2): the run finishes step 7, saves, and returns instead of dying.
+    interrupt_after(monkeypatch, train.StepRunner, "update", 6)
+    run_dir = train.main(TINY + ["--checkpoint-dir", str(tmp_path)])
+    monkeypatch.undo()
+    state = load_checkpoint(run_dir / "last.pth")  # weights_only=True
+    assert (state["epoch"], state["step"]) == (1, 7)
+    assert {"scheduler", "scaler", "rng", "optimizer", "best_score", "args"} <= set(state)
+    assert f"--resume {run_dir / 'last.pth'}" in capsys.readouterr().out
+    # Only the checkpoint is needed: the other flags come from it.
+    assert train.main(["--resume", str(run_dir / "last.pth")]) == run_dir
+    assert_same_weights(run_dir / "last.pth", full_run / "last.pth")
+    assert read_log(run_dir) == read_log(full_run)
+
+
+def test_stop_during_validation_saves_the_epoch_then_resume_is_exact(full_run, tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, train, "evaluate", 1)
+    run_dir = train.main(TINY + ["--checkpoint-dir", str(tmp_path)])
+    monkeypatch.undo()
+    assert (load_checkpoint(run_dir / "last.pth")["epoch"], len(read_log(run_dir))) == (1, 1)
+    train.main(TINY + ["--resume", str(run_dir / "last.pth")])
+    assert_same_weights(run_dir / "last.pth", full_run / "last.pth")
+    assert_same_weights(run_dir / "best.pth", full_run / "best.pth")
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = [0]
+    real_loss = train.segmentation_loss
+
+    def loss_turning_nan(*args, **kwargs):
+        calls[0] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls[0] == 6 else loss  # batch 2 of epoch 2
+
+    monkeypatch.setattr(train, "segmentation_loss", loss_turning_nan)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(TINY + ["--checkpoint-dir", str(tmp_path)])
+    last = next(tmp_path.glob("*/last.pth"))
+    message = str(stopped.value.code)
+    assert "loss is nan at epoch 2, batch 2" in message and f"last good checkpoint is {last}" in message
+    state = load_checkpoint(last)
+    assert state["epoch"] == 1 and all(t.isfinite().all() for t in state["model"].values())
+
+
+def test_interrupted_save_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    old = {"model": {"w": torch.ones(3)}, "model_args": {}, "classes": [], "mask_values": [], "normalize": {}}
+    save_checkpoint(old, path)
+
+    def save_half_then_ctrl_c(state, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({**old, "model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left behind
+
+
+def test_log_curves_and_samples_hold_the_run(full_run):
+    rows = read_log(full_run)
+    last = load_checkpoint(full_run / "last.pth")
+    assert [row["epoch"] for row in rows] == [1, 2, 3] and [row["step"] for row in rows] == [4, 8, 12]
+    for key in ("miou", "pixel_acc", "mean_dice"):
+        assert rows[-1][key] == pytest.approx(last["metrics"][key], rel=1e-12)
+    assert max(row["score"] for row in rows) == pytest.approx(last["best_score"])
+    assert all(math.isfinite(row["train_loss"]) for row in rows)
+    with Image.open(full_run / "curves.png") as curves:
+        assert curves.format == "PNG" and curves.width > 600
+    # Samples every 2 epochs and at the last one; rows of image | truth | prediction.
+    assert sorted(p.name for p in (full_run / "samples").iterdir()) == ["epoch_002.png", "epoch_003.png"]
+    grid = np.asarray(Image.open(full_run / "samples" / "epoch_003.png"))
+    assert grid.shape == (4 * 32, 3 * 32, 3)  # the first 4 of 6 validation images
+    model, checkpoint = load_model(full_run / "last.pth")
+    for i in range(4):
+        image, mask = Shapes(6, 32, 0, "val")[i]
+        prediction = probs_to_labels(predict_probs(model, image[None], checkpoint["normalize"]))[0]
+        row = grid[32 * i:32 * (i + 1)]
+        assert np.array_equal(row[:, :32], image.permute(1, 2, 0).numpy())
+        assert np.array_equal(row[:, 32:64], voc_palette()[mask.numpy()])
+        assert np.array_equal(row[:, 64:], voc_palette()[prediction.numpy()])
+
+
+def test_torchrun_gloo_score_equals_single_process_score(tmp_path):
+    """Two CPU processes: 7 validation images split 4 + 3, confusion matrices summed across ranks."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *TINY,
+               "--num-val", "7", "--epochs", "2", "--batch-size", "4", "--accumulate", "2", "--optimizer", "sgd",
+               "--device", "cpu", "--checkpoint-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("device cpu x 2") == 1  # only rank 0 prints
+    (run_dir,) = tmp_path.iterdir()  # and only rank 0 writes
+    model, checkpoint = load_model(run_dir / "last.pth")
+    loader = torch.utils.data.DataLoader(Shapes(7, 32, 0, "val"), batch_size=7)
+    single = evaluate(model, loader, 4, checkpoint["normalize"], 255, "cpu")
+    assert checkpoint["metrics"]["iou"] == pytest.approx(single["iou"], rel=1e-12, nan_ok=True)
+    assert checkpoint["metrics"]["pixel_acc"] == single["pixel_acc"]
+    assert [row["epoch"] for row in read_log(run_dir)] == [1, 2]
+    assert checkpoint["step"] == 2 * 2  # 16 images a process, 4 batches of 4, 2 batches a step
+
+
+def test_schedules_scale_every_parameter_group():
+    args = train.parse_args(["--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.1", "--scheduler", "poly"])
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.01}], lr=0.1)
+    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=10)  # 20 steps, 5 of warm-up
+    lrs = []
+    for _ in range(20):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    expected = [(t + 1) / 5 if t < 5 else (1 - (t - 5) / 15) ** 0.9 for t in range(20)]
+    assert [lr[0] for lr in lrs] == pytest.approx([0.1 * f for f in expected])
+    assert [lr[1] for lr in lrs] == pytest.approx([0.01 * f for f in expected])
+    args.scheduler = "cosine"
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=10)
+    for _ in range(10):  # 5 warm-up steps, then 5 of 15 cosine steps
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
+
+
+def test_amp_never_defaults_to_bf16_on_cpu():
+    cpu = torch.device("cpu")
+    assert train.amp_dtype_for(train.parse_args(["--amp"]), cpu) is None
+    assert train.amp_dtype_for(train.parse_args(["--amp", "bf16"]), cpu) is torch.bfloat16
+    assert train.amp_dtype_for(train.parse_args([]), cpu) is None
+
+
+def test_load_takes_matching_weights_for_a_new_number_of_classes(full_run, tmp_path, capsys):
+    source = load_checkpoint(full_run / "best.pth")["model"]
+    args = train.parse_args(TINY + ["--single-logit"])  # 1 logit instead of 4: the last layer differs
+    model = train.build_model(train.model_args_from(args, 2))
+    train.load_weights(model, "best.pth", {"model": source, "model_args": {}})
+    state = model.state_dict()
+    assert torch.equal(state["inc.0.weight"], source["inc.0.weight"])
+    assert state["outc.weight"].shape == (1, 4, 1, 1)
+    assert "left at their initial values: outc.bias, outc.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume", "a.pth", "--load", "b.pth"], "give only one"),
+    (["--warmup-epochs", "10", "--epochs", "10"], "--warmup-epochs (10.0) must be shorter"),
+    (["--accumulate", "0"], "--accumulate must be at least 1"),
+    (["--resume", "missing.pth"], "--resume: checkpoint 'missing.pth' does not exist"),
+])
+def test_train_rejects_bad_run_flags(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_wrong_number_of_class_weights_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"--class-weights needs 4 values .* got 2"):
+        train.main(TINY + ["--class-weights", "1", "2", "--checkpoint-dir", str(tmp_path)])
