@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets import add_dataset_args, build_dataset, check_dataset_args
+from datasets import DatasetError, add_dataset_args, build_dataset, check_dataset_args, default_workers
 from inference import evaluate, preprocess
 from metrics import segmentation_loss
 from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     r.add_argument("--name", default=None, help="run name (default: the dataset); the run folder adds a timestamp")
     r.add_argument("--checkpoint-dir", default="checkpoints", help="folder that holds the run folders")
     r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    r.add_argument("--workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+    r.add_argument("--workers", type=int, default=default_workers(),
                    help="data-loader worker processes")
     r.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     args = p.parse_args(argv)
@@ -85,7 +85,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    train_set, val_set = build_dataset(args, "train"), build_dataset(args, "val")
+    try:
+        train_set, val_set = build_dataset(args, "train"), build_dataset(args, "val")
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
     classes = list(train_set.classes)
     try:
         model_args = model_args_from(args, len(classes))
