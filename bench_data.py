@@ -81,7 +81,7 @@ def per_item(args, sample):
     val = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--no-augment"] + scale),
                                  "train")
     cases = {"baseline: PIL open, resize, to tensor": lambda i: baseline_item(*train.pairs[i], args.scale),
-             "ours, train preset (load + zoom/crop, flip, rotate, jitter)": train.__getitem__,
+             "ours, train preset, default flags (load, zoom+crop, flip, jitter)": train.__getitem__,
              "ours, validation preset (load only)": val.__getitem__}
     passes = {name: [] for name in cases}
     for _ in range(args.repeat):  # interleaved passes, best of each: robust to other load on the machine

@@ -586,13 +586,23 @@ def class_names(mask_values):
     return [f"value {v}" for v in mask_values]
 
 
+def resolve_dataset(args):
+    """Fetch VOC/SBD for --download, then turn --dataset auto into the dataset found under --data. The name is
+    written back into args, so the run's saved arguments (and eval.py) name the dataset itself."""
+    if args.download:
+        download(Path(args.data), args.dataset)
+    if args.dataset == "auto":
+        args.dataset = detect(args)
+    return args.dataset
+
+
 def build_dataset(args, split):
     """The dataset that `args` (from add_dataset_args) names: the train preset for 'train', the deterministic
     validation preset (no random augmentation) for any other split."""
     if args.dataset == "shapes":
         length = args.num_train if split == "train" else args.num_val
         return Shapes(length, args.image_size, args.data_seed, split)
-    name = detect(args) if args.dataset == "auto" else args.dataset
+    name = resolve_dataset(args)
     data, scale = Path(args.data), args.scale or DEFAULT_SCALE.get(name, 1.0)
     if name in ("sbd-voc", "trainaug", "carvana", "folder") and split not in ("train", "val"):
         raise DatasetError(f"--dataset {name} has the splits 'train' and 'val', not '{split}'")
@@ -681,7 +691,7 @@ def add_dataset_args(parser):
     group.add_argument("--zoom", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
                        help="random zoom range applied before the crop")
     group.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (0: off)")
-    group.add_argument("--rotate", type=float, default=10.0, help="largest random rotation in degrees (0: off)")
+    group.add_argument("--rotate", type=float, default=0.0, help="largest random rotation in degrees (0: off)")
     group.add_argument("--jitter", type=float, default=0.2,
                        help="brightness, contrast and saturation jitter (0: off)")
     group.add_argument("--no-augment", action="store_true", help="no random augmentation at all")
@@ -693,7 +703,7 @@ def add_dataset_args(parser):
 
 
 def check_dataset_args(args):
-    """Reject impossible values (ValueError, one line); fetch data for --download; resolve --dataset auto."""
+    """Reject impossible values with a one-line ValueError."""
     for name in ("image_size", "num_train", "num_val"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -708,10 +718,6 @@ def check_dataset_args(args):
         raise ValueError(f"--zoom needs 0 < MIN <= MAX, got {args.zoom[0]:g} {args.zoom[1]:g}")
     if args.ignore_index is not None and not 0 <= args.ignore_index < 65536:
         raise ValueError(f"--ignore-index must be a mask value in [0, 65535], got {args.ignore_index}")
-    if args.download:
-        download(Path(args.data), args.dataset)
-    if args.dataset == "auto":
-        args.dataset = detect(args)
 
 
 def main():

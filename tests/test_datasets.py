@@ -27,6 +27,7 @@ def data_args(*argv):
     datasets.add_dataset_args(parser)
     args = parser.parse_args([str(a) for a in argv])
     datasets.check_dataset_args(args)
+    datasets.resolve_dataset(args)
     return args
 
 
