@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 IGNORE_INDEX = 255
 EXIF_ORIENTATION = 0x0112
@@ -46,8 +45,8 @@ def upright(image):
     return ImageOps.exif_transpose(image) if image.getexif().get(EXIF_ORIENTATION, 1) != 1 else image
 
 
-def load_image(path, scale=1.0):
-    """Image file -> (uint8 RGB tensor 3xHxW resized by `scale`, (width, height) of the upright file).
+def open_image(path, scale=1.0):
+    """Image file -> (decoded RGB PIL image resized by `scale`, (width, height) of the upright file).
 
     JPEGs are decoded straight at 1/2, 1/4 or 1/8 size when `scale` allows (PIL draft mode), which makes
     large photos several times cheaper to load. EXIF orientation is applied; grey, RGBA and 16-bit converted."""
@@ -63,24 +62,28 @@ def load_image(path, scale=1.0):
                 pixels = np.asarray(image, dtype=np.float32)
                 top = 65535.0 if pixels.max() > 255 else 255.0
                 image = Image.fromarray((pixels * (255.0 / top)).clip(0, 255).astype(np.uint8))
-            image = image.convert("RGB")
+            image = image if image.mode == "RGB" else image.convert("RGB")
             size = size[::-1] if turned else size
             target = scaled_size(size, scale)
             if image.size != target:
                 image = image.resize(target, Image.BILINEAR)
-            array = np.asarray(image)
+            image.load()
     except FileNotFoundError:
         raise ImageReadError(f"'{path}' does not exist") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"'{path}' is not an image file that PIL can read") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"'{path}' could not be decoded, the file may be corrupt ({e})") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1), size
+    return image, size
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def read_image(path):
     """Any image file -> uint8 RGB tensor 3xHxW: EXIF orientation applied; grey, RGBA and 16-bit converted."""
-    return load_image(path)[0]
+    return to_tensor(open_image(path)[0])
 
 
 def image_size(path):
@@ -145,16 +148,18 @@ class SegmentationFiles(torch.utils.data.Dataset):
     ignore_index = IGNORE_INDEX
 
     def __init__(self, pairs, classes, mask_values, void_value=None, scale=1.0, transform=None, canvas=None,
-                 skip_bad=False):
+                 skip_bad=False, zoom_crop=None):
         if len(mask_values) >= IGNORE_INDEX:
             raise DatasetError(f"the masks hold {len(mask_values)} distinct values; masks must hold class ids "
                                f"(at most {IGNORE_INDEX - 1} classes)")
         self.pairs, self.classes, self.mask_values = pairs, list(classes), list(mask_values)
         self.void_value, self.scale, self.transform, self.canvas = void_value, scale, transform, canvas
+        self.zoom_crop = zoom_crop  # (crop side, (min zoom, max zoom)) for training, cut before anything else
         self.table = np.full(65536, -1, dtype=np.int16)  # mask value -> class index; -1: no class has it
         self.table[np.asarray(self.mask_values, dtype=np.int64)] = np.arange(len(self.mask_values))
         if void_value is not None:
             self.table[void_value] = IGNORE_INDEX
+        self.values_are_classes = self.mask_values == list(range(len(self.mask_values)))
         self.skip_bad, self.skipped = skip_bad, set()
 
     def __len__(self):
@@ -177,22 +182,25 @@ class SegmentationFiles(torch.utils.data.Dataset):
 
     def load(self, index):
         image_path, mask_path = self.pairs[index]
-        image, size = load_image(image_path, self.scale)
+        image, size = open_image(image_path, self.scale)
         mask = open_mask(mask_path)
         if mask.size != size:
             raise size_mismatch(image_path, size, mask_path, mask.size)
-        loaded_size = (image.shape[2], image.shape[1])
-        if mask.size != loaded_size:
-            mask = mask.resize(loaded_size, Image.NEAREST)  # masks are only ever resampled by nearest neighbour
-        mask = torch.from_numpy(self.to_classes(np.asarray(mask), mask_path))
-        if self.transform is not None:
-            image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        if self.zoom_crop is not None:
+            image, mask = random_zoom_crop(image, mask, *self.zoom_crop)
+        elif mask.size != image.size:
+            mask = mask.resize(image.size, Image.NEAREST)  # masks are only ever resampled by nearest neighbour
+        image, mask = to_tensor(image), torch.from_numpy(self.to_classes(np.array(mask), mask_path))
         if self.canvas is not None:
             image, mask = fit_canvas(image, mask, *self.canvas)
+        if self.transform is not None:
+            image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
     def to_classes(self, values, mask_path):
         """Raw mask values -> uint8 class indices (255 = ignore)."""
+        if self.values_are_classes and values.dtype == np.uint8 and values.max() < len(self.mask_values):
+            return values  # already class indices (VOC, SBD, Carvana): no table look-up over every pixel
         classes = self.table[values if values.dtype in (np.uint8, np.uint16) else values.clip(0, 65535)]
         if classes.min() < 0:
             bad = np.unique(values[classes < 0]).tolist()
@@ -206,38 +214,29 @@ def fit_canvas(image, mask, height, width):
     return F.pad(image, pad), F.pad(mask, pad, value=IGNORE_INDEX)
 
 
-class RandomScaleCrop(v2.Transform):
-    """Zoom by a random factor drawn from `zoom`, then cut a random size x size window, padding where the zoomed
-    image is smaller (images with 0, masks with the ignore index). The window is cut before it is resized, so
-    only kept pixels are resampled; masks are resized by nearest neighbour, never interpolated."""
-
-    def __init__(self, size, zoom=(0.5, 2.0)):
-        super().__init__()
-        self.size, self.zoom = size, zoom
-
-    def make_params(self, flat_inputs):
-        height, width = v2.query_size(flat_inputs)
-        zoom = float(torch.empty(()).uniform_(*self.zoom))
-        out_h, out_w = (max(1, min(self.size, round(side * zoom))) for side in (height, width))
-        crop_h, crop_w = min(height, max(1, round(out_h / zoom))), min(width, max(1, round(out_w / zoom)))
-        top = int(torch.randint(0, height - crop_h + 1, ()))
-        left = int(torch.randint(0, width - crop_w + 1, ()))
-        return {"box": (top, left, crop_h, crop_w), "out": [out_h, out_w],
-                "pad": [0, 0, self.size - out_w, self.size - out_h]}
-
-    def transform(self, inpt, params):
-        inpt = TF.crop(inpt, *params["box"])
-        inpt = TF.resize(inpt, params["out"], antialias=True)
-        return TF.pad(inpt, params["pad"], fill=IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0)
+def random_zoom_crop(image, mask, size, zoom):
+    """Zoom by a random factor drawn from `zoom` and cut a random window of at most size x size (fit_canvas pads
+    the rest). Works on the decoded PIL image and the full-size mask before either becomes a tensor: the window
+    is cut first, then only its pixels are resampled (image: bilinear; mask: nearest, straight from the file's
+    resolution), which keeps large photos cheap. Image and mask share one box, so they stay aligned."""
+    width, height = image.size
+    factor = float(torch.empty(()).uniform_(*zoom))
+    out_w, out_h = (max(1, min(size, round(side * factor))) for side in (width, height))
+    crop_w, crop_h = min(width, max(1, round(out_w / factor))), min(height, max(1, round(out_h / factor)))
+    left = int(torch.randint(0, width - crop_w + 1, ()))
+    top = int(torch.randint(0, height - crop_h + 1, ()))
+    box = (left, top, left + crop_w, top + crop_h)
+    fx, fy = mask.width / width, mask.height / height
+    return (image.resize((out_w, out_h), Image.BILINEAR, box=box),
+            mask.resize((out_w, out_h), Image.NEAREST, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)))
 
 
 def train_transform(args):
-    """The training preset: random zoom + crop, horizontal flip, rotation, colour jitter; each can be off."""
+    """The training preset after the random zoom + crop: horizontal flip, rotation, colour jitter (each can be
+    off), on the image and its tv_tensors.Mask together."""
     if args.no_augment:
         return None
     steps = []
-    if args.crop_size:
-        steps.append(RandomScaleCrop(args.crop_size, tuple(args.zoom)))
     if args.hflip:
         steps.append(v2.RandomHorizontalFlip(args.hflip))
     if args.rotate:
@@ -620,15 +619,16 @@ def build_dataset(args, split):
         raise DatasetError(f"the {split} split of --dataset {name} under '{data}' is empty "
                            f"(--val-percent {args.val_percent:g})")
     train = split == "train"
-    canvas = None
-    if not (train and args.crop_size and not args.no_augment):  # items of varied size: one canvas per dataset
-        if name == "folder":
-            sizes = {scaled_size(size, scale) for _, size, _ in found}
-            canvas = (max(h for _, h in sizes), max(w for w, _ in sizes)) if len(sizes) > 1 else None
-        elif name != "carvana":
-            canvas = (round(VOC_MAX_SIDE * scale),) * 2
+    zoom_crop = (args.crop_size, tuple(args.zoom)) if train and args.crop_size and not args.no_augment else None
+    if zoom_crop:
+        canvas = (args.crop_size, args.crop_size)
+    elif name == "folder":  # items of varied size share one canvas so that batches stack
+        sizes = {scaled_size(size, scale) for _, size, _ in found}
+        canvas = (max(h for _, h in sizes), max(w for w, _ in sizes)) if len(sizes) > 1 else None
+    else:
+        canvas = None if name == "carvana" else (round(VOC_MAX_SIDE * scale),) * 2
     return SegmentationFiles([pair for pair, _, _ in found], classes, mask_values, void, scale,
-                             train_transform(args) if train else None, canvas, args.skip_bad)
+                             train_transform(args) if train else None, canvas, args.skip_bad, zoom_crop)
 
 
 def download(data, dataset):
@@ -692,7 +692,7 @@ def add_dataset_args(parser):
                        help="random zoom range applied before the crop")
     group.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (0: off)")
     group.add_argument("--rotate", type=float, default=0.0, help="largest random rotation in degrees (0: off)")
-    group.add_argument("--jitter", type=float, default=0.2,
+    group.add_argument("--jitter", type=float, default=0.0,
                        help="brightness, contrast and saturation jitter (0: off)")
     group.add_argument("--no-augment", action="store_true", help="no random augmentation at all")
     group.add_argument("--image-size", type=int, default=64, help="side of the synthetic shapes images")
