@@ -4,7 +4,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -18,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from datasets import add_dataset_args, build_dataset, check_dataset_args
+from datasets import DatasetError, add_dataset_args, build_dataset, check_dataset_args, default_workers
 from inference import evaluate, predict_probs, preprocess, probs_to_labels
 from metrics import segmentation_loss
 from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
@@ -70,7 +69,7 @@ def parse_args(argv=None):
     r.add_argument("--load", default=None, metavar="PATH", help="start from these weights (fine-tuning)")
     r.add_argument("--sample-every", type=int, default=5, help="save a sample grid every N epochs (0: never)")
     r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    r.add_argument("--workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+    r.add_argument("--workers", type=int, default=default_workers(),
                    help="data-loader worker processes")
     r.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     args = p.parse_args(argv)
@@ -393,7 +392,10 @@ def train(args, device, rank, world_size):
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
     torch.manual_seed(args.seed)
-    train_set, val_set = build_dataset(args, "train"), build_dataset(args, "val")
+    try:
+        train_set, val_set = build_dataset(args, "train"), build_dataset(args, "val")
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
     classes = list(train_set.classes)
     try:
         model_args = model_args_from(args, len(classes))
