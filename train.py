@@ -13,7 +13,7 @@ from datasets import add_dataset_args, build_dataset, check_dataset_args
 from inference import evaluate, preprocess
 from metrics import segmentation_loss
 from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
-    parameter_groups
+    parameter_groups, set_encoder_frozen
 from utils import pick_device, save_checkpoint
 
 def parse_args(argv=None):
@@ -89,10 +89,10 @@ def main(argv=None):
     classes = list(train_set.classes)
     try:
         model_args = model_args_from(args, len(classes))
+        model = build_model(model_args, pretrained=True).to(device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     num_logits = model_args["num_classes"]
-    model = build_model(model_args).to(device)
     normalize = input_normalization(model_args)
     ignore_index = train_set.ignore_index
 
@@ -103,7 +103,8 @@ def main(argv=None):
                                                generator=generator, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(parameter_groups(model, args.lr), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = optimizer_class(parameter_groups(model, args.lr, encoder_lr_factor=args.encoder_lr_factor),
+                                lr=args.lr, weight_decay=args.weight_decay)
 
     run_dir = Path(args.checkpoint_dir) / f"{args.name or args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 1
@@ -117,6 +118,7 @@ def main(argv=None):
 
     best_score = -1.0
     for epoch in range(1, args.epochs + 1):
+        set_encoder_frozen(model, epoch <= args.freeze_encoder_epochs)
         start = time.perf_counter()
         loss = train_one_epoch(model, train_loader, optimizer, args, normalize, ignore_index, device, epoch)
         metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device)
