@@ -55,8 +55,9 @@ def onnx_difference(model, path, images):
 
 
 def export_torchscript(model, path):
-    with warnings.catch_warnings():  # the normalisation constants are meant to be baked in
+    with warnings.catch_warnings():  # the normalisation constants are meant to be baked in; deprecation said below
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example_images())
     traced.save(str(path))
 
@@ -91,7 +92,8 @@ def main(argv=None):
     print(f"wrote {output}: uint8 images B x 3 x H x W -> logits B x {checkpoint['model_args']['num_classes']} x H x W")
     check = example_images(67, 93, batch=2, seed=1)
     try:
-        print(f"onnxruntime vs PyTorch on 2 x 3 x 67 x 93: max |difference| {onnx_difference(deployable, output, check):.2e}")
+        difference = onnx_difference(deployable, output, check)
+        print(f"onnxruntime vs PyTorch on 2 x 3 x 67 x 93 images: largest |difference| {difference:.2e}")
     except ImportError:
         print("onnxruntime is not installed: the ONNX file was not checked (pip install -r requirements-dev.txt)")
     if args.torchscript:

@@ -150,7 +150,8 @@ def backbone(name, weights="none"):
 
 
 # torchvision's DenseNet files keep the old keys 'denselayer1.norm.1.weight' for 'denselayer1.norm1.weight'.
-_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
 
 
 def _read_state_dict(path):
