@@ -293,15 +293,14 @@ def add_model_args(parser):
     group = parser.add_argument_group("model")
     group.add_argument("--arch", default="unet", choices=["unet", "fcn"],
                        help="U-Net, or FCN-8s (on a VGG encoder, vgg13 unless --encoder says otherwise)")
-    group.add_argument("--encoder", default=None, choices=ENCODERS, metavar="NAME",
-                       help=f"torchvision encoder of the U-Net, one of: {', '.join(ENCODERS)} "
-                            "(default: none, the classic U-Net)")
-    group.add_argument("--encoder-weights", default=None, metavar="imagenet|none|PATH",
-                       help="encoder initialisation: torchvision's ImageNet weights (default; downloaded once), "
-                            "random, or a torchvision state_dict file")
+    group.add_argument("--encoder", default="none", choices=("none",) + ENCODERS, metavar="NAME",
+                       help=f"torchvision encoder of the U-Net: {', '.join(ENCODERS)}; 'none': the classic U-Net")
+    group.add_argument("--encoder-weights", default="imagenet", metavar="imagenet|none|PATH",
+                       help="encoder initialisation: torchvision's ImageNet weights (downloaded once), random, "
+                            "or a torchvision state_dict file")
     group.add_argument("--decoder-channels", type=int, nargs="+", default=None, metavar="N",
-                       help="encoder U-Net: decoder widths, deepest first (default 256 128 64 32, then 16 "
-                            "for ResNet and DenseNet)")
+                       help="encoder U-Net: decoder widths, deepest first (None: 256 128 64 32, then 16 for "
+                            "ResNet and DenseNet)")
     group.add_argument("--encoder-lr-factor", type=float, default=0.1,
                        help="the encoder's learning rate is --lr times this")
     group.add_argument("--freeze-encoder-epochs", type=int, default=0,
@@ -327,13 +326,13 @@ def model_args_from(args, num_classes):
     if args.freeze_encoder_epochs < 0:
         raise ValueError(f"--freeze-encoder-epochs cannot be negative, got {args.freeze_encoder_epochs}")
     num_logits = 1 if args.single_logit else num_classes
-    encoder = args.encoder or ("vgg13" if args.arch == "fcn" else None)
-    if encoder is None:
-        if args.encoder_weights is not None or args.decoder_channels is not None:
+    encoder = "vgg13" if args.arch == "fcn" and args.encoder == "none" else args.encoder
+    if encoder == "none":
+        if args.encoder_weights != "imagenet" or args.decoder_channels is not None:
             raise ValueError("--encoder-weights and --decoder-channels need --encoder (a pretrained encoder)")
         return {"arch": "unet", "in_channels": 3, "num_classes": num_logits,
                 "base_channels": args.base_channels, "depth": args.depth, "bilinear": args.bilinear}
-    weights = args.encoder_weights or "imagenet"
+    weights = args.encoder_weights
     if weights not in ("imagenet", "none") and not os.path.isfile(weights):
         raise ValueError(f"--encoder-weights '{weights}' is neither 'imagenet', 'none' nor an existing file")
     check_encoder(encoder, args.arch)
