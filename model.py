@@ -1,7 +1,12 @@
 """U-Net architectures, rebuilt from the small dict of arguments saved in every checkpoint."""
+import os
+import re
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 
 class DoubleConv(nn.Sequential):
@@ -31,12 +36,19 @@ class Up(nn.Module):
             self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
             self.conv = DoubleConv(in_channels // 2 + skip_channels, out_channels)
 
-    def forward(self, x, skip):
-        x = self.up(x)
-        # Odd input sizes: pooling floored, so the upsampled map can be a pixel short of the skip.
-        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
-        x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
-        return self.conv(torch.cat([skip, x], dim=1))
+    def forward(self, x, skip=None, size=None):
+        """`skip` None: no skip connection at this stride, upsample to `size` (the input's height and width)."""
+        x = match_size(self.up(x), skip.shape[-2:] if skip is not None else size)
+        return self.conv(x if skip is None else torch.cat([skip, x], dim=1))
+
+
+def match_size(x, size):
+    """Pad (or crop, with negative padding) the bottom and right edges to `size`.
+
+    With odd input sizes an upsampled map can be a pixel short of the skip connection (pooling floors) or a
+    pixel over (strided convolutions round up); strided layers start at the first pixel, so the last row
+    and column are the ones missing or extra."""
+    return F.pad(x, [0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]])
 
 
 class UNet(nn.Module):
@@ -76,13 +88,226 @@ class UNet(nn.Module):
         return self.outc(x)
 
 
+# Pretrained torchvision encoders. The U-Net taps each stage's output: strides 1-16 for VGG (before each
+# max-pool), 2-32 for ResNet and DenseNet; the decoder has one upsampling block per halving of the stride.
+ENCODERS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
+            "resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169")
+DECODER_BLOCKS = {"vgg": 4, "resnet": 5, "densenet": 5}
+
+
+def encoder_family(name):
+    return next(family for family in DECODER_BLOCKS if name.startswith(family))
+
+
+def check_encoder(name, arch="unet"):
+    known = [e for e in ENCODERS if arch == "unet" or encoder_family(e) == "vgg"]
+    if name not in known:
+        model = "FCN-8s" if arch == "fcn" else "the U-Net"
+        raise ValueError(f"the encoder of {model} must be one of {', '.join(known)}, got '{name}'")
+
+
+def decoder_widths(encoder, decoder_channels=None):
+    """The width of each decoder block, deepest first: one per upsampling block (default 256, 128, ...)."""
+    blocks = DECODER_BLOCKS[encoder_family(encoder)]
+    widths = list(decoder_channels or [256 // 2 ** i for i in range(blocks)])
+    if len(widths) != blocks or min(widths) < 1:
+        raise ValueError(f"a {encoder} U-Net needs {blocks} positive decoder widths (--decoder-channels, deepest "
+                         f"first), got {' '.join(map(str, widths))}")
+    return widths
+
+
+class EncoderWeightsError(ValueError):
+    """Pretrained encoder weights that cannot be downloaded or read; the message says how to fix it."""
+
+
+def _one_line(error):
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def backbone(name, weights="none"):
+    """torchvision's classifier `name` with random weights ('none'), ImageNet weights ('imagenet', downloaded
+    once into torch's hub cache) or the state_dict saved in a local file (a path)."""
+    if weights == "none":
+        return torchvision.models.get_model(name, weights=None)
+    if weights == "imagenet":
+        imagenet = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            return torchvision.models.get_model(name, weights=imagenet)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated download a RuntimeError
+            file = imagenet.url.rsplit("/", 1)[-1]
+            raise EncoderWeightsError(
+                f"could not download the ImageNet weights of {name} ({_one_line(e)}); fetch {imagenet.url} "
+                f"where there is internet and pass --encoder-weights /path/to/{file} "
+                f"(or --encoder-weights none for random weights)") from None
+    model = torchvision.models.get_model(name, weights=None)
+    try:
+        model.load_state_dict(_read_state_dict(weights))
+    except RuntimeError as e:
+        raise EncoderWeightsError(f"--encoder-weights '{weights}' does not hold torchvision {name} weights "
+                                  f"({_one_line(e)})") from None
+    return model
+
+
+# torchvision's DenseNet files keep the old keys 'denselayer1.norm.1.weight' for 'denselayer1.norm1.weight'.
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _read_state_dict(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EncoderWeightsError(f"--encoder-weights '{path}' is not a readable PyTorch weights file "
+                                  f"({_one_line(e)})") from None
+    if not isinstance(state, dict):
+        raise EncoderWeightsError(f"--encoder-weights '{path}' holds a {type(state).__name__}, not a state_dict")
+    return {_OLD_DENSENET_KEY.sub(r"\1\2", key): value for key, value in state.items()}
+
+
+class Encoder(nn.Module):
+    """Consecutive stages of a torchvision classifier; forward returns every stage's output, shallow to deep.
+
+    A frozen encoder gets no gradients and stays in eval mode, so its BatchNorm statistics are fixed too."""
+
+    def __init__(self, stages):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(OrderedDict(stage)) for stage in stages)
+        self.frozen = False
+        with torch.no_grad():
+            self.eval()
+            self.channels = [f.shape[1] for f in self(torch.zeros(1, 3, 64, 64))]
+            self.train()
+
+    def forward(self, x):
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def train(self, mode=True):
+        return super().train(mode and not self.frozen)
+
+
+def unet_stages(name, model):
+    """(name, layer) lists of `model` whose outputs the U-Net taps."""
+    family = encoder_family(name)
+    if family == "vgg":
+        layers = list(model.features.named_children())
+        pools = [i for i, (_, layer) in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
+        return [layers[start:end] for start, end in zip([0] + pools[:-1], pools)]  # the last max-pool unused
+    if family == "resnet":
+        m = model
+        return [[("conv1", m.conv1), ("bn1", m.bn1), ("relu", m.relu)], [("maxpool", m.maxpool), ("layer1", m.layer1)],
+                [("layer2", m.layer2)], [("layer3", m.layer3)], [("layer4", m.layer4)]]
+    f = model.features
+    return [[("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0)],
+            [("pool0", f.pool0), ("denseblock1", f.denseblock1)],
+            [("transition1", f.transition1), ("denseblock2", f.denseblock2)],
+            [("transition2", f.transition2), ("denseblock3", f.denseblock3)],
+            [("transition3", f.transition3), ("denseblock4", f.denseblock4), ("norm5", f.norm5),
+             ("relu5", nn.ReLU(inplace=True))]]
+
+
+class EncoderUNet(nn.Module):
+    """U-Net whose encoder is a torchvision classifier (backboned-unet, TernausNet): the decoder upsamples the
+    deepest features back to the input size, concatenating the encoder's features at each stride on the way.
+
+    decoder_channels: output width of each decoder block, deepest first (default 256, 128, ... one per block).
+    bilinear: bilinear upsampling + conv instead of 2x2 transposed convolutions, as in UNet.
+    encoder_weights: 'none', 'imagenet' or a state_dict file (see `backbone`)."""
+
+    def __init__(self, encoder="resnet34", num_classes=2, decoder_channels=None, bilinear=False,
+                 encoder_weights="none"):
+        super().__init__()
+        check_encoder(encoder)
+        decoder_channels = decoder_widths(encoder, decoder_channels)
+        blocks = len(decoder_channels)
+        self.encoder = Encoder(unet_stages(encoder, backbone(encoder, encoder_weights)))
+        skip_channels = self.encoder.channels[-2::-1] + [0] * (blocks - len(self.encoder.channels) + 1)
+        in_channels = [self.encoder.channels[-1]] + decoder_channels[:-1]
+        self.ups = nn.ModuleList(Up(*widths, bilinear) for widths in zip(in_channels, skip_channels, decoder_channels))
+        self.outc = nn.Conv2d(decoder_channels[-1], num_classes, kernel_size=1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        features = self.encoder(x)
+        x = features.pop()
+        for up in self.ups:
+            x = up(x, features.pop() if features else None, size)
+        return self.outc(x)
+
+
+def bilinear_kernel(channels, kernel_size):
+    """Weights of a transposed convolution that upsamples each channel bilinearly (FCN's initialisation)."""
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    ramp = 1 - (torch.arange(kernel_size) - center).abs() / factor
+    return torch.eye(channels)[:, :, None, None] * (ramp[:, None] * ramp[None, :])
+
+
+class FCN8s(nn.Module):
+    """FCN-8s (Long et al., 2015) on a VGG encoder: the classifier's fully connected layers become 7x7 and 1x1
+    convolutions (keeping their pretrained weights), and class scores from stride 32 are upsampled and summed
+    with scores from pool4 (stride 16) and pool3 (stride 8). Any input size: padded to a multiple of 32."""
+
+    def __init__(self, encoder="vgg13", num_classes=21, encoder_weights="none"):
+        super().__init__()
+        check_encoder(encoder, "fcn")
+        vgg = backbone(encoder, encoder_weights)
+        layers = list(vgg.features.named_children())
+        ends = [i + 1 for i, (_, layer) in enumerate(layers) if isinstance(layer, nn.MaxPool2d)][2:]  # pool3-5
+        fc6, fc7 = nn.Conv2d(512, 4096, 7, padding=3), nn.Conv2d(4096, 4096, 1)
+        with torch.no_grad():
+            for conv, linear in [(fc6, vgg.classifier[0]), (fc7, vgg.classifier[3])]:
+                conv.weight.copy_(linear.weight.view(conv.weight.shape))
+                conv.bias.copy_(linear.bias)
+        fc = [("fc6", fc6), ("relu6", nn.ReLU(inplace=True)), ("drop6", nn.Dropout()),
+              ("fc7", fc7), ("relu7", nn.ReLU(inplace=True)), ("drop7", nn.Dropout())]
+        self.encoder = Encoder([layers[:ends[0]], layers[ends[0]:ends[1]], layers[ends[1]:ends[2]] + fc])
+        self.score_pool3 = nn.Conv2d(self.encoder.channels[0], num_classes, 1)
+        self.score_pool4 = nn.Conv2d(self.encoder.channels[1], num_classes, 1)
+        self.score_fr = nn.Conv2d(self.encoder.channels[2], num_classes, 1)
+        for score in (self.score_pool3, self.score_pool4):  # the skips start silent, as in the paper
+            nn.init.zeros_(score.weight), nn.init.zeros_(score.bias)
+        self.upscore2 = nn.ConvTranspose2d(num_classes, num_classes, 4, stride=2, padding=1, bias=False)
+        self.upscore_pool4 = nn.ConvTranspose2d(num_classes, num_classes, 4, stride=2, padding=1, bias=False)
+        self.upscore8 = nn.ConvTranspose2d(num_classes, num_classes, 16, stride=8, padding=4, bias=False)
+        for up in (self.upscore2, self.upscore_pool4, self.upscore8):
+            up.weight.data.copy_(bilinear_kernel(num_classes, up.kernel_size[0]))
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        x = F.pad(x, [0, (-width) % 32, 0, (-height) % 32])
+        pool3, pool4, fc7 = self.encoder(x)
+        scores = self.upscore2(self.score_fr(fc7)) + self.score_pool4(pool4)
+        scores = self.upscore_pool4(scores) + self.score_pool3(pool3)
+        return self.upscore8(scores)[..., :height, :width]
+
+
 IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def add_model_args(parser):
     group = parser.add_argument_group("model")
-    group.add_argument("--base-channels", type=int, default=64, help="width of the first U-Net level")
-    group.add_argument("--depth", type=int, default=4, help="number of down-sampling steps")
+    group.add_argument("--arch", default="unet", choices=["unet", "fcn"],
+                       help="U-Net, or FCN-8s (on a VGG encoder, vgg13 unless --encoder says otherwise)")
+    group.add_argument("--encoder", default="none", choices=("none",) + ENCODERS, metavar="NAME",
+                       help=f"torchvision encoder of the U-Net: {', '.join(ENCODERS)}; 'none': the classic U-Net")
+    group.add_argument("--encoder-weights", default="imagenet", metavar="imagenet|none|PATH",
+                       help="encoder initialisation: torchvision's ImageNet weights (downloaded once), random, "
+                            "or a torchvision state_dict file")
+    group.add_argument("--decoder-channels", type=int, nargs="+", default=None, metavar="N",
+                       help="encoder U-Net: decoder widths, deepest first (None: 256 128 64 32, then 16 for "
+                            "ResNet and DenseNet)")
+    group.add_argument("--encoder-lr-factor", type=float, default=0.1,
+                       help="the encoder's learning rate is --lr times this")
+    group.add_argument("--freeze-encoder-epochs", type=int, default=0,
+                       help="train only the decoder (encoder weights and BatchNorm statistics fixed) for this "
+                            "many epochs first")
+    group.add_argument("--base-channels", type=int, default=64, help="classic U-Net: width of the first level")
+    group.add_argument("--depth", type=int, default=4, help="classic U-Net: number of down-sampling steps")
     group.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
     group.add_argument("--single-logit", action="store_true",
                        help="two-class data: one sigmoid logit (BCE) instead of two softmax logits")
@@ -96,27 +321,76 @@ def model_args_from(args, num_classes):
     for name in ("base_channels", "depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    return {"arch": "unet", "in_channels": 3, "num_classes": 1 if args.single_logit else num_classes,
-            "base_channels": args.base_channels, "depth": args.depth, "bilinear": args.bilinear}
+    if args.encoder_lr_factor < 0:
+        raise ValueError(f"--encoder-lr-factor cannot be negative, got {args.encoder_lr_factor}")
+    if args.freeze_encoder_epochs < 0:
+        raise ValueError(f"--freeze-encoder-epochs cannot be negative, got {args.freeze_encoder_epochs}")
+    num_logits = 1 if args.single_logit else num_classes
+    encoder = "vgg13" if args.arch == "fcn" and args.encoder == "none" else args.encoder
+    if encoder == "none":
+        if args.encoder_weights != "imagenet" or args.decoder_channels is not None:
+            raise ValueError("--encoder-weights and --decoder-channels need --encoder (a pretrained encoder)")
+        return {"arch": "unet", "in_channels": 3, "num_classes": num_logits,
+                "base_channels": args.base_channels, "depth": args.depth, "bilinear": args.bilinear}
+    weights = args.encoder_weights
+    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise ValueError(f"--encoder-weights '{weights}' is neither 'imagenet', 'none' nor an existing file")
+    check_encoder(encoder, args.arch)
+    if args.arch == "fcn":
+        if args.decoder_channels is not None:
+            raise ValueError("--decoder-channels sets the widths of a U-Net decoder; FCN-8s has none")
+        return {"arch": "fcn", "encoder": encoder, "encoder_weights": weights, "num_classes": num_logits}
+    return {"arch": "unet", "encoder": encoder, "encoder_weights": weights, "num_classes": num_logits,
+            "decoder_channels": decoder_widths(encoder, args.decoder_channels), "bilinear": args.bilinear}
 
 
 def input_normalization(model_args):
-    """Mean and std (of 0..1 pixels) the model expects; saved in the checkpoint."""
+    """Mean and std (of 0..1 pixels) the model expects, saved in the checkpoint: those of the encoder's
+    pretrained weights (from torchvision's weights metadata, no download), ImageNet's otherwise."""
+    if model_args.get("encoder_weights", "none") != "none":
+        transforms = torchvision.models.get_model_weights(model_args["encoder"]).DEFAULT.transforms()
+        return {"mean": list(transforms.mean), "std": list(transforms.std)}
     return IMAGENET_NORMALIZE
 
 
-def parameter_groups(model, lr):
-    """Optimizer parameter groups (pretrained encoders may get their own, lower, learning rate)."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+def parameter_groups(model, lr, encoder_lr_factor=1.0):
+    """Optimizer parameter groups: every parameter once, the pretrained encoder's at lr * encoder_lr_factor.
+
+    Frozen parameters stay in their group: without gradients the optimizer skips them until unfrozen."""
+    encoder = getattr(model, "encoder", None)
+    encoder_params = list(encoder.parameters()) if encoder is not None else []
+    in_encoder = {id(p) for p in encoder_params}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in in_encoder], "lr": lr, "name": "decoder"}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": lr * encoder_lr_factor, "name": "encoder"})
+    return groups
 
 
-def build_model(model_args):
-    """Rebuild a model from the `model_args` dict stored in a checkpoint."""
+def set_encoder_frozen(model, frozen):
+    """Freeze (no gradients, eval-mode BatchNorm) or unfreeze a pretrained encoder; False for models without."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return False
+    encoder.frozen = frozen
+    encoder.requires_grad_(not frozen)
+    encoder.train(model.training)
+    return True
+
+
+def build_model(model_args, pretrained=False):
+    """Rebuild a model from the `model_args` dict stored in a checkpoint.
+
+    pretrained=True loads the encoder weights the dict names (train.py); otherwise the encoder is left random,
+    never downloaded, as a checkpoint's weights replace it anyway."""
     args = dict(model_args)
     arch = args.pop("arch", "unet")
+    if "encoder_weights" in args and not pretrained:
+        args["encoder_weights"] = "none"
+    if arch == "fcn":
+        return FCN8s(**args)
     if arch != "unet":
-        raise ValueError(f"unknown architecture '{arch}' (known: unet)")
-    return UNet(**args)
+        raise ValueError(f"unknown architecture '{arch}' (known: unet, fcn)")
+    return EncoderUNet(**args) if "encoder" in args else UNet(**args)
 
 
 def count_parameters(model):

@@ -21,7 +21,7 @@ from datasets import DatasetError, add_dataset_args, build_dataset, check_datase
 from inference import evaluate, predict_probs, preprocess, probs_to_labels
 from metrics import segmentation_loss
 from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
-    parameter_groups
+    parameter_groups, set_encoder_frozen
 from utils import CheckpointError, all_gather_objects, all_reduce_sum, average_across_processes, derived_seed, \
     init_distributed, is_distributed, load_checkpoint, pick_device, plot_curves, rng_states, sample_grid, \
     save_checkpoint, seed_everything, set_rng_states
@@ -197,7 +197,7 @@ def amp_dtype_for(args, device):
 
 
 def build_optimizer(model, args):
-    groups = parameter_groups(model, args.lr)
+    groups = parameter_groups(model, args.lr, encoder_lr_factor=args.encoder_lr_factor)
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
@@ -247,7 +247,9 @@ def prepare_model(model, args, device, world_size):
         model = model.to(memory_format=torch.channels_last)
     ddp = None
     if world_size > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A frozen encoder gets no gradients for a while: DDP must not wait for them.
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=args.freeze_encoder_epochs > 0)
     step_model = ddp or model
     if args.compile:
         step_model = torch.compile(step_model)
@@ -399,10 +401,11 @@ def train(args, device, rank, world_size):
     classes = list(train_set.classes)
     try:
         model_args = model_args_from(args, len(classes))
+        # Pretrained encoder weights are fetched here, for training only; a failed download is one line.
+        model = build_model(model_args, pretrained=not (args.resume or args.load))
     except ValueError as e:
         sys.exit(f"error: {e}")
     num_logits = model_args["num_classes"]
-    model = build_model(model_args)
     if args.resume:
         load_all_weights(model, args.resume, checkpoint)
     elif args.load:
@@ -454,6 +457,7 @@ def train(args, device, rank, world_size):
 
     with StopRequest() as stop:
         for epoch in range(run["epoch"] + 1, args.epochs + 1):
+            set_encoder_frozen(model, epoch <= args.freeze_encoder_epochs)
             start = time.perf_counter()
             progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
                                                  "images": 0}

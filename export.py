@@ -1,0 +1,106 @@
+"""Export a checkpoint to ONNX (any batch size, height and width) and, optionally, TorchScript.
+
+Example: python export.py -m checkpoints/RUN/best.pth -o model.onnx --torchscript model.pt
+
+The exported model takes uint8 RGB images B x 3 x H x W (the checkpoint's normalisation is inside) and returns
+logits B x K x H x W: argmax over K for several classes, sigmoid > threshold for one logit. The ONNX file's
+metadata holds the class names, their mask values and the normalisation (JSON). When onnxruntime is installed
+the script runs the ONNX file on a random image of another size and prints the largest difference to PyTorch.
+"""
+import argparse
+import json
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+from inference import load_model, preprocess
+from utils import CheckpointError, newest_checkpoint
+
+
+class WithPreprocessing(nn.Module):
+    """uint8 images in, logits out: the one-file model to deploy."""
+
+    def __init__(self, model, normalize):
+        super().__init__()
+        self.model, self.normalize = model, normalize
+
+    def forward(self, images):
+        return self.model(preprocess(images, self.normalize))
+
+
+def example_images(height=64, width=64, batch=1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, generator=generator)
+
+
+def export_onnx(model, path, metadata, opset=18):
+    dynamic = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(model, (example_images(),), input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},), opset_version=opset,
+                                dynamo=True, verbose=False)
+    program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
+    program.save(path, external_data=False)
+
+
+def onnx_difference(model, path, images):
+    """Largest absolute difference between onnxruntime's and PyTorch's logits on `images`."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        return float((torch.from_numpy(logits) - model(images)).abs().max())
+
+
+def export_torchscript(model, path):
+    with warnings.catch_warnings():  # the normalisation constants are meant to be baked in; deprecation said below
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example_images())
+    traced.save(str(path))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default=None, help="checkpoint (default: the newest best.pth under checkpoints/)")
+    p.add_argument("-o", "--output", default=None, help="ONNX file to write (default: the checkpoint's with .onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    p.add_argument("--torchscript", default=None, metavar="FILE", help="also write a traced TorchScript model")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    checkpoint_path = args.model or newest_checkpoint()
+    if checkpoint_path is None:
+        sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript)
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"error: ONNX export needs the '{e.name}' package: pip install -r requirements-dev.txt")
+    try:
+        model, checkpoint = load_model(checkpoint_path)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    deployable = WithPreprocessing(model, checkpoint["normalize"]).eval()
+    output = args.output or str(checkpoint_path).rsplit(".", 1)[0] + ".onnx"
+    metadata = {key: checkpoint[key] for key in ("classes", "mask_values", "normalize")}
+    export_onnx(deployable, output, metadata, args.opset)
+    print(f"wrote {output}: uint8 images B x 3 x H x W -> logits B x {checkpoint['model_args']['num_classes']} x H x W")
+    check = example_images(67, 93, batch=2, seed=1)
+    try:
+        difference = onnx_difference(deployable, output, check)
+        print(f"onnxruntime vs PyTorch on 2 x 3 x 67 x 93 images: largest |difference| {difference:.2e}")
+    except ImportError:
+        print("onnxruntime is not installed: the ONNX file was not checked (pip install -r requirements-dev.txt)")
+    if args.torchscript:
+        export_torchscript(deployable, args.torchscript)
+        print(f"wrote {args.torchscript} (TorchScript, deprecated by PyTorch but still loadable with torch.jit.load)")
+    return output
+
+
+if __name__ == "__main__":
+    main()
