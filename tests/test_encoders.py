@@ -171,7 +171,7 @@ def test_train_with_frozen_pretrained_encoder(tmp_path):
     assert state["model_args"] == {"arch": "unet", "encoder": "resnet18", "encoder_weights": str(path),
                                    "num_classes": 4, "decoder_channels": [8] * 5, "bilinear": False}
     assert state["normalize"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == pytest.approx([0.01, 0.001])
+    assert [group["initial_lr"] for group in state["optimizer"]["param_groups"]] == pytest.approx([0.01, 0.001])
     model, _ = load_model(run_dir / "last.pth")
     # The frozen epoch left every encoder tensor, BatchNorm statistics included, as the file had it.
     assert all(torch.equal(value, reference[key]) for key, value in torchvision_keys(model.encoder).items())
