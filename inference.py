@@ -135,14 +135,19 @@ def gaussian_weights(size, device):
     return torch.exp(-((x - centre) ** 2) / (2 * sigma ** 2))
 
 
-def tile_starts(size, tile, overlap):
-    """Offsets of the fewest tiles of `tile` pixels that cover `size` with neighbours at most
-    tile * (1 - overlap) apart, spread evenly with the last flush against the border (nnU-Net's rule)."""
+def tile_starts(size, tile, overlap, align=1):
+    """Offsets of tiles of `tile` pixels covering `size`: a stride of tile * (1 - overlap) rounded down to a
+    multiple of `align`, and a last tile flush with the border (as mmsegmentation's slide inference)."""
     if size <= tile:
         return [0]
-    steps = math.ceil((size - tile) / (tile * (1 - overlap))) + 1
-    spacing = (size - tile) / (steps - 1)
-    return [round(i * spacing) for i in range(steps)]
+    stride = max(align, int(tile * (1 - overlap)) // align * align)
+    return [min(i * stride, size - tile) for i in range(math.ceil((size - tile) / stride) + 1)]
+
+
+def pooling_factor(model):
+    """The model's downsampling by max-pooling (2 ** depth for the U-Net). Tile offsets that are multiples of
+    it make every tile pool over the same grid as the whole image, so tiles agree with whole-image inference."""
+    return 2 ** sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
 
 
 @torch.inference_mode()
@@ -158,7 +163,8 @@ def sliding_window_probs(model, image, normalize, tile, overlap=0.5, tta=False, 
     device = image.device
     weight_y, weight_x = gaussian_weights(tile_h, device), gaussian_weights(tile_w, device)
     tile_weight = weight_y[:, None] * weight_x[None, :]
-    ys, xs = tile_starts(height, tile_h, overlap), tile_starts(width, tile_w, overlap)
+    align = pooling_factor(model)
+    ys, xs = tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
     windows = [(y, x) for y in ys for x in xs]
     total = None
     for first in range(0, len(windows), batch_size):
@@ -188,15 +194,16 @@ def predict_probs_or_tile(model, images, normalize, log=print, **options):
             return predict_probs(model, images, normalize, **options), options
         except torch.OutOfMemoryError:
             pass  # leave the except block first: its traceback holds the failed pass's tensors
-        current = options.get("tile") or math.inf
+        height, width = images.shape[-2:]
+        side = max(scaled_size(height, width, options.get("scale", 1.0)))  # tiles this big or more change nothing
+        current = min(side, options.get("tile") or side)
         smaller = [t for t in FALLBACK_TILES if t < current]
+        where = f"a {width}x{height} input with " + (f"--tile {options['tile']}" if options.get("tile") else "no tiles")
         if not smaller:
-            raise torch.OutOfMemoryError(f"CUDA out of memory even with --tile {current}; try --device cpu")
+            raise torch.OutOfMemoryError(f"CUDA out of memory on {where}, even at the smallest tile; try --device cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        height, width = images.shape[-2:]
-        log(f"CUDA out of memory on a {width}x{height} input with --tile {options.get('tile')}; "
-            f"falling back to --tile {smaller[0]} (probabilities accumulated on the CPU)")
+        log(f"CUDA out of memory on {where}; falling back to --tile {smaller[0]} (accumulated on the CPU)")
         options = {**options, "tile": smaller[0]}
         images = images.cpu()
 

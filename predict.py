@@ -160,14 +160,18 @@ def read_images(paths, workers):
             yield pending.popleft().result()
 
 
+def skip(reason, failures):
+    print(f"error: {reason}; skipped", file=sys.stderr)
+    failures.append(reason)
+
+
 def batches(read, size, failures):
     """Runs of up to `size` readable images of one shape, as [(index, path, image)]; reasons of unreadable
     files are appended to `failures`."""
     batch = []
     for index, (path, image, error) in enumerate(read):
         if error:
-            print(f"error: {error}; skipped", file=sys.stderr)
-            failures.append(error)
+            skip(error, failures)
             continue
         if batch and (len(batch) == size or image.shape != batch[0][2].shape):
             yield batch
@@ -248,9 +252,14 @@ def main(argv=None):
     images_per_pass = 1 if args.tile else args.batch_size
     for batch in batches(read_images(inputs, args.workers), images_per_pass, failures):
         indices, paths, images = zip(*batch)
-        probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"],
-                                               log=lambda line: print(f"warning: {line}", file=sys.stderr),
-                                               **options)
+        try:
+            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"],
+                                                   log=lambda line: print(f"warning: {line}", file=sys.stderr),
+                                                   **options)
+        except torch.OutOfMemoryError as e:
+            for path in paths:
+                skip(f"'{path}': {e}", failures)
+            continue
         labels = probs_to_labels(probs, threshold, dtype=torch.uint8).cpu().numpy()
         for i, index in enumerate(indices):
             written = save_outputs(images[i], labels[i], probs[i], masks[index], checkpoint, args)
