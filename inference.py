@@ -3,7 +3,8 @@
 Whole images go through the model in one pass. With `tile`, the image is cut into overlapping tiles (the
 overlap-tile strategy of the U-Net paper) whose probabilities are blended with Gaussian weights, as nnU-Net
 does, so that tile borders, where the network sees least context, count least. Tiles stream through the model
-`batch_size` at a time into one K x H x W accumulator: memory grows with the tile size, not the image size.
+`batch_size` at a time into one float32 K x H x W accumulator: besides that accumulator and the image itself,
+memory grows with the tile size, not the image size.
 """
 import math
 
@@ -15,7 +16,7 @@ from metrics import ConfusionMatrix
 from model import build_model
 from utils import CheckpointError, load_checkpoint
 
-FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after a CUDA out-of-memory error
+FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
 LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
 
 
@@ -92,9 +93,9 @@ def forward_probs(model, x, tta=False, amp=False):
 
 def resize(x, size):
     """Bilinear resize of a B x C x H x W tensor (antialiased when shrinking); uint8 stays uint8."""
+    if x.dtype == torch.uint8 and x.device.type != "cpu":  # only the CPU kernels resize uint8 directly
+        return resize(x.float(), size).round().clamp(0, 255).byte()
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    if x.dtype == torch.uint8 and x.device.type != "cpu":
-        return F.interpolate(x.float(), size=size, mode="bilinear", antialias=shrink).round().clamp(0, 255).byte()
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
@@ -185,25 +186,33 @@ def sliding_window_probs(model, image, normalize, tile, overlap=0.5, tta=False, 
     return total
 
 
+def out_of_memory(error):
+    """CUDA's out-of-memory error, or the CPU allocator refusing a buffer larger than the machine's memory."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def predict_probs_or_tile(model, images, normalize, log=print, **options):
-    """predict_probs that survives CUDA out-of-memory errors: it retries with ever smaller tiles
-    (FALLBACK_TILES), the accumulator on the CPU, and says so through `log`.
+    """predict_probs that survives running out of memory (on CUDA, or a CPU allocation that the system refuses):
+    it retries with ever smaller tiles (FALLBACK_TILES), the accumulator on the CPU, and says so through `log`.
     Returns (probs, options that worked), so that a caller can keep those for the next images."""
     while True:
         try:
             return predict_probs(model, images, normalize, **options), options
-        except torch.OutOfMemoryError:
-            pass  # leave the except block first: its traceback holds the failed pass's tensors
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not out_of_memory(e):
+                raise
+            device = "CUDA" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        # Out of the except block: its traceback held on to the failed pass's tensors.
         height, width = images.shape[-2:]
         side = max(scaled_size(height, width, options.get("scale", 1.0)))  # tiles this big or more change nothing
         current = min(side, options.get("tile") or side)
         smaller = [t for t in FALLBACK_TILES if t < current]
         where = f"a {width}x{height} input with " + (f"--tile {options['tile']}" if options.get("tile") else "no tiles")
         if not smaller:
-            raise torch.OutOfMemoryError(f"CUDA out of memory on {where}, even at the smallest tile; try --device cpu")
+            raise torch.OutOfMemoryError(f"{device} out of memory on {where}, even at the smallest tile")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log(f"CUDA out of memory on {where}; falling back to --tile {smaller[0]} (accumulated on the CPU)")
+        log(f"{device} out of memory on {where}; falling back to --tile {smaller[0]} (accumulated on the CPU)")
         options = {**options, "tile": smaller[0]}
         images = images.cpu()
 

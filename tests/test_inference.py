@@ -144,5 +144,28 @@ def test_out_of_memory_falls_back_to_smaller_tiles(monkeypatch):
     assert again.shape == (1, 3, 150, 150) and len(messages) == 3  # the tile that worked is kept
 
     fail_above(model, monkeypatch, 64 * 64)
-    with pytest.raises(torch.OutOfMemoryError, match="smallest tile"):
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory .* even at the smallest tile"):
         predict_probs_or_tile(model, image, IMAGENET_NORMALIZE, log=messages.append)
+
+
+def test_refused_cpu_allocation_falls_back_and_other_errors_pass(monkeypatch):
+    model = tiny_unet()
+    forward = model.forward
+
+    def refuse(x):
+        if x.shape[-1] > 300:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)")
+        if x.shape[-1] == 7:
+            raise RuntimeError("some other failure")
+        return forward(x)
+
+    monkeypatch.setattr(model, "forward", refuse)
+    messages = []
+    probs, options = predict_probs_or_tile(model, random_images(1, 3, 64, 400), IMAGENET_NORMALIZE,
+                                           log=messages.append)
+    assert probs.shape == (1, 3, 64, 400) and options["tile"] == 256
+    assert messages == ["CPU out of memory on a 400x64 input with no tiles; falling back to --tile 256 "
+                        "(accumulated on the CPU)"]
+    with pytest.raises(RuntimeError, match="some other failure"):
+        predict_probs_or_tile(model, random_images(1, 3, 64, 7), IMAGENET_NORMALIZE, log=messages.append)
