@@ -7,7 +7,8 @@
 Writes randomly initialised checkpoints and synthetic images to a temporary folder, then runs predict.py on
 a folder of 512x512 images, on one 1918x1280 image (Carvana's size) and on one --huge x --huge image (tiled
 only, with a smaller model). Each run is a fresh process, so its peak resident memory (ru_maxrss) is its own;
-'over start' is the peak minus the process's size once torch and predict were imported.
+'over start' is the peak minus the process's size once torch and predict were imported. Each run follows a
+warm-up run on one image (written nowhere) in the same process: the times are those of a warm process.
 """
 import argparse
 import json
@@ -26,16 +27,19 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def child(predict_args):
-    """Run predict.main in this process; print seconds and memory as one JSON line."""
+def child(plan):
+    """Run predict.main on plan["warmup"] (writing nothing), then on plan["run"]: print the second run's
+    seconds and this process's memory as one JSON line. The warm-up keeps one-off costs (oneDNN kernels,
+    the allocator's first page faults) out of the figures."""
     import torch
 
     import predict
 
     torch.set_grad_enabled(False)
     start_mb = peak_rss_mb()
+    predict.main(plan["warmup"])
     start = time.perf_counter()
-    predict.main(predict_args)
+    predict.main(plan["run"])
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb(), "start_mb": start_mb}))
 
 
@@ -57,8 +61,10 @@ def synthetic_photo(path, height, width, seed):
     Image.fromarray(grid).resize((width, height), Image.BILINEAR).save(path, quality=90)
 
 
-def run(name, count, predict_args):
-    result = subprocess.run([sys.executable, __file__, "--child", *predict_args], capture_output=True, text=True)
+def run(name, count, inputs, warmup, flags):
+    """predict.py -i inputs `flags` in a fresh process, after a warm-up on the image `warmup`; prints a row."""
+    plan = {"warmup": ["-i", str(warmup), "-n", *flags], "run": ["-i", str(inputs), *flags]}
+    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(plan)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: {name} failed:\n{result.stderr[-2000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -69,11 +75,11 @@ def run(name, count, predict_args):
 
 def main():
     if sys.argv[1:2] == ["--child"]:
-        return child(sys.argv[2:])
+        return child(json.loads(sys.argv[2]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-channels", type=int, default=8, help="width of the benchmark U-Net")
     p.add_argument("--depth", type=int, default=4, help="depth of the benchmark U-Net")
-    p.add_argument("--count", type=int, default=16, help="512x512 images in the folder")
+    p.add_argument("--count", type=int, default=8, help="512x512 images in the folder")
     p.add_argument("--tile", type=int, default=256, help="tile side of the tiled runs")
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap of the tiled runs")
     p.add_argument("--huge", type=int, default=4000, help="side of the huge image, tiled only (0: skip)")
@@ -91,16 +97,16 @@ def main():
             synthetic_photo(tmp / "folder" / f"{i:04d}.jpg", 512, 512, i)
         synthetic_photo(tmp / "carvana.jpg", 1280, 1918, 0)
         common = ["--batch-size", str(args.batch_size), "--device", args.device, "-o", str(tmp / "out")]
+        model_flags = ["-m", str(tmp / "model.pth"), *common]
         tiled = ["--tile", str(args.tile), "--overlap", str(args.overlap)]
 
         print(f"model: {model}; device {args.device}; tiles {args.tile} px, overlap {args.overlap}")
         print(f"{'case':<36} {'images':>6} {'seconds':>8} {'images/s':>9} {'peak MB':>9} {'over start':>11}")
         figures = {}
-        for case, inputs, count in [("512x512 folder", tmp / "folder", args.count),
-                                    ("1918x1280", tmp / "carvana.jpg", 1)]:
-            for mode, flags in [("whole", []), ("tiled", tiled)]:
-                figures[case, mode] = run(f"{case}, {mode}", count,
-                                          ["-m", str(tmp / "model.pth"), "-i", str(inputs), *common, *flags])
+        for case, inputs, warmup, count in [("512x512 folder", tmp / "folder", tmp / "folder" / "0000.jpg", args.count),
+                                            ("1918x1280", tmp / "carvana.jpg", tmp / "carvana.jpg", 1)]:
+            for mode, flags in [("whole", model_flags), ("tiled", model_flags + tiled)]:
+                figures[case, mode] = run(f"{case}, {mode}", count, inputs, warmup, flags)
         for case in ("512x512 folder", "1918x1280"):
             whole, tile = figures[case, "whole"], figures[case, "tiled"]
             print(f"{case}: tiled / whole: time x{tile['seconds'] / whole['seconds']:.2f}, memory over start "
@@ -108,9 +114,8 @@ def main():
         if args.huge:
             synthetic_photo(tmp / "huge.jpg", args.huge, args.huge, 1)
             print(f"huge image, model: {tiny}")
-            run(f"{args.huge}x{args.huge}, tiled {args.huge_tile}", 1,
-                ["-m", str(tmp / "tiny.pth"), "-i", str(tmp / "huge.jpg"), *common, "--tile", str(args.huge_tile),
-                 "--overlap", str(args.overlap)])
+            run(f"{args.huge}x{args.huge}, tiled {args.huge_tile}", 1, tmp / "huge.jpg", tmp / "carvana.jpg",
+                ["-m", str(tmp / "tiny.pth"), *common, "--tile", str(args.huge_tile), "--overlap", str(args.overlap)])
             print(f"  (its 2 x H x W float32 probabilities alone take {2 * 4 * args.huge ** 2 / 2 ** 20:.0f} MB)")
 
 

@@ -24,10 +24,11 @@ def add_inference_args(parser):
     """The flags of predict_probs, shared by predict.py and eval.py; read them back with inference_options."""
     group = parser.add_argument_group("inference")
     group.add_argument("-s", "--scale", type=float, default=1.0,
-                       help="resize factor applied before the model (outputs always have the input's size)")
+                       help="resize factor applied before the model (default: 1); outputs have the input's size")
     group.add_argument("--tile", type=int, default=None, metavar="SIZE",
                        help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
-    group.add_argument("--overlap", type=float, default=0.5, help="fraction of a tile shared with its neighbour")
+    group.add_argument("--overlap", type=float, default=0.5,
+                       help="fraction of a tile shared with its neighbour (default: 0.5)")
     group.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips")
     group.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     return group

@@ -45,9 +45,11 @@ def parse_args(argv=None):
                    help="also write <stem>_probs.npy, the class probabilities as float16 K x H x W "
                         "(K = 1 for single-logit models: the foreground probability)")
     add_inference_args(p)
-    p.add_argument("--batch-size", type=int, default=4, help="images of one size, or tiles, per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="threads that decode the next images meanwhile")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images of one size, or tiles, per forward pass (default: 4)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads that decode the next images meanwhile (default: 2)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     args = p.parse_args(argv)
     try:
         check_inference_args(args)

@@ -6,6 +6,7 @@ import torch
 import inference
 from inference import predict_probs, predict_probs_or_tile, probs_to_labels, tile_starts
 from model import IMAGENET_NORMALIZE, UNet
+from utils import CheckpointError, save_checkpoint
 
 PLAIN = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # x = pixel / 255
 
@@ -169,3 +170,14 @@ def test_refused_cpu_allocation_falls_back_and_other_errors_pass(monkeypatch):
                         "(accumulated on the CPU)"]
     with pytest.raises(RuntimeError, match="some other failure"):
         predict_probs_or_tile(model, random_images(1, 3, 64, 7), IMAGENET_NORMALIZE, log=messages.append)
+
+
+def test_checkpoint_of_the_wrong_kind_is_one_clear_line(tmp_path):
+    args = {"arch": "unet", "in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2, "bilinear": False}
+    state = {"model": UNet(3, 2, base_channels=4, depth=3).state_dict(), "model_args": args, "classes": ["a", "b"],
+             "mask_values": [0, 255], "normalize": IMAGENET_NORMALIZE}
+    for name, model_args in [("mismatch.pth", args), ("unknown.pth", {**args, "arch": "segformer"})]:
+        save_checkpoint({**state, "model_args": model_args}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"'{tmp_path / name}' holds a model this code cannot rebuild") as e:
+            inference.load_model(tmp_path / name)
+        assert "\n" not in str(e.value)
