@@ -36,6 +36,8 @@ def child(plan):
     import predict
 
     torch.set_grad_enabled(False)
+    if plan["threads"]:
+        torch.set_num_threads(plan["threads"])
     start_mb = peak_rss_mb()
     predict.main(plan["warmup"])
     start = time.perf_counter()
@@ -61,9 +63,9 @@ def synthetic_photo(path, height, width, seed):
     Image.fromarray(grid).resize((width, height), Image.BILINEAR).save(path, quality=90)
 
 
-def run(name, count, inputs, warmup, flags):
+def run(name, count, inputs, warmup, flags, threads):
     """predict.py -i inputs `flags` in a fresh process, after a warm-up on the image `warmup`; prints a row."""
-    plan = {"warmup": ["-i", str(warmup), "-n", *flags], "run": ["-i", str(inputs), *flags]}
+    plan = {"warmup": ["-i", str(warmup), "-n", *flags], "run": ["-i", str(inputs), *flags], "threads": threads}
     result = subprocess.run([sys.executable, __file__, "--child", json.dumps(plan)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: {name} failed:\n{result.stderr[-2000:]}")
@@ -86,6 +88,9 @@ def main():
     p.add_argument("--huge-tile", type=int, default=1024, help="tile side for the huge image")
     p.add_argument("--batch-size", type=int, default=4, help="images or tiles per forward pass")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 avoids the large per-layer cost of threads "
+                        "waiting for each other when other jobs load the cores")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,13 +105,14 @@ def main():
         model_flags = ["-m", str(tmp / "model.pth"), *common]
         tiled = ["--tile", str(args.tile), "--overlap", str(args.overlap)]
 
-        print(f"model: {model}; device {args.device}; tiles {args.tile} px, overlap {args.overlap}")
+        print(f"model: {model}; device {args.device}, threads {args.threads or 'default'}; tiles {args.tile} px, "
+              f"overlap {args.overlap}")
         print(f"{'case':<36} {'images':>6} {'seconds':>8} {'images/s':>9} {'peak MB':>9} {'over start':>11}")
         figures = {}
         for case, inputs, warmup, count in [("512x512 folder", tmp / "folder", tmp / "folder" / "0000.jpg", args.count),
                                             ("1918x1280", tmp / "carvana.jpg", tmp / "carvana.jpg", 1)]:
             for mode, flags in [("whole", model_flags), ("tiled", model_flags + tiled)]:
-                figures[case, mode] = run(f"{case}, {mode}", count, inputs, warmup, flags)
+                figures[case, mode] = run(f"{case}, {mode}", count, inputs, warmup, flags, args.threads)
         for case in ("512x512 folder", "1918x1280"):
             whole, tile = figures[case, "whole"], figures[case, "tiled"]
             print(f"{case}: tiled / whole: time x{tile['seconds'] / whole['seconds']:.2f}, memory over start "
@@ -115,7 +121,8 @@ def main():
             synthetic_photo(tmp / "huge.jpg", args.huge, args.huge, 1)
             print(f"huge image, model: {tiny}")
             run(f"{args.huge}x{args.huge}, tiled {args.huge_tile}", 1, tmp / "huge.jpg", tmp / "carvana.jpg",
-                ["-m", str(tmp / "tiny.pth"), *common, "--tile", str(args.huge_tile), "--overlap", str(args.overlap)])
+                ["-m", str(tmp / "tiny.pth"), *common, "--tile", str(args.huge_tile), "--overlap", str(args.overlap)],
+                args.threads)
             print(f"  (its 2 x H x W float32 probabilities alone take {2 * 4 * args.huge ** 2 / 2 ** 20:.0f} MB)")
 
 
