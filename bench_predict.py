@@ -1,7 +1,7 @@
 """Benchmark predict.py: images/s and peak memory, whole images versus overlap-tile inference.
 
-    python bench_predict.py                      # about 2 minutes on 2 busy CPU cores
-    python bench_predict.py --huge 10000         # the 10,000 x 10,000 image: about 5 more minutes there
+    python bench_predict.py --threads 1          # under a minute on 2 CPU cores shared with other jobs
+    python bench_predict.py --threads 1 --huge 10000   # a 10,000 x 10,000 image: about 2 more minutes there
     python bench_predict.py --base-channels 64 --count 64 --device cuda   # the classic 31 M-parameter U-Net
 
 Writes randomly initialised checkpoints and synthetic images to a temporary folder, then runs predict.py on
