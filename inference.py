@@ -1,11 +1,51 @@
-"""From uint8 images to class scores and labels: the one inference path that train, eval and predict share."""
+"""From uint8 images to class scores and labels: the one inference path that train, eval and predict share.
+
+Whole images go through the model in one pass. With `tile`, the image is cut into overlapping tiles (the
+overlap-tile strategy of the U-Net paper) whose probabilities are blended with Gaussian weights, as nnU-Net
+does, so that tile borders, where the network sees least context, count least. Tiles stream through the model
+`batch_size` at a time into one float32 K x H x W accumulator: besides that accumulator and the image itself,
+memory grows with the tile size, not the image size.
+"""
+import math
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from metrics import ConfusionMatrix
 from model import build_model
-from utils import load_checkpoint
+from utils import CheckpointError, load_checkpoint
+
+FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
+LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
+
+
+def add_inference_args(parser):
+    """The flags of predict_probs, shared by predict.py and eval.py; read them back with inference_options."""
+    group = parser.add_argument_group("inference")
+    group.add_argument("-s", "--scale", type=float, default=1.0,
+                       help="resize factor applied before the model (default: 1); outputs have the input's size")
+    group.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                       help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
+    group.add_argument("--overlap", type=float, default=0.5,
+                       help="fraction of a tile shared with its neighbour (default: 0.5)")
+    group.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips")
+    group.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    return group
+
+
+def check_inference_args(args):
+    if not args.scale > 0:
+        raise ValueError(f"--scale must be positive, got {args.scale}")
+    if args.tile is not None and args.tile < 16:
+        raise ValueError(f"--tile must be at least 16 pixels, got {args.tile}")
+    if not 0 <= args.overlap < 1:
+        raise ValueError(f"--overlap must lie in [0, 1), got {args.overlap}")
+
+
+def inference_options(args):
+    """The keyword arguments of predict_probs that the flags of add_inference_args set."""
+    return {"scale": args.scale, "tile": args.tile, "overlap": args.overlap, "tta": args.tta, "amp": args.amp}
 
 
 def preprocess(images, normalize):
@@ -16,10 +56,15 @@ def preprocess(images, normalize):
 
 
 def load_model(path, device="cpu"):
-    """Rebuild the model a checkpoint describes, in eval mode; returns (model, checkpoint)."""
+    """Rebuild the model a checkpoint describes, in eval mode; returns (model, checkpoint).
+    CheckpointError with one line when the file is not a checkpoint of ours or its weights do not fit."""
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["model_args"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_model(checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"'{path}' holds a model this code cannot rebuild ({reason})") from None
     return model.to(device).eval(), checkpoint
 
 
@@ -28,39 +73,171 @@ def probabilities(logits):
     return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
 
 
+def stack_batch(tensors):
+    """torch.stack, without copying a lone (possibly huge) tensor."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def forward_probs(model, x, tta=False, amp=False):
+    """Probabilities of normalised images x; with tta, the mean over the 4 combinations of flips."""
+    flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
+    total = 0
+    with torch.autocast(x.device.type, enabled=amp):
+        for dims in flips:
+            total = total + probabilities(model(x.flip(dims)).float()).flip(dims)
+    return total / len(flips)
+
+
+def resize(x, size):
+    """Bilinear resize of a B x C x H x W tensor (antialiased when shrinking); uint8 stays uint8."""
+    if x.dtype == torch.uint8 and x.device.type != "cpu":  # only the CPU kernels resize uint8 directly
+        return resize(x.float(), size).round().clamp(0, 255).byte()
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def scaled_size(height, width, scale):
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 @torch.inference_mode()
-def predict_probs(model, images, normalize, scale=1.0):
-    """uint8 images B x C x H x W -> class probabilities B x K x H x W at the input size.
+def predict_probs(model, images, normalize, scale=1.0, tile=None, overlap=0.5, tta=False, amp=False, batch_size=4):
+    """uint8 images B x C x H x W -> class probabilities B x K x H x W at the input size (float32).
 
     `scale` resizes the input before the forward pass (e.g. 0.5 for a model trained on half-size images);
-    the scores are resized back, so labels always have the input's size.
+    the scores are resized back, so labels always have the input's size. `tile` switches to overlap-tile
+    inference (see sliding_window_probs); `tta` averages the flips; `amp` runs the model in mixed precision.
+    Whole images are moved to the model's device, and so are the probabilities; tiles are accumulated on the
+    images' device, so that CPU images of any size only send one batch of tiles at a time to the GPU.
     """
     height, width = images.shape[-2:]
-    x = preprocess(images, normalize)
-    if scale != 1.0:
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-    probs = probabilities(model(x).float())
+    if tile is not None:
+        if scale != 1.0:
+            images = resize(images, scaled_size(height, width, scale))
+        probs = stack_batch([sliding_window_probs(model, image, normalize, tile, overlap, tta, amp, batch_size)
+                             for image in images])
+    else:
+        x = preprocess(images.to(model_device(model)), normalize)
+        if scale != 1.0:
+            x = resize(x, scaled_size(height, width, scale))
+        probs = forward_probs(model, x, tta, amp)
     if probs.shape[-2:] != (height, width):
-        probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+        probs = resize(probs, (height, width))
     return probs
 
 
-def probs_to_labels(probs, threshold=0.5):
-    """One channel: foreground where the probability exceeds `threshold`; several: argmax."""
-    if probs.shape[1] == 1:
-        return (probs[:, 0] > threshold).long()
-    return probs.argmax(1)
+def gaussian_weights(size, device):
+    """1-D Gaussian over a tile side, sigma = size / 8 as in nnU-Net, peak 1; its outer product weights a tile."""
+    centre, sigma = (size - 1) / 2, size / 8
+    x = torch.arange(size, dtype=torch.float32, device=device)
+    return torch.exp(-((x - centre) ** 2) / (2 * sigma ** 2))
 
 
-def evaluate(model, loader, num_classes, normalize, ignore_index, device, distributed=False):
-    """Scores over the whole loader from one confusion matrix. distributed=True: each process holds a shard
-    of the set; the matrices are summed over the processes and only rank 0 draws a progress bar."""
+def tile_starts(size, tile, overlap, align=1):
+    """Offsets of tiles of `tile` pixels covering `size`: a stride of tile * (1 - overlap) rounded down to a
+    multiple of `align`, and a last tile flush with the border (as mmsegmentation's slide inference)."""
+    if size <= tile:
+        return [0]
+    stride = max(align, int(tile * (1 - overlap)) // align * align)
+    return [min(i * stride, size - tile) for i in range(math.ceil((size - tile) / stride) + 1)]
+
+
+def pooling_factor(model):
+    """The model's downsampling by max-pooling (2 ** depth for the U-Net). Tile offsets that are multiples of
+    it make every tile pool over the same grid as the whole image, so tiles agree with whole-image inference."""
+    return 2 ** sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+
+
+@torch.inference_mode()
+def sliding_window_probs(model, image, normalize, tile, overlap=0.5, tta=False, amp=False, batch_size=4):
+    """Overlap-tile probabilities K x H x W of one uint8 image C x H x W, accumulated on the image's device.
+
+    Each tile's probabilities, weighted by a Gaussian centred on the tile, are summed into one accumulator,
+    which is then divided by the summed weights. Tiles lie on a grid and the Gaussian is separable, so the
+    summed weights are the outer product of two vectors: no H x W weight map is needed.
+    """
+    height, width = image.shape[-2:]
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    device = image.device
+    weight_y, weight_x = gaussian_weights(tile_h, device), gaussian_weights(tile_w, device)
+    tile_weight = weight_y[:, None] * weight_x[None, :]
+    align = pooling_factor(model)
+    ys, xs = tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
+    windows = [(y, x) for y in ys for x in xs]
+    total = None
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first:first + batch_size]
+        tiles = torch.stack([image[:, y:y + tile_h, x:x + tile_w] for y, x in batch])
+        probs = forward_probs(model, preprocess(tiles.to(model_device(model)), normalize), tta, amp).to(device)
+        if total is None:
+            total = torch.zeros(probs.shape[1], height, width, device=device)
+        for (y, x), p in zip(batch, probs):
+            total[:, y:y + tile_h, x:x + tile_w] += p * tile_weight
+    sum_y, sum_x = torch.zeros(height, device=device), torch.zeros(width, device=device)
+    for y in ys:
+        sum_y[y:y + tile_h] += weight_y
+    for x in xs:
+        sum_x[x:x + tile_w] += weight_x
+    for row in range(0, height, LABEL_ROWS):
+        total[:, row:row + LABEL_ROWS] /= sum_y[row:row + LABEL_ROWS, None] * sum_x[None, :]
+    return total
+
+
+def out_of_memory(error):
+    """CUDA's out-of-memory error, or the CPU allocator refusing a buffer larger than the machine's memory."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def predict_probs_or_tile(model, images, normalize, log=print, **options):
+    """predict_probs that survives running out of memory (on CUDA, or a CPU allocation that the system refuses):
+    it retries with ever smaller tiles (FALLBACK_TILES), the accumulator on the CPU, and says so through `log`.
+    Returns (probs, options that worked), so that a caller can keep those for the next images."""
+    while True:
+        try:
+            return predict_probs(model, images, normalize, **options), options
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not out_of_memory(e):
+                raise
+            device = "CUDA" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        # Out of the except block: its traceback held on to the failed pass's tensors.
+        height, width = images.shape[-2:]
+        side = max(scaled_size(height, width, options.get("scale", 1.0)))  # tiles this big or more change nothing
+        current = min(side, options.get("tile") or side)
+        smaller = [t for t in FALLBACK_TILES if t < current]
+        where = f"a {width}x{height} input with " + (f"--tile {options['tile']}" if options.get("tile") else "no tiles")
+        if not smaller:
+            raise torch.OutOfMemoryError(f"{device} out of memory on {where}, even at the smallest tile")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log(f"{device} out of memory on {where}; falling back to --tile {smaller[0]} (accumulated on the CPU)")
+        options = {**options, "tile": smaller[0]}
+        images = images.cpu()
+
+
+def probs_to_labels(probs, threshold=0.5, dtype=torch.long):
+    """One channel: foreground where the probability exceeds `threshold`; several: argmax.
+    Computed LABEL_ROWS rows at a time into a `dtype` tensor (uint8 keeps huge label maps small)."""
+    batch, channels, height, width = probs.shape
+    labels = torch.empty(batch, height, width, dtype=dtype, device=probs.device)
+    for row in range(0, height, LABEL_ROWS):
+        rows = probs[:, :, row:row + LABEL_ROWS]
+        labels[:, row:row + LABEL_ROWS] = rows[:, 0] > threshold if channels == 1 else rows.argmax(1)
+    return labels
+
+
+def evaluate(model, loader, num_classes, normalize, ignore_index, device, distributed=False, **options):
+    """Scores over the whole loader from one confusion matrix; `options` go to predict_probs.
+    distributed=True: each process holds a shard of the set; the matrices are summed over the processes and
+    only rank 0 draws a progress bar."""
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2), ignore_index, device)
     quiet = distributed and torch.distributed.get_rank() > 0
     for images, masks in tqdm(loader, desc="val", leave=False, disable=quiet):
-        probs = predict_probs(model, images.to(device), normalize)
+        probs = predict_probs(model, images.to(device), normalize, **options)
         confusion.update(probs_to_labels(probs), masks.to(device))
     if distributed:
         confusion.reduce_from_all_processes()

@@ -1,69 +1,278 @@
-"""Segment images with a trained checkpoint. Example: python predict.py -m best.pth -i img.jpg -o mask.png"""
+"""Segment images with a trained checkpoint. Example: python predict.py -i img.jpg -o mask.png
+
+Inputs are image files, folders (the images directly inside) or glob patterns; outputs are written beside each
+input as <stem>_mask.png unless -o names files or a folder, and never overwrite an input. Unreadable files are
+reported and skipped; the run ends with a summary and a non-zero exit status if anything failed."""
 import argparse
+import glob
+import os
 import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from datasets import ImageReadError, read_image
-from inference import load_model, predict_probs, probs_to_labels
-from utils import CheckpointError, label_image, newest_checkpoint, pick_device
+from inference import add_inference_args, check_inference_args, inference_options, load_model, \
+    predict_probs_or_tile, probs_to_labels, stack_batch
+from utils import CheckpointError, label_image, newest_checkpoint, overlay_image, pick_device, save_probabilities, \
+    side_by_side
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
+MAX_IMAGE_PIXELS = 1_000_000_000  # PIL's decompression-bomb limit (89 M pixels) is too low for large scans
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", default=None,
                    help="checkpoint file (default: the newest best.pth under checkpoints/)")
-    p.add_argument("-i", "--input", nargs="+", required=True, help="image files")
+    p.add_argument("-i", "--input", nargs="+", required=True, help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", nargs="+", default=None,
-                   help="output mask files, one per input (default: <input stem>_mask.png beside each input)")
-    p.add_argument("-t", "--mask-threshold", type=float, default=0.5,
-                   help="foreground probability threshold of single-logit models")
-    p.add_argument("-s", "--scale", type=float, default=1.0, help="resize factor applied before the model")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+                   help="one .png mask file per input image, or one folder (default: <stem>_mask.png beside "
+                        "each input)")
+    p.add_argument("-t", "--mask-threshold", type=float, default=None,
+                   help="foreground probability threshold of single-logit models (default: 0.5)")
+    p.add_argument("-v", "--viz", action="store_true",
+                   help="also write <stem>_viz.png, the image and its mask side by side (with -n: show them)")
+    p.add_argument("-n", "--no-save", action="store_true", help="write no files")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write <stem>_overlay.png, the classes tinted on the image")
+    p.add_argument("--probs", action="store_true",
+                   help="also write <stem>_probs.npy, the class probabilities as float16 K x H x W "
+                        "(K = 1 for single-logit models: the foreground probability)")
+    add_inference_args(p)
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images of one size, or tiles, per forward pass (default: 4)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads that decode the next images meanwhile (default: 2)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     args = p.parse_args(argv)
-    if args.output is not None and len(args.output) != len(args.input):
-        p.error(f"got {len(args.input)} inputs but {len(args.output)} outputs; give one output per input or none")
-    if not args.scale > 0:
-        p.error(f"--scale must be positive, got {args.scale}")
-    if not 0 <= args.mask_threshold <= 1:
-        p.error(f"--mask-threshold must lie in [0, 1], got {args.mask_threshold}")
+    try:
+        check_inference_args(args)
+        if args.mask_threshold is not None and not 0 <= args.mask_threshold <= 1:
+            raise ValueError(f"--mask-threshold must lie in [0, 1], got {args.mask_threshold}")
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError(f"--batch-size must be at least 1 and --workers at least 0, got {args.batch_size} "
+                             f"and {args.workers}")
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-def output_path(image_path, output):
-    return Path(output) if output else image_path.with_name(f"{image_path.stem}_mask.png")
+def is_image_file(path):
+    """An image by its name that is not one of our own outputs (so a second run skips the first one's masks)."""
+    return (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+            and not path.stem.endswith(tuple(f"_{kind}" for kind in OUTPUT_KINDS)))
+
+
+def expand_inputs(names):
+    """-i arguments -> (image paths, problems). Folders give the images directly inside them and patterns the
+    images they match, both sorted; other names are taken as files, to be read (or reported) later."""
+    paths, problems = [], []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if is_image_file(p))
+        elif any(c in name for c in "*?[") and not path.exists():
+            found = sorted(p for p in map(Path, glob.glob(name)) if is_image_file(p))
+        else:
+            paths.append(path)
+            continue
+        if not found:
+            problems.append(f"'{name}' holds or matches no image file ({' '.join(IMAGE_SUFFIXES)})")
+        paths += found
+    return list(dict.fromkeys(paths)), problems
+
+
+def is_folder_name(name):
+    return Path(name).is_dir() or name.endswith(("/", os.sep)) or not Path(name).suffix
+
+
+def mask_paths(inputs, output):
+    """Where each input's mask goes: <stem>_mask.png beside it or in the -o folder, or the -o files in order."""
+    if output is None:
+        return [p.with_name(f"{p.stem}_mask.png") for p in inputs]
+    if len(output) == 1 and is_folder_name(output[0]):
+        return [Path(output[0]) / f"{p.stem}_mask.png" for p in inputs]
+    if len(output) != len(inputs):
+        raise ValueError(f"{len(inputs)} input images but {len(output)} output names; give one .png per image "
+                         f"or a single folder")
+    wrong = [name for name in output if Path(name).suffix.lower() != ".png"]
+    if wrong:
+        raise ValueError(f"-o '{wrong[0]}': masks are written as PNG (lossless); give a .png name or a folder")
+    return [Path(name) for name in output]
+
+
+def extra_path(mask_path, kind, suffix=".png"):
+    """<stem>_overlay.png and friends, beside the mask and named after it."""
+    return mask_path.with_name(f"{mask_path.stem.removesuffix('_mask')}_{kind}{suffix}")
+
+
+def outputs_of(mask_path, args):
+    if args.no_save:
+        return []
+    wanted = [(args.overlay, "overlay", ".png"), (args.viz, "viz", ".png"), (args.probs, "probs", ".npy")]
+    return [mask_path] + [extra_path(mask_path, kind, suffix) for on, kind, suffix in wanted if on]
+
+
+def check_outputs(inputs, masks, args):
+    """No output may overwrite an input, and no two inputs may share an output."""
+    sources = {p.resolve(): p for p in inputs}
+    owner = {}
+    for image, mask in zip(inputs, masks):
+        for out in outputs_of(mask, args):
+            key = out.resolve()
+            if key in sources:
+                raise ValueError(f"'{out}' (the output of '{image}') would overwrite the input '{sources[key]}'; "
+                                 f"choose another -o")
+            if key in owner:
+                raise ValueError(f"'{owner[key]}' and '{image}' would both be written to '{out}'; "
+                                 f"give -o one file per image")
+            owner[key] = image
+
+
+def try_read(path):
+    """(path, uint8 image 3xHxW, None), or (path, None, why it cannot be read)."""
+    try:
+        return path, read_image(path), None
+    except ImageReadError as e:
+        return path, None, str(e)
+    except Image.DecompressionBombError as e:
+        return path, None, f"'{path}' is refused by PIL ({e})"
+    except MemoryError:
+        return path, None, f"'{path}' is too large to decode in the memory available"
+
+
+def read_images(paths, workers):
+    """try_read over `paths` in order, with `workers` threads decoding the next images while the model runs."""
+    if workers == 0:
+        yield from map(try_read, paths)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for path in paths:
+            pending.append(pool.submit(try_read, path))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def skip(reason, failures):
+    print(f"error: {reason}; skipped", file=sys.stderr)
+    failures.append(reason)
+
+
+def batches(read, size, failures):
+    """Runs of up to `size` readable images of one shape, as [(index, path, image)]; reasons of unreadable
+    files are appended to `failures`."""
+    batch = []
+    for index, (path, image, error) in enumerate(read):
+        if error:
+            skip(error, failures)
+            continue
+        if batch and (len(batch) == size or image.shape != batch[0][2].shape):
+            yield batch
+            batch = []
+        batch.append((index, path, image))
+    if batch:
+        yield batch
+
+
+def save_outputs(image, labels, probs, mask_path, checkpoint, args):
+    """Write (or show) what the flags ask for; returns the paths written."""
+    mask = label_image(labels, checkpoint["mask_values"])
+    photo = image.permute(1, 2, 0).numpy()
+    if args.no_save:
+        if args.viz:
+            show(side_by_side(photo, mask), mask_path.stem)
+        return []
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    mask.save(mask_path)
+    if args.overlay:
+        overlay_image(photo, labels, checkpoint["mask_values"]).save(extra_path(mask_path, "overlay"))
+    if args.viz:
+        side_by_side(photo, mask).save(extra_path(mask_path, "viz"))
+    if args.probs:
+        save_probabilities(probs, extra_path(mask_path, "probs", ".npy"))
+    return outputs_of(mask_path, args)
+
+
+def show(image, title):
+    import matplotlib.pyplot as plt
+
+    plt.figure(title)
+    plt.imshow(image)
+    plt.axis("off")
+    plt.show()
+
+
+def check_display(args):
+    if args.viz and args.no_save:
+        import matplotlib
+
+        if matplotlib.get_backend().lower() == "agg":
+            sys.exit("error: -v with -n shows the images in a window, but matplotlib found no display; "
+                     "drop -n to write <stem>_viz.png files instead")
+
+
+def load(args):
+    """The model and checkpoint, or exit with one line."""
+    checkpoint_path = args.model or newest_checkpoint()
+    if checkpoint_path is None:
+        sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
+    try:
+        model, checkpoint = load_model(checkpoint_path, pick_device(args.device))
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if args.model is None:
+        print(f"using the newest checkpoint, {checkpoint_path}")
+    classes = checkpoint["model_args"]["num_classes"]
+    if args.mask_threshold is not None and classes > 1:
+        print(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
+    return model, checkpoint
 
 
 def main(argv=None):
     args = parse_args(argv)
-    checkpoint_path = args.model or newest_checkpoint()
-    if checkpoint_path is None:
-        sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
-    device = pick_device(args.device)
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    inputs, failures = expand_inputs(args.input)
     try:
-        model, checkpoint = load_model(checkpoint_path, device)
-    except CheckpointError as e:
+        masks = mask_paths(inputs, args.output)
+        check_outputs(inputs, masks, args)
+    except ValueError as e:
         sys.exit(f"error: {e}")
-    if args.model is None:
-        print(f"using {checkpoint_path}")
-    failed = 0
-    for i, name in enumerate(args.input):
-        path = Path(name)
+    check_display(args)
+    model, checkpoint = load(args)
+    options = {**inference_options(args), "batch_size": args.batch_size}
+    threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
+    start, done = time.perf_counter(), 0
+    images_per_pass = 1 if args.tile else args.batch_size
+    for batch in batches(read_images(inputs, args.workers), images_per_pass, failures):
+        indices, paths, images = zip(*batch)
         try:
-            image = read_image(path)
-        except ImageReadError as e:
-            print(f"error: {e}; skipped", file=sys.stderr)
-            failed += 1
+            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"],
+                                                   log=lambda line: print(f"warning: {line}", file=sys.stderr),
+                                                   **options)
+        except torch.OutOfMemoryError as e:
+            for path in paths:
+                skip(f"'{path}': {e}", failures)
             continue
-        probs = predict_probs(model, image.unsqueeze(0).to(device), checkpoint["normalize"], args.scale)
-        labels = probs_to_labels(probs, args.mask_threshold)[0].cpu().numpy()
-        out = output_path(path, args.output[i] if args.output else None)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        label_image(labels, checkpoint["mask_values"]).save(out)
-        print(f"{path} -> {out}")
-    if failed:
-        sys.exit(f"{failed} of {len(args.input)} images failed")
+        labels = probs_to_labels(probs, threshold, dtype=torch.uint8).cpu().numpy()
+        for i, index in enumerate(indices):
+            written = save_outputs(images[i], labels[i], probs[i], masks[index], checkpoint, args)
+            print(f"{paths[i]} -> {', '.join(map(str, written)) or '(not saved)'}")
+        done += len(batch)
+        del probs, labels  # free this batch's buffers before the next one is computed
+    seconds = time.perf_counter() - start
+    print(f"{done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
+    if failures:
+        lines = "\n".join(f"  {reason}" for reason in failures)
+        sys.exit(f"error: {len(failures)} of {done + len(failures)} inputs failed:\n{lines}")
 
 
 if __name__ == "__main__":

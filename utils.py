@@ -95,7 +95,7 @@ def label_image(labels, mask_values):
     """Class map (HxW ints) -> PIL image in the mask format of the data: 0/255 greyscale for two classes,
     a VOC-palette PNG of the mask values otherwise."""
     labels = np.asarray(labels)
-    values = np.asarray(mask_values)
+    values = np.asarray(mask_values, dtype=np.uint8)  # uint8 lookup: no int64 copy of a huge label map
     if len(values) <= 2:
         return Image.fromarray((labels > 0).astype(np.uint8) * 255)
     image = Image.fromarray(values[labels].astype(np.uint8))
@@ -229,3 +229,35 @@ def sample_grid(images, truths, predictions):
     width = max(row.shape[1] for row in rows)
     rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
     return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def class_colours(mask_values):
+    """RGB colour of each class: its mask value's VOC colour, or VOC class 1 (dark red) for the binary foreground."""
+    values = np.asarray(mask_values) if len(mask_values) > 2 else np.arange(2)
+    return voc_palette()[values]
+
+
+def overlay_image(image, labels, mask_values, alpha=0.5):
+    """The image (HxWx3 uint8) with every non-background pixel tinted by its class colour."""
+    photo = Image.fromarray(image)
+    colours = Image.fromarray(class_colours(mask_values)[labels])
+    return Image.composite(Image.blend(photo, colours, alpha), photo, Image.fromarray(labels != 0))
+
+
+def side_by_side(image, mask):
+    """Image (HxWx3 uint8) | mask (a PIL image of the same size) in one RGB image, to look at predictions."""
+    height, width = image.shape[:2]
+    both = Image.new("RGB", (2 * width, height))
+    both.paste(Image.fromarray(image), (0, 0))
+    both.paste(mask.convert("RGB"), (width, 0))
+    return both
+
+
+def save_probabilities(probs, path, rows=1024):
+    """Class probabilities K x H x W (tensor) -> float16 .npy file (np.load it, mmap_mode='r' for huge ones),
+    written `rows` rows at a time so that no full-size copy is made."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=tuple(probs.shape))
+    for row in range(0, probs.shape[1], rows):
+        out[:, row:row + rows] = probs[:, row:row + rows].cpu().numpy()
+    out.flush()
+    del out

@@ -1,0 +1,183 @@
+"""Overlap-tile inference, flip TTA and the out-of-memory fallback, against independent numpy computations."""
+import numpy as np
+import pytest
+import torch
+
+import inference
+from inference import predict_probs, predict_probs_or_tile, probs_to_labels, tile_starts
+from model import IMAGENET_NORMALIZE, UNet
+from utils import CheckpointError, save_checkpoint
+
+PLAIN = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # x = pixel / 255
+
+
+def tiny_unet(num_classes=3, depth=2, seed=0):
+    torch.manual_seed(seed)
+    model = UNet(3, num_classes, base_channels=4, depth=depth).eval()
+    with torch.no_grad():
+        model.outc.weight.mul_(20)  # spread the probabilities so that differences show
+    return model
+
+
+def random_images(*shape, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+
+
+class PositionModel(torch.nn.Module):
+    """One logit: the mean of the input channels plus a ramp across the tile, so that tiles disagree."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, x):
+        ramp = torch.linspace(-2, 2, x.shape[-1])
+        return (x.mean(1, keepdim=True) + ramp)
+
+
+def numpy_gaussian(n):
+    i = np.arange(n)
+    return np.exp(-((i - (n - 1) / 2) ** 2) / (2 * (n / 8) ** 2))
+
+
+def test_tile_starts_cover_the_image_evenly():
+    assert tile_starts(112, 64, 0.75) == [0, 16, 32, 48]
+    assert tile_starts(100, 64, 0.5) == [0, 32, 36]  # stride 32, the last tile flush with the border
+    assert tile_starts(100, 60, 0.5, align=8) == [0, 24, 40]  # stride 30 rounded down to a multiple of 8
+    assert tile_starts(129, 64, 0.0) == [0, 64, 65]
+    assert tile_starts(64, 64, 0.5) == [0] and tile_starts(30, 64, 0.5) == [0]
+
+
+def test_gaussian_blend_is_the_weighted_mean_of_the_tiles():
+    image = random_images(1, 3, 50, 70)
+    tile, overlap = 32, 0.5
+    got = predict_probs(PositionModel(), image, PLAIN, tile=tile, overlap=overlap, batch_size=3)[0, 0].numpy()
+    pixels = image[0].numpy().astype(np.float64) / 255
+    weight = np.outer(numpy_gaussian(tile), numpy_gaussian(tile))
+    total, weights = np.zeros((50, 70)), np.zeros((50, 70))
+    for y in tile_starts(50, tile, overlap):
+        for x in tile_starts(70, tile, overlap):
+            logits = pixels[:, y:y + tile, x:x + tile].mean(0) + np.linspace(-2, 2, tile)
+            total[y:y + tile, x:x + tile] += weight / (1 + np.exp(-logits))
+            weights[y:y + tile, x:x + tile] += weight
+    np.testing.assert_allclose(got, total / weights, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, tile, overlap", [((112, 144), 64, 0.75), ((100, 140), 64, 0.5)])
+def test_tiled_equals_whole_image(size, tile, overlap):
+    # Sizes that are multiples of the model's pooling factor (4): every tile pools on the whole image's grid.
+    model = tiny_unet()
+    image = random_images(1, 3, *size)
+    whole = predict_probs(model, image, IMAGENET_NORMALIZE)
+    tiled = predict_probs(model, image, IMAGENET_NORMALIZE, tile=tile, overlap=overlap, batch_size=5)
+    assert tiled.shape == whole.shape == (1, 3, *size)
+    assert (tiled - whole).abs().max() < 0.03
+    assert (probs_to_labels(tiled) == probs_to_labels(whole)).float().mean() > 0.999
+    naive = predict_probs(model, image, IMAGENET_NORMALIZE, tile=32, overlap=0.0)  # no context at tile borders
+    assert (naive - whole).abs().max() > 0.1  # so the tolerance above means something
+
+
+def test_tta_is_the_mean_of_the_flipped_predictions():
+    model = tiny_unet(num_classes=2)
+    image = random_images(2, 3, 40, 56)
+    got = predict_probs(model, image, IMAGENET_NORMALIZE, tta=True)
+    assert got.shape == (2, 2, 40, 56)
+    x = inference.preprocess(image, IMAGENET_NORMALIZE).numpy()
+    expected = 0
+    for axes in [(), (3,), (2,), (2, 3)]:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.flip(x, axes).copy())).numpy()
+        softmax = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        expected = expected + np.flip(softmax, axes) / 4
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    assert not torch.allclose(got, predict_probs(model, image, IMAGENET_NORMALIZE), atol=1e-3)
+    tiled = predict_probs(model, image, IMAGENET_NORMALIZE, tta=True, tile=32, overlap=0.5)
+    assert tiled.shape == got.shape
+
+
+def test_scale_returns_the_input_size():
+    model = tiny_unet()
+    for tile in (None, 32):
+        probs = predict_probs(model, random_images(1, 3, 45, 61), IMAGENET_NORMALIZE, scale=0.5, tile=tile)
+        assert probs.shape == (1, 3, 45, 61)
+        assert torch.allclose(probs.sum(1), torch.ones(1, 45, 61), atol=1e-4)
+
+
+def test_labels_threshold_one_logit_and_argmax_many(monkeypatch):
+    monkeypatch.setattr(inference, "LABEL_ROWS", 2)  # the row-chunked path must agree with one-shot numpy
+    rng = np.random.default_rng(0)
+    foreground = rng.random((2, 1, 5, 7)).astype(np.float32)
+    for threshold in (0.3, 0.5, 0.8):
+        labels = probs_to_labels(torch.from_numpy(foreground), threshold, dtype=torch.uint8)
+        assert labels.dtype == torch.uint8
+        np.testing.assert_array_equal(labels.numpy(), foreground[:, 0] > threshold)
+    scores = rng.random((2, 4, 5, 7)).astype(np.float32)
+    np.testing.assert_array_equal(probs_to_labels(torch.from_numpy(scores), 0.99).numpy(), scores.argmax(1))
+
+
+def fail_above(model, monkeypatch, pixels):
+    """Make the model raise CUDA's out-of-memory error on inputs of more than `pixels` pixels."""
+    forward, sizes = model.forward, []
+
+    def limited(x):
+        sizes.append(tuple(x.shape[-2:]))
+        if x.shape[-2] * x.shape[-1] > pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(x)
+
+    monkeypatch.setattr(model, "forward", limited)
+    return sizes
+
+
+def test_out_of_memory_falls_back_to_smaller_tiles(monkeypatch):
+    model = tiny_unet()
+    image = random_images(1, 3, 600, 520)
+    expected = predict_probs(model, image, IMAGENET_NORMALIZE, tile=128, overlap=0.25)
+    sizes = fail_above(model, monkeypatch, 200 * 200)
+    messages = []
+    probs, options = predict_probs_or_tile(model, image, IMAGENET_NORMALIZE, log=messages.append, overlap=0.25)
+    assert options["tile"] == 128 and options["overlap"] == 0.25
+    assert len(messages) == 3 and "falling back to --tile 512" in messages[0] and "--tile 128" in messages[2]
+    assert sizes[:3] == [(600, 520), (512, 512), (256, 256)]
+    torch.testing.assert_close(probs, expected)
+    small = random_images(1, 3, 150, 150)
+    again, _ = predict_probs_or_tile(model, small, IMAGENET_NORMALIZE, log=messages.append, **options)
+    assert again.shape == (1, 3, 150, 150) and len(messages) == 3  # the tile that worked is kept
+
+    fail_above(model, monkeypatch, 64 * 64)
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory .* even at the smallest tile"):
+        predict_probs_or_tile(model, image, IMAGENET_NORMALIZE, log=messages.append)
+
+
+def test_refused_cpu_allocation_falls_back_and_other_errors_pass(monkeypatch):
+    model = tiny_unet()
+    forward = model.forward
+
+    def refuse(x):
+        if x.shape[-1] > 300:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)")
+        if x.shape[-1] == 7:
+            raise RuntimeError("some other failure")
+        return forward(x)
+
+    monkeypatch.setattr(model, "forward", refuse)
+    messages = []
+    probs, options = predict_probs_or_tile(model, random_images(1, 3, 64, 400), IMAGENET_NORMALIZE,
+                                           log=messages.append)
+    assert probs.shape == (1, 3, 64, 400) and options["tile"] == 256
+    assert messages == ["CPU out of memory on a 400x64 input with no tiles; falling back to --tile 256 "
+                        "(accumulated on the CPU)"]
+    with pytest.raises(RuntimeError, match="some other failure"):
+        predict_probs_or_tile(model, random_images(1, 3, 64, 7), IMAGENET_NORMALIZE, log=messages.append)
+
+
+def test_checkpoint_of_the_wrong_kind_is_one_clear_line(tmp_path):
+    args = {"arch": "unet", "in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2, "bilinear": False}
+    state = {"model": UNet(3, 2, base_channels=4, depth=3).state_dict(), "model_args": args, "classes": ["a", "b"],
+             "mask_values": [0, 255], "normalize": IMAGENET_NORMALIZE}
+    for name, model_args in [("mismatch.pth", args), ("unknown.pth", {**args, "arch": "segformer"})]:
+        save_checkpoint({**state, "model_args": model_args}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"'{tmp_path / name}' holds a model this code cannot rebuild") as e:
+            inference.load_model(tmp_path / name)
+        assert "\n" not in str(e.value)
