@@ -4,6 +4,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -382,6 +383,11 @@ def main(argv=None):
     device, rank, world_size = init_distributed(pick_device(args.device))
     try:
         return train(args, device, rank, world_size)
+    except DatasetError as e:
+        # Bad data found while loading (last.pth, saved atomically, is intact). Raised in a loader worker, the
+        # message also carries the worker's traceback: keep its last line, ours.
+        message = re.sub(r"^datasets\.\w+: ", "", str(e).strip().splitlines()[-1])
+        sys.exit(f"error: {message}")
     finally:
         if is_distributed():
             torch.distributed.destroy_process_group()

@@ -214,3 +214,25 @@ def test_train_rejects_bad_run_flags(flags, message, capsys):
 def test_wrong_number_of_class_weights_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"--class-weights needs 4 values .* got 2"):
         train.main(TINY + ["--class-weights", "1", "2", "--checkpoint-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_bad_mask_found_while_loading_is_one_line(tmp_path, shared_data, workers):
+    """Without --verify, a corrupt Carvana mask is only met when loaded, maybe in a worker: still one line."""
+    source = shared_data / "carvana_sample"
+    (tmp_path / "imgs").mkdir(), (tmp_path / "masks").mkdir()
+    for image in sorted((source / "imgs").glob("*.jpg")):
+        (tmp_path / "imgs" / image.name).symlink_to(image)
+        mask = f"{image.stem}_mask.gif"
+        (tmp_path / "masks" / mask).symlink_to(source / "masks" / mask)
+    broken = sorted((tmp_path / "masks").iterdir())[0]
+    broken.unlink()
+    broken.write_bytes(b"GIF89a broken")
+    result = subprocess.run(
+        [sys.executable, "train.py", "--dataset", "carvana", "--data", str(tmp_path), "--scale", "0.05",
+         "--crop-size", "0", "--epochs", "1", "--batch-size", "32", "--base-channels", "4", "--depth", "2",
+         "--workers", workers, "--checkpoint-dir", str(tmp_path / "runs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: mask ") and broken.name in last and "Traceback" not in result.stderr
