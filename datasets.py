@@ -143,12 +143,13 @@ def unknown_values(mask_path, values, mask_values, void_value):
 class SegmentationFiles(torch.utils.data.Dataset):
     """(image, mask) file pairs read as they are on disk, resized by `scale` on load, then `transform`ed
     (torchvision v2, with the mask as a tv_tensors.Mask). `canvas` (height, width) pads or crops every item to
-    one size so that images of different sizes can share a batch; padded mask pixels are ignored."""
+    one size so that images of different sizes can share a batch; padded mask pixels are ignored.
+    `with_names` adds the image's file stem to each item: (image, mask, stem)."""
 
     ignore_index = IGNORE_INDEX
 
     def __init__(self, pairs, classes, mask_values, void_value=None, scale=1.0, transform=None, canvas=None,
-                 skip_bad=False, zoom_crop=None):
+                 skip_bad=False, zoom_crop=None, with_names=False):
         if len(mask_values) >= IGNORE_INDEX:
             raise DatasetError(f"the masks hold {len(mask_values)} distinct values; masks must hold class ids "
                                f"(at most {IGNORE_INDEX - 1} classes)")
@@ -160,7 +161,7 @@ class SegmentationFiles(torch.utils.data.Dataset):
         if void_value is not None:
             self.table[void_value] = IGNORE_INDEX
         self.values_are_classes = self.mask_values == list(range(len(self.mask_values)))
-        self.skip_bad, self.skipped = skip_bad, set()
+        self.skip_bad, self.skipped, self.with_names = skip_bad, set(), with_names
 
     def __len__(self):
         return len(self.pairs)
@@ -195,7 +196,8 @@ class SegmentationFiles(torch.utils.data.Dataset):
             image, mask = fit_canvas(image, mask, *self.canvas)
         if self.transform is not None:
             image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+        item = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+        return (*item, image_path.stem) if self.with_names else item
 
     def to_classes(self, values, mask_path):
         """Raw mask values -> uint8 class indices (255 = ignore)."""
@@ -378,15 +380,17 @@ class Shapes(torch.utils.data.Dataset):
     """Synthetic circles, squares and triangles on textured, noisy backgrounds, made on the fly.
 
     Item i of a split is a pure function of (seed, split, i): no files, identical on every machine.
-    Shape colours are random, so the classes differ by geometry alone.
+    Shape colours are random, so the classes differ by geometry alone. `with_names` adds a name to each item:
+    (image, mask, '<split>_<i>').
     """
 
     classes = ["background", "circle", "square", "triangle"]
     mask_values = [0, 1, 2, 3]
     ignore_index = IGNORE_INDEX
 
-    def __init__(self, length=1000, image_size=64, seed=0, split="train"):
-        self.length, self.image_size, self.seed = length, image_size, seed
+    def __init__(self, length=1000, image_size=64, seed=0, split="train", with_names=False):
+        self.length, self.image_size, self.seed, self.split = length, image_size, seed, split
+        self.with_names = with_names
         self.split_id = {"train": 0, "val": 1, "test": 2}[split]
 
     def __len__(self):
@@ -396,7 +400,8 @@ class Shapes(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         image, mask = self.render(np.random.default_rng([self.seed, self.split_id, index]))
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(mask).long()
+        item = torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(mask).long()
+        return (*item, f"{self.split}_{index:05d}") if self.with_names else item
 
     def render(self, rng):
         s = self.image_size
@@ -438,6 +443,11 @@ LAYOUTS = {
     "files": ((".",), ("imgs", "masks")),
 }
 DEFAULT_SCALE = {"carvana": 0.5}
+
+
+def load_scale(dataset, scale=None):
+    """The resize factor of a dataset's images: --scale when given, else its default (carvana 0.5, others 1)."""
+    return scale or DEFAULT_SCALE.get(dataset, 1.0)
 
 
 def find_root(data, layout):
@@ -546,6 +556,8 @@ def read_carvana(args, data, split):
     root = need_root(data, "files", args.dataset)
     suffix = "_mask" if args.mask_suffix is None else args.mask_suffix
     pairs = pair_by_stem(root / "imgs", root / "masks", suffix)
+    if split == "all":
+        return pairs
     val_cars = held_out({car_id(pair) for pair in pairs}, args.val_percent, args.data_seed)
     return [pair for pair in pairs if (car_id(pair) in val_cars) == (split != "train")]
 
@@ -575,6 +587,8 @@ def read_folder(args, data, split):
     if args.mask_values is None:
         args.mask_values = values
     check_values(found, args.mask_values, args.ignore_index)
+    if split == "all":
+        return found
     val_stems = held_out({pair[0].stem for pair, _, _ in found}, args.val_percent, args.data_seed)
     return [entry for entry in found if (entry[0][0].stem in val_stems) == (split != "train")]
 
@@ -595,16 +609,21 @@ def resolve_dataset(args):
     return args.dataset
 
 
-def build_dataset(args, split):
+def build_dataset(args, split, full_resolution=False):
     """The dataset that `args` (from add_dataset_args) names: the train preset for 'train', the deterministic
-    validation preset (no random augmentation) for any other split."""
+    validation preset (no random augmentation) for any other split. carvana and folder data also have the
+    split 'all' (every pair).
+
+    full_resolution=True, for evaluation: items are (image, mask, name) as the files hold them (upright, never
+    resized by --scale nor padded, so sizes vary), named by the image's file stem."""
     if args.dataset == "shapes":
         length = args.num_train if split == "train" else args.num_val
-        return Shapes(length, args.image_size, args.data_seed, split)
+        return Shapes(length, args.image_size, args.data_seed, split, with_names=full_resolution)
     name = resolve_dataset(args)
-    data, scale = Path(args.data), args.scale or DEFAULT_SCALE.get(name, 1.0)
-    if name in ("sbd-voc", "trainaug", "carvana", "folder") and split not in ("train", "val"):
-        raise DatasetError(f"--dataset {name} has the splits 'train' and 'val', not '{split}'")
+    data, scale = Path(args.data), load_scale(name, args.scale)
+    splits = ("train", "val", "all") if name in ("carvana", "folder") else ("train", "val")
+    if name in ("sbd-voc", "trainaug", "carvana", "folder") and split not in splits:
+        raise DatasetError(f"--dataset {name} has the splits {', '.join(map(repr, splits))}, not '{split}'")
     if name == "folder":
         found = read_folder(args, data, split)
         classes, mask_values, void = class_names(args.mask_values), args.mask_values, args.ignore_index
@@ -618,6 +637,9 @@ def build_dataset(args, split):
     if not found:
         raise DatasetError(f"the {split} split of --dataset {name} under '{data}' is empty "
                            f"(--val-percent {args.val_percent:g})")
+    pairs = [pair for pair, _, _ in found]
+    if full_resolution:
+        return SegmentationFiles(pairs, classes, mask_values, void, skip_bad=args.skip_bad, with_names=True)
     train = split == "train"
     zoom_crop = (args.crop_size, tuple(args.zoom)) if train and args.crop_size and not args.no_augment else None
     if zoom_crop:
@@ -627,7 +649,7 @@ def build_dataset(args, split):
         canvas = (max(h for _, h in sizes), max(w for w, _ in sizes)) if len(sizes) > 1 else None
     else:
         canvas = None if name == "carvana" else (round(VOC_MAX_SIDE * scale),) * 2
-    return SegmentationFiles([pair for pair, _, _ in found], classes, mask_values, void, scale,
+    return SegmentationFiles(pairs, classes, mask_values, void, scale,
                              train_transform(args) if train else None, canvas, args.skip_bad, zoom_crop)
 
 

@@ -20,11 +20,13 @@ FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of mem
 LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
 
 
-def add_inference_args(parser):
-    """The flags of predict_probs, shared by predict.py and eval.py; read them back with inference_options."""
+def add_inference_args(parser, scale=True):
+    """The flags of predict_probs, shared by predict.py and eval.py; read them back with inference_options.
+    scale=False leaves out -s/--scale, for a parser that has its own --scale (eval.py's data flags)."""
     group = parser.add_argument_group("inference")
-    group.add_argument("-s", "--scale", type=float, default=1.0,
-                       help="resize factor applied before the model (default: 1); outputs have the input's size")
+    if scale:
+        group.add_argument("-s", "--scale", type=float, default=1.0,
+                           help="resize factor applied before the model (default: 1); outputs have the input's size")
     group.add_argument("--tile", type=int, default=None, metavar="SIZE",
                        help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
     group.add_argument("--overlap", type=float, default=0.5,

@@ -54,7 +54,7 @@ def test_checkpoint_holds_everything_to_rebuild(run_dir):
 
 def test_eval_matches_training_validation(run_dir, tmp_path, capsys):
     report = tmp_path / "scores.json"
-    metrics = evaluate_script.main(["-m", str(run_dir / "best.pth"), "--json", str(report)])
+    metrics = evaluate_script.main(["-m", str(run_dir / "best.pth"), "--split", "val", "--json", str(report)])
     saved = json.loads(report.read_text())
     best = load_checkpoint(run_dir / "best.pth")
     # eval rebuilt the same validation set from the checkpoint's arguments, so it gets the same scores.
