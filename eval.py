@@ -1,7 +1,7 @@
 """Score a checkpoint at full resolution, or segment a folder of images.
 
   python eval.py                                   # eval/images (+ eval/masks) with the newest best.pth
-  python eval.py -m checkpoints/RUN/best.pth --split val --json scores.json   # the run's own validation set
+  python eval.py -m checkpoints/RUN/best.pth --json scores.json   # no eval/ folder: the run's validation set
   python eval.py --dataset voc --data data --split val --save-labels labels/
   python eval.py --images photos/ --masks truth/ --confusion confusion.png
 
@@ -27,9 +27,6 @@ from utils import CheckpointError, label_image, newest_checkpoint, overlay_image
 
 EVAL_DIR = Path("eval")  # the no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png
 VOID_VALUE = 255  # the usual void value of mask files (VOC's border)
-NO_EVAL_DIR = (f"error: nothing to evaluate: put images in {EVAL_DIR}/images/ (and their true masks, named "
-               f"alike, in {EVAL_DIR}/masks/), or pass --split val (the checkpoint's validation set), "
-               f"--dataset/--data, or --images DIR [--masks DIR]")
 
 
 def parse_args(argv=None):
@@ -82,11 +79,13 @@ def holds_images(folder):
 
 
 def eval_folder_mode(args):
-    """No flag names the data: eval/images (and eval/masks) it is, or one line saying what to put there."""
+    """No flag names the data: eval/images (and eval/masks) when there is such a folder, else the checkpoint's
+    own validation set."""
     if any(getattr(args, k) is not None for k in ("dataset", "data", "images", "masks", "split")):
         return False
     if not (EVAL_DIR / "images").is_dir():
-        sys.exit(NO_EVAL_DIR)
+        print(f"no {EVAL_DIR}/images/ here: scoring the checkpoint's validation set (as --split val)")
+        return False
     return True
 
 

@@ -167,10 +167,13 @@ def test_training_validation_pads_with_ignored_pixels(voc):
 
 def test_eval_folder_mode_and_images_without_masks(voc, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="put images in eval/images/"):
+    with pytest.raises(SystemExit, match="no best.pth under checkpoints/"):
         evaluate_script.main([])
     (tmp_path / "checkpoints" / "run").mkdir(parents=True)
     shutil.copy(voc.checkpoint, tmp_path / "checkpoints" / "run" / "best.pth")
+    own_val = evaluate_script.main(["--workers", "0"])  # no eval/ folder: the run's validation set
+    assert "scoring the checkpoint's validation set" in capsys.readouterr().out
+    assert own_val["miou"] == pytest.approx(evaluate_script.main(["--split", "val", "--workers", "0"])["miou"])
     for folder, source, suffix in [("images", "JPEGImages", "jpg"), ("masks", "SegmentationClass", "png")]:
         (tmp_path / "eval" / folder).mkdir(parents=True)
         for ident in voc.val[:2]:
