@@ -25,8 +25,9 @@ def add_inference_args(parser, scale=True):
     scale=False leaves out -s/--scale, for a parser that has its own --scale (eval.py's data flags)."""
     group = parser.add_argument_group("inference")
     if scale:
-        group.add_argument("-s", "--scale", type=float, default=1.0,
-                           help="resize factor applied before the model (default: 1); outputs have the input's size")
+        group.add_argument("-s", "--scale", type=float, default=None,
+                           help="resize factor applied before the model (default: the one it was trained with, "
+                                "saved in the checkpoint); outputs have the input's size")
     group.add_argument("--tile", type=int, default=None, metavar="SIZE",
                        help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
     group.add_argument("--overlap", type=float, default=0.5,
@@ -37,7 +38,7 @@ def add_inference_args(parser, scale=True):
 
 
 def check_inference_args(args):
-    if not args.scale > 0:
+    if args.scale is not None and not args.scale > 0:
         raise ValueError(f"--scale must be positive, got {args.scale}")
     if args.tile is not None and args.tile < 16:
         raise ValueError(f"--tile must be at least 16 pixels, got {args.tile}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from datasets import ImageReadError, read_image
+from datasets import ImageReadError, load_scale, read_image
 from inference import add_inference_args, check_inference_args, inference_options, load_model, \
     predict_probs_or_tile, probs_to_labels, stack_batch
 from utils import CheckpointError, label_image, newest_checkpoint, overlay_image, pick_device, save_probabilities, \
@@ -248,6 +248,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     check_display(args)
     model, checkpoint = load(args)
+    if args.scale is None:  # the model sees images at the size it was trained on (Carvana: half size)
+        trained_with = checkpoint.get("args", {})
+        args.scale = load_scale(trained_with.get("dataset"), trained_with.get("scale"))
     options = {**inference_options(args), "batch_size": args.batch_size}
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
     start, done = time.perf_counter(), 0

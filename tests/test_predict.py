@@ -14,7 +14,7 @@ from model import IMAGENET_NORMALIZE, UNet, build_model
 from utils import save_checkpoint, voc_palette
 
 
-def write_checkpoint(path, num_classes, mask_values, bias=None, seed=0):
+def write_checkpoint(path, num_classes, mask_values, bias=None, seed=0, train_args=None):
     """A tiny U-Net checkpoint with the keys train.py writes. With `bias`, the last layer is zeroed and its bias
     set, so every pixel gets exactly those logits."""
     model_args = {"arch": "unet", "in_channels": 3, "num_classes": num_classes, "base_channels": 4, "depth": 2,
@@ -28,7 +28,7 @@ def write_checkpoint(path, num_classes, mask_values, bias=None, seed=0):
     save_checkpoint({"model": model.state_dict(), "model_args": model_args,
                      "classes": [f"class{i}" for i in range(len(mask_values))], "mask_values": mask_values,
                      "ignore_index": 255, "normalize": IMAGENET_NORMALIZE, "optimizer": {}, "epoch": 1,
-                     "metrics": {}, "args": {}, "best_score": 0.0}, path)
+                     "metrics": {}, "args": train_args or {}, "best_score": 0.0}, path)
     return str(path)
 
 
@@ -189,3 +189,25 @@ def test_output_and_flag_errors(models, tmp_path, flags, message, capsys):
         predict.main(argv)
     assert message in str(exit_info.value.code) + capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png", "sub"]
+
+
+@pytest.mark.parametrize("train_args, flags, expected", [
+    ({"dataset": "carvana", "scale": None}, [], 0.5),  # Carvana's default training scale
+    ({"dataset": "folder", "scale": 0.25}, [], 0.25),  # the scale the run was trained at
+    ({"dataset": "carvana", "scale": None}, ["-s", "1"], 1.0),  # -s overrides it
+])
+def test_default_scale_is_the_training_scale(tmp_path, monkeypatch, train_args, flags, expected):
+    checkpoint = write_checkpoint(tmp_path / "model.pth", 2, [0, 255], train_args=train_args)
+    image = tmp_path / "car.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(image)
+    seen = []
+    real = predict.predict_probs_or_tile
+
+    def spy(model, images, normalize, log=print, **options):
+        seen.append(options["scale"])
+        return real(model, images, normalize, log=log, **options)
+
+    monkeypatch.setattr(predict, "predict_probs_or_tile", spy)
+    predict.main(["-m", checkpoint, "-i", str(image), *flags])
+    assert seen == [expected]
+    assert Image.open(tmp_path / "car_mask.png").size == (60, 40)
