@@ -19,11 +19,10 @@ from tqdm import tqdm
 
 from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, add_dataset_args, build_dataset, check_dataset_args, \
     default_workers, list_files, load_scale, read_image
-from inference import add_inference_args, check_inference_args, inference_options, load_model, \
+from inference import add_inference_args, check_inference_args, inference_options, load_model_or_exit, \
     predict_probs_or_tile, probs_to_labels, stack_batch
 from metrics import ConfusionMatrix
-from utils import CheckpointError, label_image, newest_checkpoint, overlay_image, pick_device, \
-    plot_confusion_matrix
+from utils import label_image, overlay_image, plot_confusion_matrix
 
 EVAL_DIR = Path("eval")  # the no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png
 VOID_VALUE = 255  # the usual void value of mask files (VOC's border)
@@ -222,24 +221,10 @@ def format_table(metrics, classes):
     return "\n".join(lines)
 
 
-def load(args):
-    """The model, its checkpoint and its path, or exit with one line."""
-    path = args.model or newest_checkpoint()
-    if path is None:
-        sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
-    try:
-        model, checkpoint = load_model(path, pick_device(args.device))
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    if args.model is None:
-        print(f"using the newest checkpoint, {path}")
-    return model, checkpoint, path
-
-
 def main(argv=None):
     args, data_defaults = parse_args(argv)
     eval_mode = eval_folder_mode(args)
-    model, checkpoint, checkpoint_path = load(args)
+    model, checkpoint, checkpoint_path = load_model_or_exit(args.model, args.device)
     classes, scored = list(checkpoint["classes"]), True
     try:
         dataset, what = choose_data(args, data_defaults, checkpoint, eval_mode)

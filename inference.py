@@ -7,6 +7,7 @@ does, so that tile borders, where the network sees least context, count least. T
 memory grows with the tile size, not the image size.
 """
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from metrics import ConfusionMatrix
 from model import build_model
-from utils import CheckpointError, load_checkpoint
+from utils import CheckpointError, load_checkpoint, newest_checkpoint, pick_device
 
 FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
 LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
@@ -69,6 +70,21 @@ def load_model(path, device="cpu"):
         reason = str(e).strip().splitlines()[0]
         raise CheckpointError(f"'{path}' holds a model this code cannot rebuild ({reason})") from None
     return model.to(device).eval(), checkpoint
+
+
+def load_model_or_exit(path=None, device="auto"):
+    """For the scripts: the model at `path`, or the newest best.pth under checkpoints/ (saying which); exits
+    with one line when there is none or it cannot be loaded. Returns (model, checkpoint, path)."""
+    if path is None:
+        path = newest_checkpoint()
+        if path is None:
+            sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
+        print(f"using the newest checkpoint, {path}")
+    try:
+        model, checkpoint = load_model(path, pick_device(device))
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    return model, checkpoint, path
 
 
 def probabilities(logits):

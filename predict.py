@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 
 from datasets import ImageReadError, load_scale, read_image
-from inference import add_inference_args, check_inference_args, inference_options, load_model, \
+from inference import add_inference_args, check_inference_args, inference_options, load_model_or_exit, \
     predict_probs_or_tile, probs_to_labels, stack_batch
-from utils import CheckpointError, label_image, newest_checkpoint, overlay_image, pick_device, save_probabilities, \
-    side_by_side
+from utils import label_image, overlay_image, save_probabilities, side_by_side
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
@@ -222,15 +221,7 @@ def check_display(args):
 
 def load(args):
     """The model and checkpoint, or exit with one line."""
-    checkpoint_path = args.model or newest_checkpoint()
-    if checkpoint_path is None:
-        sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
-    try:
-        model, checkpoint = load_model(checkpoint_path, pick_device(args.device))
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    if args.model is None:
-        print(f"using the newest checkpoint, {checkpoint_path}")
+    model, checkpoint, _ = load_model_or_exit(args.model, args.device)
     classes = checkpoint["model_args"]["num_classes"]
     if args.mask_threshold is not None and classes > 1:
         print(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
