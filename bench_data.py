@@ -80,12 +80,15 @@ def per_item(args, sample):
     train = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0"] + scale), "train")
     val = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--no-augment"] + scale),
                                  "train")
-    rich = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--rotate", "10",
-                                             "--jitter", "0.2"] + scale), "train")
+    plain = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--rotate", "0"] + scale),
+                                   "train")
+    rich = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--jitter", "0.2"] + scale),
+                                  "train")
     cases = {"baseline: PIL open, resize, to tensor": lambda i: baseline_item(*train.pairs[i], args.scale),
-             "ours, train preset, default flags (load, zoom+crop, flip)": train.__getitem__,
-             "ours, validation preset (load only)": val.__getitem__,
-             "ours, train preset + --rotate 10 --jitter 0.2": rich.__getitem__}
+             "ours, train preset (load, zoom+rotate+crop, flip)": train.__getitem__,
+             "ours, train preset with --rotate 0": plain.__getitem__,
+             "ours, train preset + --jitter 0.2": rich.__getitem__,
+             "ours, validation preset (load only)": val.__getitem__}
     passes = {name: [] for name in cases}
     for _ in range(args.repeat):  # interleaved passes, best of each: robust to other load on the machine
         for name, load in cases.items():

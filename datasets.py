@@ -155,7 +155,8 @@ class SegmentationFiles(torch.utils.data.Dataset):
                                f"(at most {IGNORE_INDEX - 1} classes)")
         self.pairs, self.classes, self.mask_values = pairs, list(classes), list(mask_values)
         self.void_value, self.scale, self.transform, self.canvas = void_value, scale, transform, canvas
-        self.zoom_crop = zoom_crop  # (crop side, (min zoom, max zoom)) for training, cut before anything else
+        # (crop side, (min zoom, max zoom), largest rotation) for training, cut before anything else
+        self.zoom_crop = zoom_crop
         self.table = np.full(65536, -1, dtype=np.int16)  # mask value -> class index; -1: no class has it
         self.table[np.asarray(self.mask_values, dtype=np.int64)] = np.arange(len(self.mask_values))
         if void_value is not None:
@@ -187,11 +188,14 @@ class SegmentationFiles(torch.utils.data.Dataset):
         mask = open_mask(mask_path)
         if mask.size != size:
             raise size_mismatch(image_path, size, mask_path, mask.size)
+        outside = None
         if self.zoom_crop is not None:
-            image, mask = random_zoom_crop(image, mask, *self.zoom_crop)
+            image, mask, outside = random_zoom_crop(image, mask, *self.zoom_crop)
         elif mask.size != image.size:
             mask = mask.resize(image.size, Image.NEAREST)  # masks are only ever resampled by nearest neighbour
         image, mask = to_tensor(image), torch.from_numpy(self.to_classes(np.array(mask), mask_path))
+        if outside is not None:
+            mask[torch.from_numpy(outside)] = IGNORE_INDEX  # rotated in from beyond the image: no class
         if self.canvas is not None:
             image, mask = fit_canvas(image, mask, *self.canvas)
         if self.transform is not None:
@@ -216,32 +220,52 @@ def fit_canvas(image, mask, height, width):
     return F.pad(image, pad), F.pad(mask, pad, value=IGNORE_INDEX)
 
 
-def random_zoom_crop(image, mask, size, zoom):
-    """Zoom by a random factor drawn from `zoom` and cut a random window of at most size x size (fit_canvas pads
-    the rest). Works on the decoded PIL image and the full-size mask before either becomes a tensor: the window
-    is cut first, then only its pixels are resampled (image: bilinear; mask: nearest, straight from the file's
-    resolution), which keeps large photos cheap. Image and mask share one box, so they stay aligned."""
+def random_zoom_crop(image, mask, size, zoom, rotate=0.0):
+    """Zoom by a random factor drawn from `zoom`, rotate by a random angle in [-rotate, rotate] degrees, and cut a
+    random window of at most size x size (fit_canvas pads the rest). Works on the decoded PIL image and the
+    full-size mask before either becomes a tensor, in one resampling of the window's pixels (image: bilinear;
+    mask: nearest, straight from the file's resolution), which keeps large photos cheap. Image and mask share one
+    geometry, so they stay aligned. Returns (image, mask, boolean map of the pixels that came from beyond the
+    image, or None): those are black in the image and void in the mask."""
     width, height = image.size
     factor = float(torch.empty(()).uniform_(*zoom))
     out_w, out_h = (max(1, min(size, round(side * factor))) for side in (width, height))
     crop_w, crop_h = min(width, max(1, round(out_w / factor))), min(height, max(1, round(out_h / factor)))
     left = int(torch.randint(0, width - crop_w + 1, ()))
     top = int(torch.randint(0, height - crop_h + 1, ()))
-    box = (left, top, left + crop_w, top + crop_h)
+    angle = math.radians(float(torch.empty(()).uniform_(-rotate, rotate))) if rotate else 0.0
     fx, fy = mask.width / width, mask.height / height
-    return (image.resize((out_w, out_h), Image.BILINEAR, box=box),
-            mask.resize((out_w, out_h), Image.NEAREST, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)))
+    if not angle:
+        box = (left, top, left + crop_w, top + crop_h)
+        return (image.resize((out_w, out_h), Image.BILINEAR, box=box),
+                mask.resize((out_w, out_h), Image.NEAREST, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)),
+                None)
+    # Output point -> image point: about the window's centre, rotate by `angle`, then stretch to the window.
+    sx, sy, cos, sin = crop_w / out_w, crop_h / out_h, math.cos(angle), math.sin(angle)
+    a, b, d, e = sx * cos, -sx * sin, sy * sin, sy * cos
+    c = left + crop_w / 2 - a * out_w / 2 - b * out_h / 2
+    f = top + crop_h / 2 - d * out_w / 2 - e * out_h / 2
+    image = image.transform((out_w, out_h), Image.AFFINE, (a, b, c, d, e, f), Image.BILINEAR)
+    mask = mask.transform((out_w, out_h), Image.AFFINE, (a * fx, b * fx, c * fx, d * fy, e * fy, f * fy),
+                          Image.NEAREST)
+    corners_x = np.array([0, out_w, 0, out_w]), np.array([0, 0, out_h, out_h])
+    x, y = a * corners_x[0] + b * corners_x[1] + c, d * corners_x[0] + e * corners_x[1] + f
+    if x.min() >= 0 and y.min() >= 0 and x.max() <= width and y.max() <= height:
+        return image, mask, None  # the rotated window lies inside the image
+    ys, xs = np.mgrid[0:out_h, 0:out_w].astype(np.float32) + 0.5  # pixel centres
+    x, y = a * xs + b * ys + c, d * xs + e * ys + f
+    return image, mask, (x < 0) | (y < 0) | (x >= width) | (y >= height)
 
 
 def train_transform(args):
-    """The training preset after the random zoom + crop: horizontal flip, rotation, colour jitter (each can be
-    off), on the image and its tv_tensors.Mask together."""
+    """The training preset after the random zoom + crop (which also rotates): horizontal flip, colour jitter
+    (and rotation when there is no crop), each of which can be off, on the image and its tv_tensors.Mask together."""
     if args.no_augment:
         return None
     steps = []
     if args.hflip:
         steps.append(v2.RandomHorizontalFlip(args.hflip))
-    if args.rotate:
+    if args.rotate and not args.crop_size:
         steps.append(v2.RandomRotation(args.rotate, interpolation=v2.InterpolationMode.BILINEAR,
                                        fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}))
     if args.jitter:
@@ -641,7 +665,8 @@ def build_dataset(args, split, full_resolution=False):
     if full_resolution:
         return SegmentationFiles(pairs, classes, mask_values, void, skip_bad=args.skip_bad, with_names=True)
     train = split == "train"
-    zoom_crop = (args.crop_size, tuple(args.zoom)) if train and args.crop_size and not args.no_augment else None
+    zoom_crop = ((args.crop_size, tuple(args.zoom), args.rotate) if train and args.crop_size and not args.no_augment
+                 else None)
     if zoom_crop:
         canvas = (args.crop_size, args.crop_size)
     elif name == "folder":  # items of varied size share one canvas so that batches stack
@@ -713,7 +738,7 @@ def add_dataset_args(parser):
     group.add_argument("--zoom", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
                        help="random zoom range applied before the crop")
     group.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (0: off)")
-    group.add_argument("--rotate", type=float, default=0.0, help="largest random rotation in degrees (0: off)")
+    group.add_argument("--rotate", type=float, default=10.0, help="largest random rotation in degrees (0: off)")
     group.add_argument("--jitter", type=float, default=0.0,
                        help="brightness, contrast and saturation jitter (0: off)")
     group.add_argument("--no-augment", action="store_true", help="no random augmentation at all")

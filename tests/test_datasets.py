@@ -19,7 +19,7 @@ from PIL import Image
 
 import datasets
 from conftest import ROOT
-from datasets import DatasetError, build_dataset
+from datasets import DatasetError, build_dataset, random_zoom_crop
 
 
 def data_args(*argv):
@@ -350,3 +350,24 @@ def test_download_through_torchvision(served, tmp_path, monkeypatch):
     monkeypatch.setitem(source, "md5", "0" * 32)
     with pytest.raises(DatasetError, match="could not download http:"):
         data_args("--data", tmp_path / "other", "--dataset", "voc", "--download")
+
+
+def test_rotation_brings_in_void_only_from_beyond_the_image():
+    """A zoomed-out, rotated window: pixels from beyond the image are black and void, the rest keep their
+    class (a uniform grey image whose mask is class 1 everywhere)."""
+    image = Image.new("RGB", (80, 60), (200, 200, 200))
+    mask = Image.new("L", (160, 120), 1)  # masks may come at another resolution than the decoded image
+    torch.manual_seed(0)
+    voids = 0
+    for _ in range(10):
+        window, window_mask, outside = random_zoom_crop(image, mask, 64, (0.6, 0.8), 45)
+        pixels, labels = np.asarray(window)[..., 0], np.asarray(window_mask).copy()
+        assert set(np.unique(labels)) <= {0, 1}  # nearest neighbour: no new values
+        if outside is None:
+            assert (labels == 1).all() and (pixels > 150).all()
+            continue
+        voids += outside.sum()
+        assert (pixels[outside] < 60).all()  # black fill, up to the bilinear blend at the rim
+        inside = ~outside
+        assert (labels[inside] == 1).mean() > 0.97 and (pixels[inside] > 100).mean() > 0.97
+    assert voids > 0  # at 45 degrees and zoomed out, some windows reach beyond the image
