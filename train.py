@@ -269,13 +269,50 @@ def load_weights(model, path, checkpoint):
           + (f"; left at their initial values: {', '.join(skipped)}" if skipped else ""))
 
 
-def make_loader(dataset, indices, args, device, seed, drop_last=False):
-    """A loader over `indices` in this order. Worker seeds come from `seed`, so an epoch's augmentations
-    are the same after a resume; workers ignore Ctrl-C, which the main process handles."""
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of an epoch (a DistributedSampler, reshuffled each epoch) from a given position on,
+    as (index, seed) keys. Each item's random augmentation runs from a seed of (run seed, epoch, index), so it
+    does not depend on which worker loads it, and a resumed epoch sees exactly the items an uninterrupted one
+    would: one loader with persistent workers serves the whole run."""
+
+    def __init__(self, sampler, seed):
+        self.sampler, self.seed, self.epoch, self.start = sampler, seed, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+    def __iter__(self):
+        for index in list(self.sampler)[self.start:]:
+            yield index, derived_seed(self.seed, self.epoch, index)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Loads the (index, seed) keys of EpochSampler: the item's augmentation draws from its own seed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone (--workers 0)
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def make_loader(dataset, sampler, args, device, drop_last=False):
+    """Persistent workers (started once, not every epoch: slow on Windows and macOS, which spawn them), pinned
+    memory only with CUDA; workers ignore Ctrl-C, which the main process handles."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
-        pin_memory=device.type == "cuda", drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_sigint)
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_sigint)
 
 
 def ignore_sigint(worker_id):
@@ -425,7 +462,9 @@ def train(args, device, rank, world_size):
     drop_last = len(train_sampler) > args.batch_size
     batches_per_epoch = len(train_sampler) // args.batch_size if drop_last else 1
     # Each process scores its own share of the validation set; the confusion matrices are summed.
-    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), args, device, args.seed)
+    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), args, device)
+    epoch_sampler = EpochSampler(train_sampler, args.seed)
+    train_loader = make_loader(SeededItems(train_set), epoch_sampler, args, device, drop_last)
 
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, math.ceil(batches_per_epoch / args.accumulate))
@@ -471,12 +510,10 @@ def train(args, device, rank, world_size):
             seed_everything(derived_seed(args.seed, epoch, rank))
             if progress["batch"] and resume_rng:
                 set_rng_states(resume_rng)  # resumed mid-epoch
-            train_sampler.set_epoch(epoch)
-            indices = list(train_sampler)[progress["batch"] * args.batch_size:]
-            loader = make_loader(train_set, indices, args, device, derived_seed(args.seed, epoch, rank, 1),
-                                 drop_last)
+            epoch_sampler.set_epoch(epoch, progress["batch"] * args.batch_size)
             try:
-                finished = train_one_epoch(runner, loader, epoch, args, device, stop, progress, main_process)
+                finished = train_one_epoch(runner, train_loader, epoch, args, device, stop, progress,
+                                           main_process)
             except NonFiniteLoss as e:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 sys.exit(f"error: {e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off."

@@ -236,3 +236,29 @@ def test_bad_mask_found_while_loading_is_one_line(tmp_path, shared_data, workers
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: mask ") and broken.name in last and "Traceback" not in result.stderr
+
+
+def test_augmented_resume_is_exact_whatever_the_workers(tmp_path, monkeypatch):
+    """Each item's augmentation (zoom, rotation, crop, flip, jitter) is seeded by (seed, epoch, index): a run
+    stopped mid-epoch and resumed with a data-loader worker ends with the weights of an uninterrupted run
+    that loaded everything in the main process."""
+    rng = np.random.default_rng(0)
+    for folder in ("imgs", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i in range(12):
+        mask = np.zeros((40, 48), np.uint8)
+        top, left = rng.integers(0, 20, 2)
+        mask[top:top + 20, left:left + 20] = 1
+        image = (rng.integers(0, 60, (40, 48, 3)) + mask[..., None] * 150).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "data" / "imgs" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"{i}.png")
+    flags = ["--dataset", "folder", "--data", str(tmp_path / "data"), "--val-percent", "25", "--crop-size", "32",
+             "--jitter", "0.2", "--epochs", "2", "--batch-size", "3", "--base-channels", "4", "--depth", "2",
+             "--lr", "1e-2", "--sample-every", "0"]
+    full = train.main(flags + ["--workers", "0", "--checkpoint-dir", str(tmp_path / "full")])
+    interrupt_after(monkeypatch, train.StepRunner, "update", 4)  # in epoch 2 (3 steps an epoch)
+    stopped = train.main(flags + ["--workers", "1", "--checkpoint-dir", str(tmp_path / "stopped")])
+    monkeypatch.undo()
+    assert load_checkpoint(stopped / "last.pth")["epoch"] == 1
+    train.main(["--resume", str(stopped / "last.pth")])
+    assert_same_weights(stopped / "last.pth", full / "last.pth")
