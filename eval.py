@@ -20,7 +20,7 @@ from tqdm import tqdm
 from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, add_dataset_args, build_dataset, check_dataset_args, \
     default_workers, list_files, load_scale, read_image
 from inference import add_inference_args, check_inference_args, inference_options, load_model_or_exit, \
-    predict_probs_or_tile, probs_to_labels, stack_batch
+    predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
 from metrics import ConfusionMatrix
 from utils import label_image, overlay_image, plot_confusion_matrix
 
@@ -141,19 +141,6 @@ def check_classes(dataset, checkpoint):
                          f"with its classes (--mask-values)")
 
 
-def batches(loader, size):
-    """Runs of up to `size` consecutive items whose images share one size (VOC's varied sizes mostly go one by
-    one, Carvana's and the shapes' in full batches)."""
-    batch = []
-    for item in loader:
-        if batch and (len(batch) == size or item[0].shape != batch[0][0].shape):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
-
-
 def segment(model, checkpoint, dataset, args, confusion):
     """Predict every item (the inference path of predict.py), add it to `confusion` when it has a mask, and
     write the label images and overlays asked for. Returns the number of images."""
@@ -165,7 +152,7 @@ def segment(model, checkpoint, dataset, args, confusion):
     log = lambda line: print(f"warning: {line}", file=sys.stderr)  # noqa: E731
     done = 0
     with tqdm(total=len(dataset), desc="eval", leave=False) as bar:
-        for batch in batches(loader, 1 if args.tile else args.batch_size):
+        for batch in same_size_runs(loader, 1 if args.tile else args.batch_size, lambda item: item[0]):
             images, masks, names = zip(*batch)
             probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=log,
                                                    **options)

@@ -97,6 +97,19 @@ def stack_batch(tensors):
     return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 
 
+def same_size_runs(items, size, image_of):
+    """Runs of up to `size` consecutive items whose images (`image_of(item)`) share one shape: what one forward
+    pass can stack (VOC's varied sizes mostly go one by one, Carvana's in full batches)."""
+    run = []
+    for item in items:
+        if run and (len(run) == size or image_of(item).shape != image_of(run[0]).shape):
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
 def model_device(model):
     return next(model.parameters()).device
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from datasets import ImageReadError, load_scale, read_image
 from inference import add_inference_args, check_inference_args, inference_options, load_model_or_exit, \
-    predict_probs_or_tile, probs_to_labels, stack_batch
+    predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
 from utils import label_image, overlay_image, save_probabilities, side_by_side
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -166,20 +166,13 @@ def skip(reason, failures):
     failures.append(reason)
 
 
-def batches(read, size, failures):
-    """Runs of up to `size` readable images of one shape, as [(index, path, image)]; reasons of unreadable
-    files are appended to `failures`."""
-    batch = []
+def readable(read, failures):
+    """(index, path, image) of the readable images; the reasons of the others are appended to `failures`."""
     for index, (path, image, error) in enumerate(read):
         if error:
             skip(error, failures)
-            continue
-        if batch and (len(batch) == size or image.shape != batch[0][2].shape):
-            yield batch
-            batch = []
-        batch.append((index, path, image))
-    if batch:
-        yield batch
+        else:
+            yield index, path, image
 
 
 def save_outputs(image, labels, probs, mask_path, checkpoint, args):
@@ -246,7 +239,8 @@ def main(argv=None):
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
     start, done = time.perf_counter(), 0
     images_per_pass = 1 if args.tile else args.batch_size
-    for batch in batches(read_images(inputs, args.workers), images_per_pass, failures):
+    images_read = readable(read_images(inputs, args.workers), failures)
+    for batch in same_size_runs(images_read, images_per_pass, lambda item: item[2]):
         indices, paths, images = zip(*batch)
         try:
             probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"],
