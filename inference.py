@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from metrics import ConfusionMatrix
 from model import build_model
-from utils import CheckpointError, load_checkpoint, newest_checkpoint, pick_device
+from utils import CheckpointError, load_checkpoint, newest_checkpoint, one_line, pick_device
 
 FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
 LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
@@ -67,8 +67,7 @@ def load_model(path, device="cpu"):
         model = build_model(checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     except (ValueError, TypeError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"'{path}' holds a model this code cannot rebuild ({reason})") from None
+        raise CheckpointError(f"'{path}' holds a model this code cannot rebuild ({one_line(e)})") from None
     return model.to(device).eval(), checkpoint
 
 

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from utils import one_line
+
 
 class DoubleConv(nn.Sequential):
     """(3x3 conv, padded -> BatchNorm -> ReLU) x 2: keeps height and width."""
@@ -120,11 +122,6 @@ class EncoderWeightsError(ValueError):
     """Pretrained encoder weights that cannot be downloaded or read; the message says how to fix it."""
 
 
-def _one_line(error):
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def backbone(name, weights="none"):
     """torchvision's classifier `name` with random weights ('none'), ImageNet weights ('imagenet', downloaded
     once into torch's hub cache) or the state_dict saved in a local file (a path)."""
@@ -137,7 +134,7 @@ def backbone(name, weights="none"):
         except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated download a RuntimeError
             file = imagenet.url.rsplit("/", 1)[-1]
             raise EncoderWeightsError(
-                f"could not download the ImageNet weights of {name} ({_one_line(e)}); fetch {imagenet.url} "
+                f"could not download the ImageNet weights of {name} ({one_line(e)}); fetch {imagenet.url} "
                 f"where there is internet and pass --encoder-weights /path/to/{file} "
                 f"(or --encoder-weights none for random weights)") from None
     model = torchvision.models.get_model(name, weights=None)
@@ -145,7 +142,7 @@ def backbone(name, weights="none"):
         model.load_state_dict(_read_state_dict(weights))
     except RuntimeError as e:
         raise EncoderWeightsError(f"--encoder-weights '{weights}' does not hold torchvision {name} weights "
-                                  f"({_one_line(e)})") from None
+                                  f"({one_line(e)})") from None
     return model
 
 
@@ -159,7 +156,7 @@ def _read_state_dict(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise EncoderWeightsError(f"--encoder-weights '{path}' is not a readable PyTorch weights file "
-                                  f"({_one_line(e)})") from None
+                                  f"({one_line(e)})") from None
     if not isinstance(state, dict):
         raise EncoderWeightsError(f"--encoder-weights '{path}' holds a {type(state).__name__}, not a state_dict")
     return {_OLD_DENSENET_KEY.sub(r"\1\2", key): value for key, value in state.items()}

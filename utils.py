@@ -16,6 +16,12 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable, or not one of ours."""
 
 
+def one_line(error, limit=200):
+    """An exception's message on one line (its lines joined), cut to `limit` characters; its type if empty."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def save_checkpoint(state, path):
     """Write to a temporary file in the same folder, then rename: a crash mid-save leaves the old file intact."""
     path = Path(path)
@@ -40,8 +46,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({reason})") from None
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({one_line(e)})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"'{path}' is not a checkpoint written by train.py (missing: {', '.join(missing)})")
