@@ -8,24 +8,29 @@
 Every score comes from one confusion matrix over the whole set (the VOC devkit's protocol): predictions are
 resized back to each mask's size, masks are never resized, and void pixels are skipped."""
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, add_dataset_args, build_dataset, check_dataset_args, \
-    default_workers, list_files, load_scale, read_image
-from inference import add_inference_args, check_inference_args, inference_options, load_model_or_exit, \
-    predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
-from metrics import ConfusionMatrix
-from utils import label_image, overlay_image, plot_confusion_matrix
+from checkpoints import find_checkpoint, load_model
+from datasets import DataConfig, build_dataset, trained_scale
+from drawing import label_image, overlay_image, plot_confusion_matrix
+from errors import ConfigError, UserError, check_at_least, error_line
+from flags import add_dataset_args, add_inference_args, config_from
+from images import IMAGE_EXTENSIONS, read_image
+from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
+from metrics import IGNORE_INDEX, ConfusionMatrix
+from pairs import list_files
+from utils import default_workers, pick_device, warn
 
 EVAL_DIR = Path("eval")  # the no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png
-VOID_VALUE = 255  # the usual void value of mask files (VOC's border)
 
 
 def parse_args(argv=None):
@@ -33,9 +38,8 @@ def parse_args(argv=None):
     p.add_argument("-m", "--model", default=None,
                    help="checkpoint file (default: the newest best.pth under checkpoints/)")
     data = add_dataset_args(p)
-    data_defaults = {action.dest: action.default for action in data._group_actions}
-    # Data flags left out are taken from the checkpoint's training arguments, then from these defaults.
-    p.set_defaults(**{key: None for key in data_defaults})
+    # Data flags left out are taken from the checkpoint's training arguments, then from DataConfig's defaults.
+    p.set_defaults(**{action.dest: None for action in data._group_actions})
     p.add_argument("--split", default=None,
                    help="split to score (default: val; 'all' for --images/--masks folders, carvana and folder data)")
     add_inference_args(p, scale=False)  # --scale is a data flag: the model's input scale, as in training
@@ -51,10 +55,29 @@ def parse_args(argv=None):
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write DIR/<stem>.png, the classes tinted on the image")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        p.error(f"--batch-size must be at least 1 and --workers at least 0, got {args.batch_size} and "
-                f"{args.workers}")
-    return args, data_defaults
+    try:
+        check_at_least(1, batch_size=args.batch_size)
+        check_at_least(0, workers=args.workers)
+        inference = config_from(InferenceConfig, vars(args)).check()
+        pick_device(args.device)
+    except ConfigError as e:
+        p.error(str(e))
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(DataConfig)}
+    return config_from(EvalConfig, vars(args)), given, inference
+
+
+@dataclass
+class EvalConfig:
+    """What eval.py scores with, and where its outputs go (the flags other than the data and inference ones)."""
+    model: str = None
+    split: str = None
+    batch_size: int = 16
+    workers: int = 0
+    device: str = "auto"
+    json: str = None
+    confusion: str = None
+    save_labels: str = None
+    overlays: str = None
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -77,10 +100,10 @@ def holds_images(folder):
     return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
 
 
-def eval_folder_mode(args):
+def eval_folder_mode(given, split):
     """No flag names the data: eval/images (and eval/masks) when there is such a folder, else the checkpoint's
     own validation set."""
-    if any(getattr(args, k) is not None for k in ("dataset", "data", "images", "masks", "split")):
+    if split is not None or any(given[key] is not None for key in ("dataset", "data", "images", "masks")):
         return False
     if not (EVAL_DIR / "images").is_dir():
         print(f"no {EVAL_DIR}/images/ here: scoring the checkpoint's validation set (as --split val)")
@@ -88,93 +111,76 @@ def eval_folder_mode(args):
     return True
 
 
-def choose_data(args, data_defaults, checkpoint, eval_mode):
-    """Fill in the data flags for the mode the flags select, and build the dataset (full resolution).
-    Returns (dataset, what it is in words); the dataset's items are (image, mask or None, name)."""
+def choose_data(given, split, checkpoint):
+    """The DataConfig and split that the given data flags (None where left out) select: a plain folder of images
+    and masks read with the checkpoint's classes, or a dataset whose flags left out are the training run's."""
     trained_with = checkpoint.get("args", {})
-    args.scale = load_scale(trained_with.get("dataset"), args.scale or trained_with.get("scale"))
-    if eval_mode:
-        args.images = str(EVAL_DIR / "images")
-        args.masks = str(EVAL_DIR / "masks") if holds_images(EVAL_DIR / "masks") else None
-        args.save_labels = args.save_labels or str(EVAL_DIR / "labels")
-        args.confusion = args.confusion or (str(EVAL_DIR / "confusion.png") if args.masks else None)
-    if args.images and not args.masks:
-        if not (args.save_labels or args.overlays):
-            sys.exit("error: --images without --masks only writes label images: add --save-labels DIR "
-                     "(or --masks DIR to score them)")
-        return ImageFiles(args.images), f"{args.images} (no masks)"
-    if args.images or args.masks:  # a plain folder of images and masks, read with the checkpoint's classes
-        args.dataset, args.split = "folder", args.split or "all"
-        args.mask_values = args.mask_values or list(checkpoint["mask_values"])
-        if args.ignore_index is None:
+    if given["images"] or given["masks"]:
+        defaults = DataConfig(dataset="folder", mask_values=list(checkpoint["mask_values"]))
+        if given["ignore_index"] is None:
             void = trained_with.get("ignore_index")
-            args.ignore_index = void if void is not None or VOID_VALUE in args.mask_values else VOID_VALUE
-        fill = data_defaults
+            defaults.ignore_index = void if void is not None or IGNORE_INDEX in defaults.mask_values else IGNORE_INDEX
+        split = split or "all"
     else:
-        args.split = args.split or "val"
-        fill = {key: trained_with.get(key, default) for key, default in data_defaults.items()}
-    for key, value in fill.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    check_dataset_args(args)
-    dataset = build_dataset(args, args.split, full_resolution=True)
-    where = f"{args.images} + {args.masks}" if args.dataset == "folder" and args.images else args.dataset
-    return dataset, f"{where} {args.split}"
+        defaults = config_from(DataConfig, trained_with)
+        split = split or "val"
+    data = DataConfig(**{key: getattr(defaults, key) if value is None else value for key, value in given.items()})
+    return data.check(), split
 
 
-def check_outputs(dataset, args):
-    """Label images and overlays go to two folders that hold no input: they would replace masks."""
+def check_outputs(dataset, folders):
+    """Label images and overlays go to folders that hold no input: they would replace masks."""
     files = [path for pair in getattr(dataset, "pairs", []) for path in pair] + getattr(dataset, "paths", [])
     inputs = {folder.resolve() for folder in {path.parent for path in files}}
-    outputs = [Path(folder).resolve() for folder in (args.save_labels, args.overlays) if folder]
+    outputs = [Path(folder).resolve() for folder in folders if folder]
     for folder in outputs:
         if folder in inputs:
-            raise ValueError(f"'{folder}' holds input images or masks; write label images and overlays elsewhere")
+            raise ConfigError(f"'{folder}' holds input images or masks; write label images and overlays elsewhere")
     if len(set(outputs)) < len(outputs):
-        raise ValueError("--save-labels and --overlays name one folder; give each its own")
+        raise ConfigError("--save-labels and --overlays name one folder; give each its own")
 
 
 def check_classes(dataset, checkpoint):
     have, want = len(dataset.mask_values), max(checkpoint["model_args"]["num_classes"], 2)
     if have != want:
-        raise ValueError(f"the checkpoint predicts {want} classes but the data has {have}; evaluate it on data "
+        raise ConfigError(f"the checkpoint predicts {want} classes but the data has {have}; evaluate it on data "
                          f"with its classes (--mask-values)")
 
 
-def segment(model, checkpoint, dataset, args, confusion):
+def segment(model, checkpoint, dataset, inference, batch_size, workers, confusion, save_labels, overlays):
     """Predict every item (the inference path of predict.py), add it to `confusion` when it has a mask, and
-    write the label images and overlays asked for. Returns the number of images."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers)
-    options = {**inference_options(args), "batch_size": args.batch_size}
-    outputs = [Path(d) for d in (args.save_labels, args.overlays) if d]
-    for folder in outputs:
-        folder.mkdir(parents=True, exist_ok=True)
-    log = lambda line: print(f"warning: {line}", file=sys.stderr)  # noqa: E731
+    write the label images and overlays asked for (folders or None). Returns the number of images."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    options = {**inference.options(), "batch_size": batch_size}
+    for folder in (save_labels, overlays):
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     done = 0
     with tqdm(total=len(dataset), desc="eval", leave=False) as bar:
-        for batch in same_size_runs(loader, 1 if args.tile else args.batch_size, lambda item: item[0]):
+        for batch in same_size_runs(loader, 1 if inference.tile else batch_size, lambda item: item[0]):
             images, masks, names = zip(*batch)
-            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=log,
+            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
                                                    **options)
             labels = probs_to_labels(probs)
             if masks[0] is not None:
                 confusion.update(labels, stack_batch(masks))
-            if outputs:
+            if save_labels or overlays:
                 labels = labels.to(torch.uint8).cpu().numpy()
-                save_outputs(images, labels, names, checkpoint["mask_values"], args)
+                save_outputs(images, labels, names, checkpoint["mask_values"], save_labels, overlays)
             done += len(batch)
             bar.update(len(batch))
     return done
 
 
-def save_outputs(images, labels, names, mask_values, args):
-    """Label images (VOC palette PNGs holding the mask values, 0/255 PNGs for two classes) and overlays."""
+def save_outputs(images, labels, names, mask_values, save_labels=None, overlays=None):
+    """Label images (VOC palette PNGs holding the mask values, 0/255 PNGs for two classes) and overlays, into
+    the folders given."""
     for image, label, name in zip(images, labels, names):
-        if args.save_labels:
-            label_image(label, mask_values).save(Path(args.save_labels) / f"{name}.png")
-        if args.overlays:
+        if save_labels:
+            label_image(label, mask_values).save(Path(save_labels) / f"{name}.png")
+        if overlays:
             photo = image.permute(1, 2, 0).numpy()
-            overlay_image(photo, label, mask_values).save(Path(args.overlays) / f"{name}.png")
+            overlay_image(photo, label, mask_values).save(Path(overlays) / f"{name}.png")
 
 
 def cell(x):
@@ -209,46 +215,67 @@ def format_table(metrics, classes):
 
 
 def main(argv=None):
-    args, data_defaults = parse_args(argv)
-    eval_mode = eval_folder_mode(args)
-    model, checkpoint, checkpoint_path = load_model_or_exit(args.model, args.device)
-    classes, scored = list(checkpoint["classes"]), True
+    config, given, inference = parse_args(argv)
     try:
-        dataset, what = choose_data(args, data_defaults, checkpoint, eval_mode)
-        check_inference_args(args)
-        check_outputs(dataset, args)
-        scored = not isinstance(dataset, ImageFiles)
-        if scored:
-            check_classes(dataset, checkpoint)
-        device = next(model.parameters()).device
-        confusion = ConfusionMatrix(max(checkpoint["model_args"]["num_classes"], 2), dataset.ignore_index, device)
-        start = time.perf_counter()
-        count = segment(model, checkpoint, dataset, args, confusion)
-    except ValueError as e:  # DatasetError is one
-        sys.exit(f"error: {e}")
+        return evaluate_checkpoint(config, given, inference)
+    except UserError as e:  # also raised in a data-loader worker: one line, not the worker's traceback
+        sys.exit(f"error: {error_line(e)}")
+
+
+def evaluate_checkpoint(config, given, inference):
+    """Score (or only segment) the data that `given` (the data flags, None where left out) selects; returns the
+    scores, or None without true masks. UserError for bad input."""
+    eval_mode = eval_folder_mode(given, config.split)
+    checkpoint_path = find_checkpoint(config.model)
+    model, checkpoint = load_model(checkpoint_path, pick_device(config.device))
+    classes = list(checkpoint["classes"])
+    inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
+    save_labels, overlays, confusion_png = config.save_labels, config.overlays, config.confusion
+    if eval_mode:
+        given = {**given, "images": str(EVAL_DIR / "images"),
+                 "masks": str(EVAL_DIR / "masks") if holds_images(EVAL_DIR / "masks") else None}
+        save_labels = save_labels or str(EVAL_DIR / "labels")
+        confusion_png = confusion_png or (str(EVAL_DIR / "confusion.png") if given["masks"] else None)
+    if given["images"] and not given["masks"]:
+        if not (save_labels or overlays):
+            raise ConfigError("--images without --masks only writes label images: add --save-labels DIR "
+                              "(or --masks DIR to score them)")
+        dataset, what, data, split = ImageFiles(given["images"]), f"{given['images']} (no masks)", None, None
+    else:
+        data, split = choose_data(given, config.split, checkpoint)
+        dataset = build_dataset(data, split, full_resolution=True)
+        where = f"{data.images} + {data.masks}" if data.dataset == "folder" and data.images else data.dataset
+        what = f"{where} {split}"
+        check_classes(dataset, checkpoint)
+    check_outputs(dataset, (save_labels, overlays))
+    device = next(model.parameters()).device
+    confusion = ConfusionMatrix(max(checkpoint["model_args"]["num_classes"], 2), dataset.ignore_index, device)
+    start = time.perf_counter()
+    count = segment(model, checkpoint, dataset, inference, config.batch_size, config.workers, confusion, save_labels,
+                    overlays)
     seconds = time.perf_counter() - start
     print(f"{checkpoint_path} on {what}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} "
-          f"images/s, scale {args.scale:g})")
-    for kind, folder in [("label images", args.save_labels), ("overlays", args.overlays)]:
+          f"images/s, scale {inference.scale:g})")
+    for kind, folder in [("label images", save_labels), ("overlays", overlays)]:
         if folder:
             print(f"wrote {count} {kind} to {folder}/")
-    if not scored:
-        print(f"no true masks for {args.images}: no scores were computed")
+    if data is None:
+        print(f"no true masks for {given['images']}: no scores were computed")
         return None
     metrics = confusion.compute()
     print(format_table(metrics, classes))
-    if args.confusion:
-        plot_confusion_matrix(confusion.mat.cpu().numpy(), classes, args.confusion)
-        print(f"wrote {args.confusion}")
-    if args.json:
-        report = {"checkpoint": str(checkpoint_path), "data": what, "dataset": args.dataset, "split": args.split,
+    if confusion_png:
+        plot_confusion_matrix(confusion.mat.cpu().numpy(), classes, confusion_png)
+        print(f"wrote {confusion_png}")
+    if config.json:
+        report = {"checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset, "split": split,
                   "images": count, "classes": classes, "mask_values": list(checkpoint["mask_values"]),
-                  "options": inference_options(args), **metrics,
+                  "options": dataclasses.asdict(inference), **metrics,
                   "absent_classes": absent_classes(metrics, classes),
                   "confusion_matrix": confusion.mat.cpu().tolist()}
-        with open(args.json, "w") as f:
+        with open(config.json, "w") as f:
             json.dump(_nan_to_none(report), f, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {config.json}")
     return metrics
 
 

@@ -15,8 +15,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from inference import load_model, preprocess
-from utils import CheckpointError, newest_checkpoint
+from checkpoints import find_checkpoint, load_model
+from errors import UserError
+from inference import preprocess
 
 
 class WithPreprocessing(nn.Module):
@@ -73,17 +74,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    checkpoint_path = args.model or newest_checkpoint()
-    if checkpoint_path is None:
-        sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
     try:
         import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript)
         import onnxscript  # noqa: F401
     except ImportError as e:
         sys.exit(f"error: ONNX export needs the '{e.name}' package: pip install -r requirements-dev.txt")
     try:
+        checkpoint_path = find_checkpoint(args.model)
         model, checkpoint = load_model(checkpoint_path)
-    except CheckpointError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     deployable = WithPreprocessing(model, checkpoint["normalize"]).eval()
     output = args.output or str(checkpoint_path).rsplit(".", 1)[0] + ".onnx"

@@ -5,7 +5,7 @@ source='local'):
     model = torch.hub.load("path/to/clone", "unet", source="local", arch="fcn", num_classes=21)
     model = torch.hub.load("path/to/clone", "unet", source="local", checkpoint="checkpoints/RUN/best.pth")
 """
-from inference import load_model
+from checkpoints import load_model
 from model import build_model, input_normalization
 
 dependencies = ["torch", "torchvision"]

@@ -6,84 +6,66 @@ does, so that tile borders, where the network sees least context, count least. T
 `batch_size` at a time into one float32 K x H x W accumulator: besides that accumulator and the image itself,
 memory grows with the tile size, not the image size.
 """
+import functools
 import math
-import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from errors import ConfigError
+from images import scaled_size
 from metrics import ConfusionMatrix
-from model import build_model
-from utils import CheckpointError, load_checkpoint, newest_checkpoint, one_line, pick_device
 
 FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
 LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
 
 
-def add_inference_args(parser, scale=True):
-    """The flags of predict_probs, shared by predict.py and eval.py; read them back with inference_options.
-    scale=False leaves out -s/--scale, for a parser that has its own --scale (eval.py's data flags)."""
-    group = parser.add_argument_group("inference")
-    if scale:
-        group.add_argument("-s", "--scale", type=float, default=None,
-                           help="resize factor applied before the model (default: the one it was trained with, "
-                                "saved in the checkpoint); outputs have the input's size")
-    group.add_argument("--tile", type=int, default=None, metavar="SIZE",
-                       help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
-    group.add_argument("--overlap", type=float, default=0.5,
-                       help="fraction of a tile shared with its neighbour (default: 0.5)")
-    group.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips")
-    group.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    return group
+@dataclass
+class InferenceConfig:
+    """How predict_probs runs (the inference flags of eval.py and predict.py): scale, overlap tiles, flip
+    averaging, mixed precision."""
+    scale: float = None  # None: the scale the model was trained at (datasets.trained_scale)
+    tile: int = None
+    overlap: float = 0.5
+    tta: bool = False
+    tta_vflip: bool = False
+    amp: bool = False
+
+    def check(self):
+        if self.scale is not None and not self.scale > 0:
+            raise ConfigError(f"--scale must be positive, got {self.scale}")
+        if self.tile is not None and self.tile < 16:
+            raise ConfigError(f"--tile must be at least 16 pixels, got {self.tile}")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"--overlap must lie in [0, 1), got {self.overlap}")
+        return self
+
+    def options(self):
+        """The keyword arguments of predict_probs."""
+        return {"scale": self.scale or 1.0, "tile": self.tile, "overlap": self.overlap,
+                "flips": flip_dims(self.tta, self.tta_vflip), "amp": self.amp}
 
 
-def check_inference_args(args):
-    if args.scale is not None and not args.scale > 0:
-        raise ValueError(f"--scale must be positive, got {args.scale}")
-    if args.tile is not None and args.tile < 16:
-        raise ValueError(f"--tile must be at least 16 pixels, got {args.tile}")
-    if not 0 <= args.overlap < 1:
-        raise ValueError(f"--overlap must lie in [0, 1), got {args.overlap}")
+def flip_dims(tta=False, vertical=False):
+    """The flips whose predictions are averaged: none; with tta the horizontal one, which training shows the
+    model; with vertical too, all four combinations (for data without an up and down, such as micrographs)."""
+    if not tta:
+        return ((),)
+    return ((), (-1,), (-2,), (-2, -1)) if vertical else ((), (-1,))
 
 
-def inference_options(args):
-    """The keyword arguments of predict_probs that the flags of add_inference_args set."""
-    return {"scale": args.scale, "tile": args.tile, "overlap": args.overlap, "tta": args.tta, "amp": args.amp}
+@functools.lru_cache(maxsize=16)
+def normalization_tensors(mean, std, device):
+    """Mean and std as 1 x C x 1 x 1 tensors on `device`, made once per device (no copy at every batch)."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def preprocess(images, normalize):
     """uint8 Bx C xHxW (on any device) -> normalised float, with the mean and std saved in the checkpoint."""
-    mean = torch.tensor(normalize["mean"], device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(normalize["std"], device=images.device).view(1, -1, 1, 1)
+    mean, std = normalization_tensors(tuple(normalize["mean"]), tuple(normalize["std"]), images.device)
     return (images.float() / 255 - mean) / std
-
-
-def load_model(path, device="cpu"):
-    """Rebuild the model a checkpoint describes, in eval mode; returns (model, checkpoint).
-    CheckpointError with one line when the file is not a checkpoint of ours or its weights do not fit."""
-    checkpoint = load_checkpoint(path)
-    try:
-        model = build_model(checkpoint["model_args"])
-        model.load_state_dict(checkpoint["model"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"'{path}' holds a model this code cannot rebuild ({one_line(e)})") from None
-    return model.to(device).eval(), checkpoint
-
-
-def load_model_or_exit(path=None, device="auto"):
-    """For the scripts: the model at `path`, or the newest best.pth under checkpoints/ (saying which); exits
-    with one line when there is none or it cannot be loaded. Returns (model, checkpoint, path)."""
-    if path is None:
-        path = newest_checkpoint()
-        if path is None:
-            sys.exit("error: no -m/--model given and no best.pth under checkpoints/; train a model first")
-        print(f"using the newest checkpoint, {path}")
-    try:
-        model, checkpoint = load_model(path, pick_device(device))
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    return model, checkpoint, path
 
 
 def probabilities(logits):
@@ -113,9 +95,8 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def forward_probs(model, x, tta=False, amp=False):
-    """Probabilities of normalised images x; with tta, the mean over the 4 combinations of flips."""
-    flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
+def forward_probs(model, x, flips=((),), amp=False):
+    """Probabilities of normalised images x: the mean over `flips` (dims to flip, see flip_dims)."""
     total = 0
     with torch.autocast(x.device.type, enabled=amp):
         for dims in flips:
@@ -131,31 +112,28 @@ def resize(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def scaled_size(height, width, scale):
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 @torch.inference_mode()
-def predict_probs(model, images, normalize, scale=1.0, tile=None, overlap=0.5, tta=False, amp=False, batch_size=4):
+def predict_probs(model, images, normalize, scale=1.0, tile=None, overlap=0.5, flips=((),), amp=False,
+                  batch_size=4):
     """uint8 images B x C x H x W -> class probabilities B x K x H x W at the input size (float32).
 
     `scale` resizes the input before the forward pass (e.g. 0.5 for a model trained on half-size images);
     the scores are resized back, so labels always have the input's size. `tile` switches to overlap-tile
-    inference (see sliding_window_probs); `tta` averages the flips; `amp` runs the model in mixed precision.
+    inference (see sliding_window_probs); `flips` (flip_dims) averages flipped predictions; `amp` runs the model in mixed precision.
     Whole images are moved to the model's device, and so are the probabilities; tiles are accumulated on the
     images' device, so that CPU images of any size only send one batch of tiles at a time to the GPU.
     """
     height, width = images.shape[-2:]
     if tile is not None:
         if scale != 1.0:
-            images = resize(images, scaled_size(height, width, scale))
-        probs = stack_batch([sliding_window_probs(model, image, normalize, tile, overlap, tta, amp, batch_size)
+            images = resize(images, scaled_size((height, width), scale))
+        probs = stack_batch([sliding_window_probs(model, image, normalize, tile, overlap, flips, amp, batch_size)
                              for image in images])
     else:
         x = preprocess(images.to(model_device(model)), normalize)
         if scale != 1.0:
-            x = resize(x, scaled_size(height, width, scale))
-        probs = forward_probs(model, x, tta, amp)
+            x = resize(x, scaled_size((height, width), scale))
+        probs = forward_probs(model, x, flips, amp)
     if probs.shape[-2:] != (height, width):
         probs = resize(probs, (height, width))
     return probs
@@ -177,14 +155,8 @@ def tile_starts(size, tile, overlap, align=1):
     return [min(i * stride, size - tile) for i in range(math.ceil((size - tile) / stride) + 1)]
 
 
-def pooling_factor(model):
-    """The model's downsampling by max-pooling (2 ** depth for the U-Net). Tile offsets that are multiples of
-    it make every tile pool over the same grid as the whole image, so tiles agree with whole-image inference."""
-    return 2 ** sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
-
-
 @torch.inference_mode()
-def sliding_window_probs(model, image, normalize, tile, overlap=0.5, tta=False, amp=False, batch_size=4):
+def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),), amp=False, batch_size=4):
     """Overlap-tile probabilities K x H x W of one uint8 image C x H x W, accumulated on the image's device.
 
     Each tile's probabilities, weighted by a Gaussian centred on the tile, are summed into one accumulator,
@@ -196,14 +168,16 @@ def sliding_window_probs(model, image, normalize, tile, overlap=0.5, tta=False, 
     device = image.device
     weight_y, weight_x = gaussian_weights(tile_h, device), gaussian_weights(tile_w, device)
     tile_weight = weight_y[:, None] * weight_x[None, :]
-    align = pooling_factor(model)
+    # Offsets that are multiples of the model's downsampling make every tile pool over the same grid as the
+    # whole image, so tiles agree with whole-image inference.
+    align = getattr(model, "output_stride", 1)
     ys, xs = tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
     windows = [(y, x) for y in ys for x in xs]
     total = None
     for first in range(0, len(windows), batch_size):
         batch = windows[first:first + batch_size]
         tiles = torch.stack([image[:, y:y + tile_h, x:x + tile_w] for y, x in batch])
-        probs = forward_probs(model, preprocess(tiles.to(model_device(model)), normalize), tta, amp).to(device)
+        probs = forward_probs(model, preprocess(tiles.to(model_device(model)), normalize), flips, amp).to(device)
         if total is None:
             total = torch.zeros(probs.shape[1], height, width, device=device)
         for (y, x), p in zip(batch, probs):
@@ -236,7 +210,7 @@ def predict_probs_or_tile(model, images, normalize, log=print, **options):
             device = "CUDA" if isinstance(e, torch.OutOfMemoryError) else "CPU"
         # Out of the except block: its traceback held on to the failed pass's tensors.
         height, width = images.shape[-2:]
-        side = max(scaled_size(height, width, options.get("scale", 1.0)))  # tiles this big or more change nothing
+        side = max(scaled_size((height, width), options.get("scale", 1.0)))  # tiles this big or more change nothing
         current = min(side, options.get("tile") or side)
         smaller = [t for t in FALLBACK_TILES if t < current]
         where = f"a {width}x{height} input with " + (f"--tile {options['tile']}" if options.get("tile") else "no tiles")

@@ -2,13 +2,14 @@
 import os
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from utils import one_line
+from errors import ConfigError, EncoderWeightsError, check_at_least, one_line
 
 
 class DoubleConv(nn.Sequential):
@@ -66,6 +67,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet needs num_classes, depth and base_channels >= 1, got "
                              f"{num_classes}, {depth}, {base_channels}")
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
+        self.output_stride = 2 ** depth  # input pixels per pixel of the deepest features
         factor = 2 if bilinear else 1
         self.inc = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(
@@ -105,7 +107,7 @@ def check_encoder(name, arch="unet"):
     known = [e for e in ENCODERS if arch == "unet" or encoder_family(e) == "vgg"]
     if name not in known:
         model = "FCN-8s" if arch == "fcn" else "the U-Net"
-        raise ValueError(f"the encoder of {model} must be one of {', '.join(known)}, got '{name}'")
+        raise ConfigError(f"the encoder of {model} must be one of {', '.join(known)}, got '{name}'")
 
 
 def decoder_widths(encoder, decoder_channels=None):
@@ -113,13 +115,9 @@ def decoder_widths(encoder, decoder_channels=None):
     blocks = DECODER_BLOCKS[encoder_family(encoder)]
     widths = list(decoder_channels or [256 // 2 ** i for i in range(blocks)])
     if len(widths) != blocks or min(widths) < 1:
-        raise ValueError(f"a {encoder} U-Net needs {blocks} positive decoder widths (--decoder-channels, deepest "
+        raise ConfigError(f"a {encoder} U-Net needs {blocks} positive decoder widths (--decoder-channels, deepest "
                          f"first), got {' '.join(map(str, widths))}")
     return widths
-
-
-class EncoderWeightsError(ValueError):
-    """Pretrained encoder weights that cannot be downloaded or read; the message says how to fix it."""
 
 
 def backbone(name, weights="none"):
@@ -173,7 +171,9 @@ class Encoder(nn.Module):
         self.frozen = False
         with torch.no_grad():
             self.eval()
-            self.channels = [f.shape[1] for f in self(torch.zeros(1, 3, 64, 64))]
+            features = self(torch.zeros(1, 3, 64, 64))
+            self.channels = [f.shape[1] for f in features]
+            self.output_stride = 64 // features[-1].shape[-1]
             self.train()
 
     def forward(self, x):
@@ -226,6 +226,7 @@ class EncoderUNet(nn.Module):
         in_channels = [self.encoder.channels[-1]] + decoder_channels[:-1]
         self.ups = nn.ModuleList(Up(*widths, bilinear) for widths in zip(in_channels, skip_channels, decoder_channels))
         self.outc = nn.Conv2d(decoder_channels[-1], num_classes, kernel_size=1)
+        self.output_stride = self.encoder.output_stride
 
     def forward(self, x):
         size = x.shape[-2:]
@@ -263,6 +264,7 @@ class FCN8s(nn.Module):
         fc = [("fc6", fc6), ("relu6", nn.ReLU(inplace=True)), ("drop6", nn.Dropout()),
               ("fc7", fc7), ("relu7", nn.ReLU(inplace=True)), ("drop7", nn.Dropout())]
         self.encoder = Encoder([layers[:ends[0]], layers[ends[0]:ends[1]], layers[ends[1]:ends[2]] + fc])
+        self.output_stride = self.encoder.output_stride
         self.score_pool3 = nn.Conv2d(self.encoder.channels[0], num_classes, 1)
         self.score_pool4 = nn.Conv2d(self.encoder.channels[1], num_classes, 1)
         self.score_fr = nn.Conv2d(self.encoder.channels[2], num_classes, 1)
@@ -286,59 +288,59 @@ class FCN8s(nn.Module):
 IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-def add_model_args(parser):
-    group = parser.add_argument_group("model")
-    group.add_argument("--arch", default="unet", choices=["unet", "fcn"],
-                       help="U-Net, or FCN-8s (on a VGG encoder, vgg13 unless --encoder says otherwise)")
-    group.add_argument("--encoder", default="none", choices=("none",) + ENCODERS, metavar="NAME",
-                       help=f"torchvision encoder of the U-Net: {', '.join(ENCODERS)}; 'none': the classic U-Net")
-    group.add_argument("--encoder-weights", default="imagenet", metavar="imagenet|none|PATH",
-                       help="encoder initialisation: torchvision's ImageNet weights (downloaded once), random, "
-                            "or a torchvision state_dict file")
-    group.add_argument("--decoder-channels", type=int, nargs="+", default=None, metavar="N",
-                       help="encoder U-Net: decoder widths, deepest first (None: 256 128 64 32, then 16 for "
-                            "ResNet and DenseNet)")
-    group.add_argument("--encoder-lr-factor", type=float, default=0.1,
-                       help="the encoder's learning rate is --lr times this")
-    group.add_argument("--freeze-encoder-epochs", type=int, default=0,
-                       help="train only the decoder (encoder weights and BatchNorm statistics fixed) for this "
-                            "many epochs first")
-    group.add_argument("--base-channels", type=int, default=64, help="classic U-Net: width of the first level")
-    group.add_argument("--depth", type=int, default=4, help="classic U-Net: number of down-sampling steps")
-    group.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
-    group.add_argument("--single-logit", action="store_true",
-                       help="two-class data: one sigmoid logit (BCE) instead of two softmax logits")
-    return group
+@dataclass
+class ModelConfig:
+    """The architecture flags of train.py (see flags.py), turned into a checkpoint's model_args by model_args."""
+    arch: str = "unet"
+    encoder: str = "none"
+    encoder_weights: str = "imagenet"
+    decoder_channels: list = None
+    encoder_lr_factor: float = 0.1
+    freeze_encoder_epochs: int = 0
+    base_channels: int = 64
+    depth: int = 4
+    bilinear: bool = False
+    single_logit: bool = False
 
+    def check(self):
+        """ConfigError for impossible or clashing flags, before any data is read."""
+        if self.arch not in ("unet", "fcn"):
+            raise ConfigError(f"--arch must be unet or fcn, got '{self.arch}'")
+        check_at_least(1, base_channels=self.base_channels, depth=self.depth)
+        check_at_least(0, encoder_lr_factor=self.encoder_lr_factor, freeze_encoder_epochs=self.freeze_encoder_epochs)
+        encoder = self.encoder_name()
+        if encoder == "none":
+            if self.encoder_weights != "imagenet" or self.decoder_channels is not None:
+                raise ConfigError("--encoder-weights and --decoder-channels need --encoder (a pretrained encoder)")
+            return self
+        weights = self.encoder_weights
+        if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+            raise ConfigError(f"--encoder-weights '{weights}' is neither 'imagenet', 'none' nor an existing file")
+        check_encoder(encoder, self.arch)
+        if self.arch == "fcn" and self.decoder_channels is not None:
+            raise ConfigError("--decoder-channels sets the widths of a U-Net decoder; FCN-8s has none")
+        if self.arch == "unet":
+            decoder_widths(encoder, self.decoder_channels)
+        return self
 
-def model_args_from(args, num_classes):
-    """The checkpoint's architecture dict, from train.py's arguments and the dataset's number of classes."""
-    if args.single_logit and num_classes != 2:
-        raise ValueError(f"--single-logit needs two-class data, but the dataset has {num_classes} classes")
-    for name in ("base_channels", "depth"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.encoder_lr_factor < 0:
-        raise ValueError(f"--encoder-lr-factor cannot be negative, got {args.encoder_lr_factor}")
-    if args.freeze_encoder_epochs < 0:
-        raise ValueError(f"--freeze-encoder-epochs cannot be negative, got {args.freeze_encoder_epochs}")
-    num_logits = 1 if args.single_logit else num_classes
-    encoder = "vgg13" if args.arch == "fcn" and args.encoder == "none" else args.encoder
-    if encoder == "none":
-        if args.encoder_weights != "imagenet" or args.decoder_channels is not None:
-            raise ValueError("--encoder-weights and --decoder-channels need --encoder (a pretrained encoder)")
-        return {"arch": "unet", "in_channels": 3, "num_classes": num_logits,
-                "base_channels": args.base_channels, "depth": args.depth, "bilinear": args.bilinear}
-    weights = args.encoder_weights
-    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
-        raise ValueError(f"--encoder-weights '{weights}' is neither 'imagenet', 'none' nor an existing file")
-    check_encoder(encoder, args.arch)
-    if args.arch == "fcn":
-        if args.decoder_channels is not None:
-            raise ValueError("--decoder-channels sets the widths of a U-Net decoder; FCN-8s has none")
-        return {"arch": "fcn", "encoder": encoder, "encoder_weights": weights, "num_classes": num_logits}
-    return {"arch": "unet", "encoder": encoder, "encoder_weights": weights, "num_classes": num_logits,
-            "decoder_channels": decoder_widths(encoder, args.decoder_channels), "bilinear": args.bilinear}
+    def encoder_name(self):
+        return "vgg13" if self.arch == "fcn" and self.encoder == "none" else self.encoder
+
+    def model_args(self, num_classes):
+        """The checkpoint's architecture dict for data of `num_classes` classes."""
+        if self.single_logit and num_classes != 2:
+            raise ConfigError(f"--single-logit needs two-class data, but the dataset has {num_classes} classes")
+        num_logits = 1 if self.single_logit else num_classes
+        encoder = self.encoder_name()
+        if encoder == "none":
+            return {"arch": "unet", "in_channels": 3, "num_classes": num_logits,
+                    "base_channels": self.base_channels, "depth": self.depth, "bilinear": self.bilinear}
+        if self.arch == "fcn":
+            return {"arch": "fcn", "encoder": encoder, "encoder_weights": self.encoder_weights,
+                    "num_classes": num_logits}
+        return {"arch": "unet", "encoder": encoder, "encoder_weights": self.encoder_weights,
+                "num_classes": num_logits, "decoder_channels": decoder_widths(encoder, self.decoder_channels),
+                "bilinear": self.bilinear}
 
 
 def input_normalization(model_args):

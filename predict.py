@@ -4,23 +4,29 @@ Inputs are image files, folders (the images directly inside) or glob patterns; o
 input as <stem>_mask.png unless -o names files or a folder, and never overwrite an input. Unreadable files are
 reported and skipped; the run ends with a summary and a non-zero exit status if anything failed."""
 import argparse
+import dataclasses
 import glob
 import os
 import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from datasets import ImageReadError, load_scale, read_image
-from inference import add_inference_args, check_inference_args, inference_options, load_model_or_exit, \
-    predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
-from utils import label_image, overlay_image, save_probabilities, side_by_side
+from checkpoints import find_checkpoint, load_model
+from datasets import trained_scale
+from drawing import label_image, overlay_image, side_by_side
+from errors import ConfigError, ImageReadError, UserError, check_at_least
+from flags import add_inference_args, config_from
+from images import IMAGE_EXTENSIONS, read_image
+from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
+from utils import pick_device, warn
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
 MAX_IMAGE_PIXELS = 1_000_000_000  # PIL's decompression-bomb limit (89 M pixels) is too low for large scans
 
@@ -51,20 +57,29 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     args = p.parse_args(argv)
     try:
-        check_inference_args(args)
+        inference = config_from(InferenceConfig, vars(args)).check()
         if args.mask_threshold is not None and not 0 <= args.mask_threshold <= 1:
-            raise ValueError(f"--mask-threshold must lie in [0, 1], got {args.mask_threshold}")
-        if args.batch_size < 1 or args.workers < 0:
-            raise ValueError(f"--batch-size must be at least 1 and --workers at least 0, got {args.batch_size} "
-                             f"and {args.workers}")
-    except ValueError as e:
+            raise ConfigError(f"--mask-threshold must lie in [0, 1], got {args.mask_threshold}")
+        check_at_least(1, batch_size=args.batch_size)
+        check_at_least(0, workers=args.workers)
+        pick_device(args.device)
+    except ConfigError as e:
         p.error(str(e))
-    return args
+    return args, inference, Outputs(args.no_save, args.overlay, args.viz, args.probs)
+
+
+@dataclass
+class Outputs:
+    """Which files to write beside each mask (or, with no_save, nothing; viz then shows them in a window)."""
+    no_save: bool = False
+    overlay: bool = False
+    viz: bool = False
+    probs: bool = False
 
 
 def is_image_file(path):
     """An image by its name that is not one of our own outputs (so a second run skips the first one's masks)."""
-    return (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    return (path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
             and not path.stem.endswith(tuple(f"_{kind}" for kind in OUTPUT_KINDS)))
 
 
@@ -82,7 +97,7 @@ def expand_inputs(names):
             paths.append(path)
             continue
         if not found:
-            problems.append(f"'{name}' holds or matches no image file ({' '.join(IMAGE_SUFFIXES)})")
+            problems.append(f"'{name}' holds or matches no image file ({' '.join(IMAGE_EXTENSIONS)})")
         paths += found
     return list(dict.fromkeys(paths)), problems
 
@@ -98,11 +113,11 @@ def mask_paths(inputs, output):
     if len(output) == 1 and is_folder_name(output[0]):
         return [Path(output[0]) / f"{p.stem}_mask.png" for p in inputs]
     if len(output) != len(inputs):
-        raise ValueError(f"{len(inputs)} input images but {len(output)} output names; give one .png per image "
+        raise ConfigError(f"{len(inputs)} input images but {len(output)} output names; give one .png per image "
                          f"or a single folder")
     wrong = [name for name in output if Path(name).suffix.lower() != ".png"]
     if wrong:
-        raise ValueError(f"-o '{wrong[0]}': masks are written as PNG (lossless); give a .png name or a folder")
+        raise ConfigError(f"-o '{wrong[0]}': masks are written as PNG (lossless); give a .png name or a folder")
     return [Path(name) for name in output]
 
 
@@ -111,25 +126,25 @@ def extra_path(mask_path, kind, suffix=".png"):
     return mask_path.with_name(f"{mask_path.stem.removesuffix('_mask')}_{kind}{suffix}")
 
 
-def outputs_of(mask_path, args):
-    if args.no_save:
+def outputs_of(mask_path, outputs):
+    if outputs.no_save:
         return []
-    wanted = [(args.overlay, "overlay", ".png"), (args.viz, "viz", ".png"), (args.probs, "probs", ".npy")]
+    wanted = [(outputs.overlay, "overlay", ".png"), (outputs.viz, "viz", ".png"), (outputs.probs, "probs", ".npy")]
     return [mask_path] + [extra_path(mask_path, kind, suffix) for on, kind, suffix in wanted if on]
 
 
-def check_outputs(inputs, masks, args):
+def check_outputs(inputs, masks, outputs):
     """No output may overwrite an input, and no two inputs may share an output."""
     sources = {p.resolve(): p for p in inputs}
     owner = {}
     for image, mask in zip(inputs, masks):
-        for out in outputs_of(mask, args):
+        for out in outputs_of(mask, outputs):
             key = out.resolve()
             if key in sources:
-                raise ValueError(f"'{out}' (the output of '{image}') would overwrite the input '{sources[key]}'; "
+                raise ConfigError(f"'{out}' (the output of '{image}') would overwrite the input '{sources[key]}'; "
                                  f"choose another -o")
             if key in owner:
-                raise ValueError(f"'{owner[key]}' and '{image}' would both be written to '{out}'; "
+                raise ConfigError(f"'{owner[key]}' and '{image}' would both be written to '{out}'; "
                                  f"give -o one file per image")
             owner[key] = image
 
@@ -175,23 +190,33 @@ def readable(read, failures):
             yield index, path, image
 
 
-def save_outputs(image, labels, probs, mask_path, checkpoint, args):
-    """Write (or show) what the flags ask for; returns the paths written."""
+def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
+    """Write (or show) what `outputs` asks for; returns the paths written."""
     mask = label_image(labels, checkpoint["mask_values"])
     photo = image.permute(1, 2, 0).numpy()
-    if args.no_save:
-        if args.viz:
+    if outputs.no_save:
+        if outputs.viz:
             show(side_by_side(photo, mask), mask_path.stem)
         return []
     mask_path.parent.mkdir(parents=True, exist_ok=True)
     mask.save(mask_path)
-    if args.overlay:
+    if outputs.overlay:
         overlay_image(photo, labels, checkpoint["mask_values"]).save(extra_path(mask_path, "overlay"))
-    if args.viz:
+    if outputs.viz:
         side_by_side(photo, mask).save(extra_path(mask_path, "viz"))
-    if args.probs:
+    if outputs.probs:
         save_probabilities(probs, extra_path(mask_path, "probs", ".npy"))
-    return outputs_of(mask_path, args)
+    return outputs_of(mask_path, outputs)
+
+
+def save_probabilities(probs, path, rows=1024):
+    """Class probabilities K x H x W (tensor) -> float16 .npy file (np.load it, mmap_mode='r' for huge ones),
+    written `rows` rows at a time so that no full-size copy is made."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=tuple(probs.shape))
+    for row in range(0, probs.shape[1], rows):
+        out[:, row:row + rows] = probs[:, row:row + rows].cpu().numpy()
+    out.flush()
+    del out
 
 
 def show(image, title):
@@ -203,48 +228,40 @@ def show(image, title):
     plt.show()
 
 
-def check_display(args):
-    if args.viz and args.no_save:
+def check_display(outputs):
+    if outputs.viz and outputs.no_save:
         import matplotlib
 
         if matplotlib.get_backend().lower() == "agg":
-            sys.exit("error: -v with -n shows the images in a window, but matplotlib found no display; "
-                     "drop -n to write <stem>_viz.png files instead")
-
-
-def load(args):
-    """The model and checkpoint, or exit with one line."""
-    model, checkpoint, _ = load_model_or_exit(args.model, args.device)
-    classes = checkpoint["model_args"]["num_classes"]
-    if args.mask_threshold is not None and classes > 1:
-        print(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
-    return model, checkpoint
+            raise ConfigError("-v with -n shows the images in a window, but matplotlib found no display; "
+                              "drop -n to write <stem>_viz.png files instead")
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, inference, outputs = parse_args(argv)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     inputs, failures = expand_inputs(args.input)
     try:
         masks = mask_paths(inputs, args.output)
-        check_outputs(inputs, masks, args)
-    except ValueError as e:
+        check_outputs(inputs, masks, outputs)
+        check_display(outputs)
+        model, checkpoint = load_model(find_checkpoint(args.model), pick_device(args.device))
+    except UserError as e:
         sys.exit(f"error: {e}")
-    check_display(args)
-    model, checkpoint = load(args)
-    if args.scale is None:  # the model sees images at the size it was trained on (Carvana: half size)
-        trained_with = checkpoint.get("args", {})
-        args.scale = load_scale(trained_with.get("dataset"), trained_with.get("scale"))
-    options = {**inference_options(args), "batch_size": args.batch_size}
+    classes = checkpoint["model_args"]["num_classes"]
+    if args.mask_threshold is not None and classes > 1:
+        print(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
+    # The model sees images at the scale it was trained at (Carvana: half size) unless -s says otherwise.
+    inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
+    options = {**inference.options(), "batch_size": args.batch_size}
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
     start, done = time.perf_counter(), 0
-    images_per_pass = 1 if args.tile else args.batch_size
+    images_per_pass = 1 if inference.tile else args.batch_size
     images_read = readable(read_images(inputs, args.workers), failures)
     for batch in same_size_runs(images_read, images_per_pass, lambda item: item[2]):
         indices, paths, images = zip(*batch)
         try:
-            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"],
-                                                   log=lambda line: print(f"warning: {line}", file=sys.stderr),
+            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
                                                    **options)
         except torch.OutOfMemoryError as e:
             for path in paths:
@@ -252,7 +269,7 @@ def main(argv=None):
             continue
         labels = probs_to_labels(probs, threshold, dtype=torch.uint8).cpu().numpy()
         for i, index in enumerate(indices):
-            written = save_outputs(images[i], labels[i], probs[i], masks[index], checkpoint, args)
+            written = save_outputs(images[i], labels[i], probs[i], masks[index], checkpoint, outputs)
             print(f"{paths[i]} -> {', '.join(map(str, written)) or '(not saved)'}")
         done += len(batch)
         del probs, labels  # free this batch's buffers before the next one is computed

@@ -2,9 +2,9 @@
 Several GPUs: torchrun --nproc_per_node=4 train.py ... (--batch-size is per process)."""
 import argparse
 import csv
+import dataclasses
 import json
 import math
-import re
 import signal
 import sys
 import threading
@@ -18,14 +18,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from datasets import DatasetError, add_dataset_args, build_dataset, check_dataset_args, default_workers
+from checkpoints import load_checkpoint, save_checkpoint
+from datasets import DataConfig, build_dataset, resolve_data
+from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
+    is_distributed
+from drawing import plot_curves, sample_grid
+from errors import CheckpointError, ConfigError, UserError, check_at_least, error_line, one_line
+from flags import add_augment_args, add_dataset_args, add_model_args, config_from
 from inference import evaluate, predict_probs, preprocess, probs_to_labels
-from metrics import segmentation_loss
-from model import add_model_args, build_model, count_parameters, input_normalization, model_args_from, \
-    parameter_groups, set_encoder_frozen
-from utils import CheckpointError, all_gather_objects, all_reduce_sum, average_across_processes, derived_seed, \
-    init_distributed, is_distributed, load_checkpoint, pick_device, plot_curves, rng_states, sample_grid, \
-    save_checkpoint, seed_everything, set_rng_states
+from losses import segmentation_loss
+from model import ModelConfig, build_model, count_parameters, input_normalization, parameter_groups, \
+    set_encoder_frozen
+from transforms import AugmentConfig
+from utils import default_workers, derived_seed, pick_device, rng_states, seed_everything, set_rng_states
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -34,8 +39,11 @@ except ImportError:  # TensorBoard is optional
 
 
 def parse_args(argv=None):
+    """The run's configs, every flag checked (argparse's usage line and status 2 otherwise), and the flags as a
+    dict, which the run saves: (TrainConfig, DataConfig, AugmentConfig, ModelConfig, flags)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataset_args(p)
+    add_augment_args(p)
     add_model_args(p)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10, help="training epochs")
@@ -79,11 +87,16 @@ def parse_args(argv=None):
     if args.resume:  # the run's own arguments, overridden by the flags given now
         p.set_defaults(**resume_defaults(p, args.resume))
         args = p.parse_args(argv)
+    flags = vars(args)
     try:
-        check_args(args)
-    except ValueError as e:
+        configs = [config_from(kind, flags).check()
+                   for kind in (TrainConfig, DataConfig, AugmentConfig, ModelConfig)]
+        if configs[0].warmup_epochs >= configs[0].epochs:
+            raise ConfigError(f"--warmup-epochs ({configs[0].warmup_epochs:g}) must be shorter than --epochs "
+                              f"({configs[0].epochs})")
+    except ConfigError as e:
         p.error(str(e))
-    return args
+    return (*configs, flags)
 
 
 def resume_defaults(parser, path):
@@ -95,24 +108,53 @@ def resume_defaults(parser, path):
     return {key: value for key, value in saved.items() if key in known and key not in ("resume", "load")}
 
 
-def check_args(args):
-    check_dataset_args(args)
-    for name in ("epochs", "batch_size", "accumulate"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    for name in ("weight_decay", "momentum", "warmup_epochs", "clip_grad", "workers", "sample_every"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(args, name)}")
-    if args.warmup_epochs >= args.epochs:
-        raise ValueError(f"--warmup-epochs ({args.warmup_epochs}) must be shorter than --epochs ({args.epochs})")
-    if args.class_weights and min(args.class_weights) < 0:
-        raise ValueError(f"--class-weights cannot be negative, got {args.class_weights}")
+@dataclass
+class TrainConfig:
+    """The optimisation, speed and run flags of train.py."""
+    epochs: int = 10
+    batch_size: int = 16
+    accumulate: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    scheduler: str = "poly"
+    warmup_epochs: float = 0.0
+    clip_grad: float = 0.0
+    loss: str = "ce"
+    class_weights: list = None
+    metric: str = "miou"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    name: str = None
+    checkpoint_dir: str = "checkpoints"
+    resume: str = None
+    load: str = None
+    sample_every: int = 5
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+
+    def check(self):
+        check_at_least(1, epochs=self.epochs, batch_size=self.batch_size, accumulate=self.accumulate)
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        check_at_least(0, weight_decay=self.weight_decay, momentum=self.momentum, warmup_epochs=self.warmup_epochs,
+                       clip_grad=self.clip_grad, workers=self.workers, sample_every=self.sample_every)
+        if self.class_weights and min(self.class_weights) < 0:
+            raise ConfigError(f"--class-weights cannot be negative, got {self.class_weights}")
+        pick_device(self.device)
+        return self
 
 
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
+
+
+class TrainingError(UserError):
+    """The run cannot go on (a NaN loss); the message says where the last good checkpoint is."""
 
 
 class StopRequest:
@@ -186,75 +228,78 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def amp_dtype_for(args, device):
-    if args.amp == "off":
+def amp_dtype_for(amp, device):
+    """--amp: None (fp32), or the autocast dtype."""
+    if amp == "off":
         return None
-    if args.amp == "auto":
+    if amp == "auto":
         if device.type != "cuda":  # CPUs without native bf16 run bf16 autocast many times slower than fp32
             print("note: --amp stays off on CPU; name a dtype (--amp bf16) to force it")
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def build_optimizer(model, args):
-    groups = parameter_groups(model, args.lr, encoder_lr_factor=args.encoder_lr_factor)
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=args.lr, weight_decay=args.weight_decay)
+def build_optimizer(model, config, encoder_lr_factor):
+    groups = parameter_groups(model, config.lr, encoder_lr_factor=encoder_lr_factor)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_scheduler(optimizer, args, steps_per_epoch):
+def build_scheduler(optimizer, config, steps_per_epoch):
     """Per-step factor on every group's learning rate: linear warm-up, then poly, cosine or constant."""
-    total = args.epochs * steps_per_epoch
-    warmup = round(args.warmup_epochs * steps_per_epoch)
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
 
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if args.scheduler == "poly":
+        if config.scheduler == "poly":
             return (1 - progress) ** 0.9
-        if args.scheduler == "cosine":
+        if config.scheduler == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_criterion(args, num_logits, ignore_index, device):
-    weights = args.class_weights
+def build_criterion(loss, class_weights, num_logits, ignore_index, device):
+    weights = class_weights
     if weights is not None:
         expected = max(num_logits, 2)
         if len(weights) != expected:
-            sys.exit(f"error: --class-weights needs {expected} values (one per class, background first), "
-                     f"got {len(weights)}")
+            raise ConfigError(f"--class-weights needs {expected} values (one per class, background first), "
+                              f"got {len(weights)}")
         weights = torch.tensor(weights, dtype=torch.float32, device=device)
 
     def criterion(logits, masks):
-        return segmentation_loss(logits, masks, args.loss, ignore_index, weights)
+        return segmentation_loss(logits, masks, loss, ignore_index, weights)
 
     return criterion
 
 
-def prepare_model(model, args, device, world_size):
-    """Returns (model, what the training step calls, the DDP wrapper or None). The step calls the model
-    itself, or it wrapped in DDP and/or torch.compile; checkpoints always save the plain model."""
-    if args.sync_bn and world_size > 1:
+def prepare_model(model, config, device, world_size):
+    """The model on its device, in its memory format, with synchronised BatchNorm across processes if asked."""
+    if config.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def wrap_for_steps(model, compile_model, device, world_size, encoder_frozen=False):
+    """(what the training step calls, the DDP wrapper or None): the model itself, or it wrapped in DDP and/or
+    torch.compile; checkpoints always save the plain model. While the encoder is frozen its parameters get no
+    gradients, which DDP must be told (find_unused_parameters, a search over the graph at every step): the
+    wrapper is rebuilt without it once the encoder thaws."""
     ddp = None
     if world_size > 1:
-        # A frozen encoder gets no gradients for a while: DDP must not wait for them.
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=args.freeze_encoder_epochs > 0)
+                                      find_unused_parameters=encoder_frozen)
     step_model = ddp or model
-    if args.compile:
-        step_model = torch.compile(step_model)
-    return model, step_model, ddp
+    return (torch.compile(step_model) if compile_model else step_model), ddp
 
 
 def load_weights(model, path, checkpoint):
@@ -262,7 +307,7 @@ def load_weights(model, path, checkpoint):
     own = model.state_dict()
     matching = {k: v for k, v in checkpoint["model"].items() if k in own and own[k].shape == v.shape}
     if not matching:
-        sys.exit(f"error: --load {path}: no weight matches this model ({checkpoint['model_args']})")
+        raise CheckpointError(f"--load {path}: no weight matches this model ({checkpoint['model_args']})")
     model.load_state_dict(matching, strict=False)
     skipped = sorted(set(own) - set(matching))
     print(f"loaded {len(matching)}/{len(own)} tensors from {path}"
@@ -302,35 +347,35 @@ class SeededItems(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone (--workers 0)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator alone: fork_rng restores only that
             return self.dataset[index]
 
 
-def make_loader(dataset, sampler, args, device, drop_last=False):
+def make_loader(dataset, sampler, config, device, drop_last=False):
     """Persistent workers (started once, not every epoch: slow on Windows and macOS, which spawn them), pinned
     memory only with CUDA; workers ignore Ctrl-C, which the main process handles."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=args.workers > 0,
-        generator=torch.Generator().manual_seed(args.seed), worker_init_fn=ignore_sigint)
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=config.workers > 0,
+        generator=torch.Generator().manual_seed(config.seed), worker_init_fn=ignore_sigint)
 
 
 def ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_one_epoch(runner, loader, epoch, args, device, stop, progress, main_process):
+def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, progress, main_process):
     """Trains on the loader's batches. `progress` ({"batch", "batches", "loss_sum", "images"}) says where in
     the epoch the loader starts (after a resume) and is kept up to date. Returns False when a stop was
     requested, after a whole step. Raises NonFiniteLoss, before any update, for a NaN or infinite loss."""
     runner.model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", total=progress["batches"], initial=progress["batch"],
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", total=progress["batches"], initial=progress["batch"],
                leave=False, disable=not main_process)
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         batch = progress["batch"]
-        group_start = batch - batch % args.accumulate
-        group_size = min(args.accumulate, progress["batches"] - group_start)
+        group_start = batch - batch % accumulate
+        group_size = min(accumulate, progress["batches"] - group_start)
         ends_step = batch + 1 == group_start + group_size
         loss = runner.forward_backward(images, masks, 1 / group_size, sync_gradients=ends_step)
         # One sync per batch: the loss summed over processes, and whether any process was asked to stop.
@@ -359,8 +404,8 @@ def score_of(metrics, name, num_classes):
     return metrics["miou"]
 
 
-def new_run_dir(args):
-    run_dir = Path(args.checkpoint_dir) / f"{args.name or args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_run_dir(checkpoint_dir, name):
+    run_dir = Path(checkpoint_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 1
     while run_dir.exists():  # two runs started in the same second never share a folder
         run_dir = run_dir.with_name(f"{run_dir.name.rsplit('.', 1)[0]}.{suffix}")
@@ -416,80 +461,76 @@ def save_samples(model, dataset, normalize, amp_dtype, device, path, count=4):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device, rank, world_size = init_distributed(pick_device(args.device))
+    config, data, augment, model_config, flags = parse_args(argv)
     try:
-        return train(args, device, rank, world_size)
-    except DatasetError as e:
-        # Bad data found while loading (last.pth, saved atomically, is intact). Raised in a loader worker, the
-        # message also carries the worker's traceback: keep its last line, ours.
-        message = re.sub(r"^datasets\.\w+: ", "", str(e).strip().splitlines()[-1])
-        sys.exit(f"error: {message}")
-    finally:
-        if is_distributed():
-            torch.distributed.destroy_process_group()
+        device, rank, world_size = init_distributed(pick_device(config.device))
+        try:
+            return train(config, data, augment, model_config, flags, device, rank, world_size)
+        finally:
+            if is_distributed():
+                torch.distributed.destroy_process_group()
+    except UserError as e:  # bad data met while loading too: last.pth, saved atomically, is intact
+        sys.exit(f"error: {error_line(e)}")
 
 
-def train(args, device, rank, world_size):
+def train(config, data, augment, model_config, flags, device, rank, world_size):
+    """The whole run; `flags` (every flag's value) is saved with it, so that --resume and eval.py can read it."""
     main_process = rank == 0
-    checkpoint = read_checkpoint(args.resume or args.load)
+    checkpoint = load_checkpoint(config.resume or config.load) if config.resume or config.load else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
-    torch.manual_seed(args.seed)
-    try:
-        train_set, val_set = build_dataset(args, "train"), build_dataset(args, "val")
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    torch.manual_seed(config.seed)
+    data = resolve_data(data)
+    flags = {**flags, **dataclasses.asdict(data)}  # the run saves the dataset it found and its mask values
+    train_set, val_set = build_dataset(data, "train", augment), build_dataset(data, "val")
     classes = list(train_set.classes)
-    try:
-        model_args = model_args_from(args, len(classes))
-        # Pretrained encoder weights are fetched here, for training only; a failed download is one line.
-        model = build_model(model_args, pretrained=not (args.resume or args.load))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    model_args = model_config.model_args(len(classes))
+    # Pretrained encoder weights are fetched here, for training only; a failed download is one line.
+    model = build_model(model_args, pretrained=not (config.resume or config.load))
     num_logits = model_args["num_classes"]
-    if args.resume:
-        load_all_weights(model, args.resume, checkpoint)
-    elif args.load:
-        load_weights(model, args.load, checkpoint)
-    model, step_model, ddp = prepare_model(model, args, device, world_size)
+    if config.resume:
+        load_all_weights(model, config.resume, checkpoint)
+    elif config.load:
+        load_weights(model, config.load, checkpoint)
+    model = prepare_model(model, config, device, world_size)
     normalize, ignore_index = input_normalization(model_args), train_set.ignore_index
     meta = {"model_args": model_args, "classes": classes, "mask_values": list(train_set.mask_values),
             "ignore_index": ignore_index, "normalize": normalize}
 
-    train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
-    drop_last = len(train_sampler) > args.batch_size
-    batches_per_epoch = len(train_sampler) // args.batch_size if drop_last else 1
+    train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=config.seed)
+    drop_last = len(train_sampler) > config.batch_size
+    batches_per_epoch = len(train_sampler) // config.batch_size if drop_last else 1
     # Each process scores its own share of the validation set; the confusion matrices are summed.
-    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), args, device)
-    epoch_sampler = EpochSampler(train_sampler, args.seed)
-    train_loader = make_loader(SeededItems(train_set), epoch_sampler, args, device, drop_last)
+    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), config, device)
+    epoch_sampler = EpochSampler(train_sampler, config.seed)
+    train_loader = make_loader(SeededItems(train_set), epoch_sampler, config, device, drop_last)
 
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, math.ceil(batches_per_epoch / args.accumulate))
-    amp_dtype = amp_dtype_for(args, device)
+    optimizer = build_optimizer(model, config, model_config.encoder_lr_factor)
+    scheduler = build_scheduler(optimizer, config, math.ceil(batches_per_epoch / config.accumulate))
+    amp_dtype = amp_dtype_for(config.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = build_criterion(args, num_logits, ignore_index, device)
-    runner = StepRunner(step_model, optimizer, scheduler, scaler, criterion, normalize, amp_dtype,
-                        args.channels_last, args.clip_grad, ddp)
+    criterion = build_criterion(config.loss, config.class_weights, num_logits, ignore_index, device)
+    runner = StepRunner(model, optimizer, scheduler, scaler, criterion, normalize, amp_dtype,
+                        config.channels_last, config.clip_grad)
     # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
     run = {"epoch": 0, "best_score": -1.0, "metrics": None, "epoch_progress": None}
     resume_rng = None
-    if args.resume:
+    if config.resume:
         run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank,
                                            world_size)
 
     run_dir = log = None
     if main_process:
-        run_dir = Path(args.resume).parent if args.resume else new_run_dir(args)
-        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        log = RunLog(run_dir, args.metric, run["epoch"])
+        run_dir = Path(config.resume).parent if config.resume else new_run_dir(config.checkpoint_dir,
+                                                                                config.name or data.dataset)
+        (run_dir / "args.json").write_text(json.dumps(flags, indent=2))
+        log = RunLog(run_dir, config.metric, run["epoch"])
         print(f"{count_parameters(model) / 1e6:.2f} M parameters, {len(train_set)} train / "
               f"{len(val_set)} val images, device {device} x {world_size}, "
               f"{'AMP ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, run folder {run_dir}"
-              + (f", resuming after step {scheduler.last_epoch}" if args.resume else ""))
-    last_good = Path(args.resume) if args.resume else None
+              + (f", resuming after step {scheduler.last_epoch}" if config.resume else ""))
+    last_good = Path(config.resume) if config.resume else None
 
     def save(name):
         """Every process calls it (the RNG states are gathered); rank 0 writes."""
@@ -497,27 +538,30 @@ def train(args, device, rank, world_size):
         if main_process:
             save_checkpoint({**meta, **run, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "step": scheduler.last_epoch, "args": vars(args), "rng": rng}, run_dir / name)
+                             "step": scheduler.last_epoch, "args": flags, "rng": rng}, run_dir / name)
             return run_dir / name
 
+    encoder_frozen = None
     with StopRequest() as stop:
-        for epoch in range(run["epoch"] + 1, args.epochs + 1):
-            set_encoder_frozen(model, epoch <= args.freeze_encoder_epochs)
+        for epoch in range(run["epoch"] + 1, config.epochs + 1):
+            frozen = set_encoder_frozen(model, epoch <= model_config.freeze_encoder_epochs)
+            if frozen != encoder_frozen:
+                runner.model, runner.ddp = wrap_for_steps(model, config.compile, device, world_size, frozen)
+                encoder_frozen = frozen
             start = time.perf_counter()
             progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
                                                  "images": 0}
             run["epoch_progress"] = progress
-            seed_everything(derived_seed(args.seed, epoch, rank))
+            seed_everything(derived_seed(config.seed, epoch, rank))
             if progress["batch"] and resume_rng:
                 set_rng_states(resume_rng)  # resumed mid-epoch
-            epoch_sampler.set_epoch(epoch, progress["batch"] * args.batch_size)
+            epoch_sampler.set_epoch(epoch, progress["batch"] * config.batch_size)
             try:
-                finished = train_one_epoch(runner, train_loader, epoch, args, device, stop, progress,
-                                           main_process)
+                finished = train_one_epoch(runner, train_loader, epoch, config.epochs, config.accumulate, device,
+                                           stop, progress, main_process)
             except NonFiniteLoss as e:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                sys.exit(f"error: {e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off."
-                         if main_process else 1)
+                raise TrainingError(f"{e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off") from None
             if not finished:
                 path = save("last.pth")
                 if main_process:
@@ -530,7 +574,7 @@ def train(args, device, rank, world_size):
             with autocast(device, amp_dtype):
                 metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
                                    distributed=world_size > 1)
-            score = score_of(metrics, args.metric, num_logits)
+            score = score_of(metrics, config.metric, num_logits)
             improved = score > run["best_score"]
             run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
                        best_score=max(run["best_score"], score))
@@ -542,33 +586,26 @@ def train(args, device, rank, world_size):
                 log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
                             "train_loss": loss, **{k: v for k, v in metrics.items() if not isinstance(v, list)},
                             "score": score, "seconds": seconds})
-                if args.sample_every and (epoch % args.sample_every == 0 or epoch == args.epochs):
+                if config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs):
                     save_samples(model, val_set, normalize, amp_dtype, device,
                                  run_dir / "samples" / f"epoch_{epoch:03d}.png")
-                print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
-                      f"pixel acc {metrics['pixel_acc']:.4f}{f'  dice {score:.4f}' if args.metric == 'dice' else ''}"
-                      f"{'  (best)' if improved else ''}  {seconds:.1f}s")
+                dice = f"  dice {score:.4f}" if config.metric == "dice" else ""
+                print(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
+                      f"pixel acc {metrics['pixel_acc']:.4f}{dice}{'  (best)' if improved else ''}  {seconds:.1f}s")
             if any_process(stop.requested, device):
                 if main_process:
                     print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
                 return run_dir
     if main_process:
-        print(f"best {args.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}")
+        print(f"best {config.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}")
     return run_dir
-
-
-def read_checkpoint(path):
-    try:
-        return load_checkpoint(path) if path else None
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
 
 
 def load_all_weights(model, path, checkpoint):
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        sys.exit(f"error: --resume {path} holds another architecture ({str(e).splitlines()[1].strip()})")
+        raise CheckpointError(f"--resume {path} holds another architecture ({one_line(e)})") from None
 
 
 def restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank, world_size):
@@ -576,7 +613,10 @@ def restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch
     RNG states at the time of the save."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    elif scaler.is_enabled():  # saved by a run without fp16: the scaler starts afresh
+        print("note: the checkpoint has no fp16 loss-scaler state; the loss scale starts afresh")
     run = {key: checkpoint[key] for key in ("epoch", "best_score", "metrics", "epoch_progress")}
     if run["epoch_progress"] and run["epoch_progress"]["batches"] != batches_per_epoch:
         print("note: the number of batches per epoch changed, so the interrupted epoch starts again")

@@ -18,17 +18,28 @@ import torchvision.datasets.voc
 from PIL import Image
 
 import datasets
+import images
+import pairs
 from conftest import ROOT
-from datasets import DatasetError, build_dataset, random_zoom_crop
+from datasets import DataConfig, resolve_data
+from errors import DatasetError
+from flags import add_augment_args, add_dataset_args, config_from
+from transforms import AugmentConfig, random_zoom_crop
 
 
 def data_args(*argv):
+    """(resolved DataConfig, AugmentConfig) from data and augmentation flags, as train.py builds them."""
     parser = argparse.ArgumentParser()
-    datasets.add_dataset_args(parser)
-    args = parser.parse_args([str(a) for a in argv])
-    datasets.check_dataset_args(args)
-    datasets.resolve_dataset(args)
-    return args
+    add_dataset_args(parser)
+    add_augment_args(parser)
+    flags = vars(parser.parse_args([str(a) for a in argv]))
+    return resolve_data(config_from(DataConfig, flags)), config_from(AugmentConfig, flags).check()
+
+
+def build_dataset(args, split):
+    """The training preset (augmented) for 'train', the validation preset otherwise."""
+    data, augment = args
+    return datasets.build_dataset(data, split, augment if split == "train" else None)
 
 
 def link_tree(target, link):
@@ -79,9 +90,9 @@ def test_voc_verify_finds_every_class(shared_data, tmp_path):
     for png in (shared_data / "voc_subset" / "VOC2012" / "SegmentationClass").iterdir():
         os.symlink(png, masks / png.name)  # a folder of our own: the check's cache is written beside the masks
     link_tree(shared_data / "voc_subset" / "VOC2012" / "ImageSets", voc / "ImageSets")
-    found = datasets.scan_pairs(build_dataset(data_args("--data", tmp_path, "--verify"), "train").pairs)
+    found = pairs.scan_pairs(build_dataset(data_args("--data", tmp_path, "--verify"), "train").pairs)
     assert set().union(*(values for _, _, values in found)) == set(range(21)) | {255}
-    assert (masks / datasets.SCAN_CACHE).is_file()
+    assert (masks / pairs.SCAN_CACHE).is_file()
 
 
 def test_sbd_reads_gtcls_segmentation(shared_data, tmp_path):
@@ -91,7 +102,7 @@ def test_sbd_reads_gtcls_segmentation(shared_data, tmp_path):
     for split in ("train", "val"):
         (root / f"{split}.txt").write_text("rider\n")
     args = data_args("--data", tmp_path, "--no-augment")
-    assert args.dataset == "sbd"
+    assert args[0].dataset == "sbd"
     image, mask = build_dataset(args, "train")[0]
     height, width = 333, 500
     assert image.shape == (3, 500, 500) and (mask[height:] == 255).all()
@@ -102,7 +113,7 @@ def test_sbd_reads_gtcls_segmentation(shared_data, tmp_path):
 def test_carvana_split_by_car_and_mask_values(shared_data):
     sample = shared_data / "carvana_sample"
     args = data_args("--data", sample, "--val-percent", "50", "--scale", "1")
-    assert args.dataset == "carvana"
+    assert args[0].dataset == "carvana"
     train, val = build_dataset(args, "train"), build_dataset(args, "val")
     cars = [{image.stem.rsplit("_", 1)[0] for image, _ in part.pairs} for part in (train, val)]
     assert len(cars[0]) == len(cars[1]) == 1 and not cars[0] & cars[1] and len(train) == len(val) == 16
@@ -120,7 +131,7 @@ def test_isbi_folders_named_with_images_and_masks(shared_data, tmp_path):
             link_tree(png, tmp_path / folder / png.name)
     args = data_args("--images", tmp_path / "image", "--masks", tmp_path / "label", "--no-augment")
     train, val = build_dataset(args, "train"), build_dataset(args, "val")
-    assert args.dataset == "folder" and args.mask_values == [0, 255] and len(train) + len(val) == 30
+    assert args[0].dataset == "folder" and args[0].mask_values == [0, 255] and len(train) + len(val) == 30
     image, mask = val[0]
     truth = np.array(Image.open(val.pairs[0][1]))
     assert image.shape == (3, 512, 512) and np.array_equal(mask.numpy(), (truth == 255).astype(np.int64))
@@ -156,7 +167,7 @@ def stems_and_labels(dataset):
 def test_voc_sbd_protocols(tmp_path):
     voc, _ = fake_voc_sbd(tmp_path, "abcd", "bcef", {"train": "ab", "val": "cd", "trainval": "abcd"},
                           {"train": "bce", "val": "f"})
-    assert data_args("--data", tmp_path).dataset == "trainaug"
+    assert data_args("--data", tmp_path)[0].dataset == "trainaug"
     # trainaug: VOC train + SBD train+val - VOC val; VOC's own mask (1) wins over SBD's (2) for 'b'.
     aug = build_dataset(data_args("--data", tmp_path, "--no-augment"), "train")
     assert stems_and_labels(aug) == {"a": 1, "b": 1, "e": 2, "f": 2}
@@ -274,7 +285,7 @@ def test_exif_grey_rgba_and_16_bit_images(tmp_path):
     upright[:10] = 255
     stored = Image.fromarray(np.rot90(upright, -1).copy())  # stored on its side, EXIF says "rotate back"
     exif = Image.Exif()
-    exif[datasets.EXIF_ORIENTATION] = 8
+    exif[images.EXIF_ORIENTATION] = 8
     save_pair(tmp_path, "turned", np.zeros((30, 20, 3), np.uint8), upright)
     stored.convert("RGB").save(tmp_path / "imgs" / "turned.jpg", exif=exif, quality=100)
     (tmp_path / "imgs" / "turned.png").unlink()
@@ -297,7 +308,7 @@ def test_exif_grey_rgba_and_16_bit_images(tmp_path):
 def test_voc_found_from_any_level(shared_data, tmp_path, level):
     link_tree(shared_data / "voc_subset" / "VOC2012", tmp_path / "VOCdevkit" / "VOC2012")
     args = data_args("--data", tmp_path / level)
-    assert args.dataset == "voc" and len(build_dataset(args, "val")) == 50
+    assert args[0].dataset == "voc" and len(build_dataset(args, "val")) == 50
 
 
 def test_empty_data_folder_says_how_to_get_data(tmp_path):

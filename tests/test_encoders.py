@@ -13,19 +13,26 @@ import torchvision
 import model as model_module
 import train
 from conftest import ROOT
-from inference import load_model
-from model import (ENCODERS, EncoderUNet, EncoderWeightsError, FCN8s, UNet, add_model_args, backbone, bilinear_kernel,
-                   build_model, input_normalization, model_args_from, parameter_groups, set_encoder_frozen)
-from utils import load_checkpoint, save_checkpoint
+from checkpoints import load_model
+from errors import ConfigError, EncoderWeightsError
+from flags import add_model_args, config_from
+from model import (ENCODERS, EncoderUNet, FCN8s, ModelConfig, UNet, backbone, bilinear_kernel, build_model,
+                   input_normalization, parameter_groups, set_encoder_frozen)
+from checkpoints import load_checkpoint, save_checkpoint
 
 ODD = (67, 93)
 TINY_DECODER = [8] * 5
 
 
 def parse(*argv):
+    """A checked ModelConfig from model flags, as train.py builds it."""
     parser = argparse.ArgumentParser()
     add_model_args(parser)
-    return parser.parse_args(argv)
+    return config_from(ModelConfig, vars(parser.parse_args(argv))).check()
+
+
+def model_args_from(config, num_classes):
+    return config.model_args(num_classes)
 
 
 # Widths of torchvision's architectures, and tap sizes for a 67 x 93 input worked out by hand: VGG's max-pools
@@ -246,7 +253,7 @@ def test_model_flags_build_the_checkpoint_dict():
     (["--freeze-encoder-epochs", "-2"], "--freeze-encoder-epochs cannot be negative"),
 ])
 def test_bad_model_flags_get_one_line(argv, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         model_args_from(parse(*argv), 3)
 
 

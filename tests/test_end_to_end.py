@@ -12,9 +12,9 @@ import eval as evaluate_script
 import predict
 import train
 from conftest import ROOT
-from datasets import Shapes
-from inference import load_model
-from utils import load_checkpoint
+from synthetic import Shapes
+from checkpoints import load_model
+from checkpoints import load_checkpoint
 
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", "--num-val", "8", "--epochs", "2",
         "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0"]

@@ -13,9 +13,11 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, j
 
 import eval as evaluate_script
 import train
-from datasets import build_dataset
+from datasets import DataConfig, build_dataset
+from flags import config_from
 from metrics import ConfusionMatrix
-from utils import load_checkpoint, voc_palette
+from checkpoints import load_checkpoint
+from drawing import voc_palette
 
 
 def accumulate(num_classes, batches):
@@ -78,9 +80,9 @@ def test_label_images_read_back(tmp_path):
     labels = np.random.default_rng(2).integers(0, 21, (2, 23, 31)).astype(np.uint8)
     labels[0, 0, 0], labels[1, 0, 0] = 20, 0
     images = torch.zeros(2, 3, 23, 31, dtype=torch.uint8)
-    args = Namespace(save_labels=tmp_path / "labels", overlays=tmp_path / "overlays")
-    args.save_labels.mkdir(), args.overlays.mkdir()
-    evaluate_script.save_outputs(images, labels, ["a", "b"], list(range(21)), args)
+    folders = tmp_path / "labels", tmp_path / "overlays"
+    folders[0].mkdir(), folders[1].mkdir()
+    evaluate_script.save_outputs(images, labels, ["a", "b"], list(range(21)), *folders)
     for name, label in zip("ab", labels):
         written = Image.open(tmp_path / "labels" / f"{name}.png")
         assert written.mode == "P"
@@ -89,7 +91,7 @@ def test_label_images_read_back(tmp_path):
         assert np.array_equal(palette, voc_palette())
         overlay = np.asarray(Image.open(tmp_path / "overlays" / f"{name}.png"))
         assert overlay.shape == (23, 31, 3) and (overlay[label == 0] == 0).all() and overlay[label > 0].any()
-    evaluate_script.save_outputs(images[:1], labels[:1] % 2, ["bin"], [0, 1], args)
+    evaluate_script.save_outputs(images[:1], labels[:1] % 2, ["bin"], [0, 1], *folders)
     binary = Image.open(tmp_path / "labels" / "bin.png")
     assert binary.mode == "L" and np.array_equal(np.asarray(binary), (labels[0] % 2) * 255)
 
@@ -157,7 +159,7 @@ def test_eval_voc_full_resolution(voc, tmp_path, capsys):
 def test_training_validation_pads_with_ignored_pixels(voc):
     """train.py's validation preset pads VOC items to one canvas; the padding is void, so it is never scored."""
     args = load_checkpoint(voc.checkpoint)["args"]
-    padded = build_dataset(Namespace(**args), "val")
+    padded = build_dataset(config_from(DataConfig, args), "val")
     for i, ident in enumerate(voc.val):
         _, mask = padded[i]
         height, width = np.asarray(Image.open(voc.voc / "SegmentationClass" / f"{ident}.png")).shape

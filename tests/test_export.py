@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import export
-from inference import load_model, preprocess
+from checkpoints import load_model
+from inference import preprocess
 from model import build_model, input_normalization
-from utils import save_checkpoint
+from checkpoints import save_checkpoint
 
 MODELS = {
     "unet": {"arch": "unet", "in_channels": 3, "num_classes": 3, "base_channels": 4, "depth": 3, "bilinear": False},

@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import inference
-from inference import predict_probs, predict_probs_or_tile, probs_to_labels, tile_starts
+from inference import InferenceConfig, predict_probs, predict_probs_or_tile, probs_to_labels, tile_starts
 from model import IMAGENET_NORMALIZE, UNet
-from utils import CheckpointError, save_checkpoint
+from checkpoints import save_checkpoint
+from errors import CheckpointError
 
 PLAIN = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # x = pixel / 255
 
@@ -77,21 +79,24 @@ def test_tiled_equals_whole_image(size, tile, overlap):
     assert (naive - whole).abs().max() > 0.1  # so the tolerance above means something
 
 
-def test_tta_is_the_mean_of_the_flipped_predictions():
+@pytest.mark.parametrize("vertical, numpy_axes", [(False, [(), (3,)]), (True, [(), (3,), (2,), (2, 3)])])
+def test_tta_is_the_mean_of_the_flipped_predictions(vertical, numpy_axes):
+    """--tta averages the horizontal flip, which training shows the model; --tta-vflip all four flips."""
     model = tiny_unet(num_classes=2)
     image = random_images(2, 3, 40, 56)
-    got = predict_probs(model, image, IMAGENET_NORMALIZE, tta=True)
+    options = InferenceConfig(tta=True, tta_vflip=vertical).options()
+    got = predict_probs(model, image, IMAGENET_NORMALIZE, **options)
     assert got.shape == (2, 2, 40, 56)
     x = inference.preprocess(image, IMAGENET_NORMALIZE).numpy()
     expected = 0
-    for axes in [(), (3,), (2,), (2, 3)]:
+    for axes in numpy_axes:
         with torch.no_grad():
             logits = model(torch.from_numpy(np.flip(x, axes).copy())).numpy()
         softmax = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-        expected = expected + np.flip(softmax, axes) / 4
+        expected = expected + np.flip(softmax, axes) / len(numpy_axes)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
     assert not torch.allclose(got, predict_probs(model, image, IMAGENET_NORMALIZE), atol=1e-3)
-    tiled = predict_probs(model, image, IMAGENET_NORMALIZE, tta=True, tile=32, overlap=0.5)
+    tiled = predict_probs(model, image, IMAGENET_NORMALIZE, **{**options, "tile": 32, "overlap": 0.5})
     assert tiled.shape == got.shape
 
 
@@ -179,5 +184,5 @@ def test_checkpoint_of_the_wrong_kind_is_one_clear_line(tmp_path):
     for name, model_args in [("mismatch.pth", args), ("unknown.pth", {**args, "arch": "segformer"})]:
         save_checkpoint({**state, "model_args": model_args}, tmp_path / name)
         with pytest.raises(CheckpointError, match=f"'{tmp_path / name}' holds a model this code cannot rebuild") as e:
-            inference.load_model(tmp_path / name)
+            checkpoints.load_model(tmp_path / name)
         assert "\n" not in str(e.value)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import cross_entropy_loss, dice_loss, segmentation_loss
+from losses import cross_entropy_loss, dice_loss, segmentation_loss
 
 
 def test_weighted_cross_entropy_matches_torch_and_numpy():

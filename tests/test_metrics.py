@@ -5,7 +5,8 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
 
-from metrics import ConfusionMatrix, dice_loss, segmentation_loss
+from losses import dice_loss, segmentation_loss
+from metrics import ConfusionMatrix
 
 
 def test_hand_worked_example():

@@ -11,7 +11,8 @@ from PIL import Image
 import predict
 from conftest import ROOT
 from model import IMAGENET_NORMALIZE, UNet, build_model
-from utils import save_checkpoint, voc_palette
+from checkpoints import save_checkpoint
+from drawing import voc_palette
 
 
 def write_checkpoint(path, num_classes, mask_values, bias=None, seed=0, train_args=None):

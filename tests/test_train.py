@@ -1,4 +1,5 @@
 """train.py at scale: exact resume, Ctrl-C, the NaN stop, atomic saves, logs, curves, samples, torchrun."""
+import dataclasses
 import csv
 import math
 import os
@@ -13,9 +14,11 @@ from PIL import Image
 
 import train
 from conftest import ROOT
-from datasets import Shapes
-from inference import evaluate, load_model, predict_probs, probs_to_labels
-from utils import load_checkpoint, save_checkpoint, voc_palette
+from synthetic import Shapes
+from checkpoints import load_model
+from inference import evaluate, predict_probs, probs_to_labels
+from checkpoints import load_checkpoint, save_checkpoint
+from drawing import voc_palette
 
 # 32 training images in batches of 8: 4 steps an epoch.
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", "--num-val", "6", "--epochs", "3",
@@ -160,10 +163,10 @@ def test_torchrun_gloo_score_equals_single_process_score(tmp_path):
 
 
 def test_schedules_scale_every_parameter_group():
-    args = train.parse_args(["--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.1", "--scheduler", "poly"])
+    config = train.parse_args(["--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.1", "--scheduler", "poly"])[0]
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.01}], lr=0.1)
-    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=10)  # 20 steps, 5 of warm-up
+    scheduler = train.build_scheduler(optimizer, config, steps_per_epoch=10)  # 20 steps, 5 of warm-up
     lrs = []
     for _ in range(20):
         lrs.append([group["lr"] for group in optimizer.param_groups])
@@ -172,9 +175,8 @@ def test_schedules_scale_every_parameter_group():
     expected = [(t + 1) / 5 if t < 5 else (1 - (t - 5) / 15) ** 0.9 for t in range(20)]
     assert [lr[0] for lr in lrs] == pytest.approx([0.1 * f for f in expected])
     assert [lr[1] for lr in lrs] == pytest.approx([0.01 * f for f in expected])
-    args.scheduler = "cosine"
     optimizer = torch.optim.SGD(params, lr=0.1)
-    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=10)
+    scheduler = train.build_scheduler(optimizer, dataclasses.replace(config, scheduler="cosine"), steps_per_epoch=10)
     for _ in range(10):  # 5 warm-up steps, then 5 of 15 cosine steps
         optimizer.step()
         scheduler.step()
@@ -183,15 +185,15 @@ def test_schedules_scale_every_parameter_group():
 
 def test_amp_never_defaults_to_bf16_on_cpu():
     cpu = torch.device("cpu")
-    assert train.amp_dtype_for(train.parse_args(["--amp"]), cpu) is None
-    assert train.amp_dtype_for(train.parse_args(["--amp", "bf16"]), cpu) is torch.bfloat16
-    assert train.amp_dtype_for(train.parse_args([]), cpu) is None
+    assert train.amp_dtype_for(train.parse_args(["--amp"])[0].amp, cpu) is None
+    assert train.amp_dtype_for(train.parse_args(["--amp", "bf16"])[0].amp, cpu) is torch.bfloat16
+    assert train.amp_dtype_for(train.parse_args([])[0].amp, cpu) is None
 
 
 def test_load_takes_matching_weights_for_a_new_number_of_classes(full_run, tmp_path, capsys):
     source = load_checkpoint(full_run / "best.pth")["model"]
-    args = train.parse_args(TINY + ["--single-logit"])  # 1 logit instead of 4: the last layer differs
-    model = train.build_model(train.model_args_from(args, 2))
+    model_config = train.parse_args(TINY + ["--single-logit"])[3]  # 1 logit instead of 4: the last layer differs
+    model = train.build_model(model_config.model_args(2))
     train.load_weights(model, "best.pth", {"model": source, "model_args": {}})
     state = model.state_dict()
     assert torch.equal(state["inc.0.weight"], source["inc.0.weight"])
@@ -201,7 +203,7 @@ def test_load_takes_matching_weights_for_a_new_number_of_classes(full_run, tmp_p
 
 @pytest.mark.parametrize("flags, message", [
     (["--resume", "a.pth", "--load", "b.pth"], "give only one"),
-    (["--warmup-epochs", "10", "--epochs", "10"], "--warmup-epochs (10.0) must be shorter"),
+    (["--warmup-epochs", "10", "--epochs", "10"], "--warmup-epochs (10) must be shorter"),
     (["--accumulate", "0"], "--accumulate must be at least 1"),
     (["--resume", "missing.pth"], "--resume: checkpoint 'missing.pth' does not exist"),
 ])

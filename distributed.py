@@ -1,0 +1,46 @@
+"""Distributed runs: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; these helpers do nothing in a single process."""
+import os
+
+import torch
+
+
+def init_distributed(device):
+    """Join the process group torchrun describes, if any. Returns (device, rank, world_size): under torchrun
+    a CUDA device becomes cuda:LOCAL_RANK (NCCL backend); a CPU device uses the gloo backend."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, torch.distributed.get_rank(), world_size
+
+
+def is_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all processes in place (nothing to do in a single process); returns it."""
+    if is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def average_across_processes(tensors):
+    """Replace each floating-point tensor by its mean over the processes, in place."""
+    if is_distributed():
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                torch.distributed.all_reduce(tensor)
+                tensor /= torch.distributed.get_world_size()
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

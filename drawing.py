@@ -1,0 +1,118 @@
+"""Pictures: the class palette, label images, overlays, sample grids, training curves and the confusion matrix."""
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def voc_palette(num_colors=256):
+    """The Pascal VOC colour map: class i gets the colour made from the bits of i."""
+    palette = np.zeros((num_colors, 3), dtype=np.uint8)
+    for i in range(num_colors):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def plot_confusion_matrix(matrix, classes, path):
+    """Save the confusion matrix with rows normalised to 1 (each row: where that true class went)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rows = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    n = len(classes)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if normalised[i, j] >= 0.005:
+                    ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if normalised[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def label_image(labels, mask_values):
+    """Class map (HxW ints) -> PIL image in the mask format of the data: 0/255 greyscale for two classes,
+    a VOC-palette PNG of the mask values otherwise."""
+    labels = np.asarray(labels)
+    values = np.asarray(mask_values, dtype=np.uint8)  # uint8 lookup: no int64 copy of a huge label map
+    if len(values) <= 2:
+        return Image.fromarray((labels > 0).astype(np.uint8) * 255)
+    image = Image.fromarray(values[labels].astype(np.uint8))
+    image.putpalette(voc_palette().flatten().tolist())  # turns the greyscale image into mode P
+    return image
+
+
+def plot_curves(history, path, metric="miou"):
+    """Training loss, the validation score and pixel accuracy against the epoch, one panel each, as a PNG."""
+    import matplotlib  # imported here: eval.py and predict.py need no plotting
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    panels = [("train_loss", "training loss"), (metric, f"validation {'mIoU' if metric == 'miou' else 'Dice'}"),
+              ("pixel_acc", "validation pixel accuracy")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), layout="constrained")
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def sample_grid(images, truths, predictions):
+    """One row per image: image | truth | prediction, classes in VOC colours (ignored pixels in VOC's void
+    colour). Images uint8 3xHxW, label maps HxW; rows of different widths are padded. Returns a PIL image."""
+    palette = voc_palette()
+    rows = []
+    for image, truth, prediction in zip(images, truths, predictions):
+        panels = [image.permute(1, 2, 0).numpy(), palette[truth.numpy()], palette[prediction.numpy()]]
+        rows.append(np.concatenate(panels, axis=1))
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def class_colours(mask_values):
+    """RGB colour of each class: its mask value's VOC colour, or VOC class 1 (dark red) for the binary foreground."""
+    values = np.asarray(mask_values) if len(mask_values) > 2 else np.arange(2)
+    return voc_palette()[values]
+
+
+def overlay_image(image, labels, mask_values, alpha=0.5):
+    """The image (HxWx3 uint8) with every non-background pixel tinted by its class colour."""
+    photo = Image.fromarray(image)
+    colours = Image.fromarray(class_colours(mask_values)[labels])
+    return Image.composite(Image.blend(photo, colours, alpha), photo, Image.fromarray(labels != 0))
+
+
+def side_by_side(image, mask):
+    """Image (HxWx3 uint8) | mask (a PIL image of the same size) in one RGB image, to look at predictions."""
+    height, width = image.shape[:2]
+    both = Image.new("RGB", (2 * width, height))
+    both.paste(Image.fromarray(image), (0, 0))
+    both.paste(mask.convert("RGB"), (width, 0))
+    return both

@@ -1,0 +1,100 @@
+"""The command-line flags the scripts share, one argparse group per config they fill (DataConfig,
+AugmentConfig, ModelConfig, InferenceConfig), and config_from to build a config from the parsed values."""
+import dataclasses
+
+from datasets import DATASETS
+from model import ENCODERS
+
+
+def config_from(config_class, values):
+    """A config dataclass from a dict of parsed flags (vars(args)): the fields it has, the rest left out."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return config_class(**{key: value for key, value in values.items() if key in names})
+
+
+def add_dataset_args(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="auto", choices=DATASETS,
+                       help="dataset to read; 'auto' recognises the layout under --data; 'shapes' is synthetic")
+    group.add_argument("--data", default="data", help="folder that holds the dataset (or the dataset's root)")
+    group.add_argument("--download", action="store_true", help="first fetch Pascal VOC 2012 and/or SBD into --data")
+    group.add_argument("--images", default=None, help="folder of images (--dataset folder)")
+    group.add_argument("--masks", default=None, help="folder of masks named like the images (--dataset folder)")
+    group.add_argument("--mask-suffix", default=None,
+                       help="mask name = image name + suffix (default: '' or '_mask', whichever matches)")
+    group.add_argument("--mask-values", type=int, nargs="+", default=None,
+                       help="mask value of each class, in class order (folder; default: the values found)")
+    group.add_argument("--ignore-index", type=int, default=None,
+                       help="mask value of void pixels, skipped by loss and metrics (VOC and SBD: 255)")
+    group.add_argument("--val-percent", type=float, default=10.0,
+                       help="validation share of carvana (whole cars) and folder data")
+    group.add_argument("--verify", action="store_true",
+                       help="check every pair before training (readable, same size, known values); cached; "
+                            "always on for folder")
+    group.add_argument("--skip-bad", action="store_true",
+                       help="leave out unreadable files, naming them with a count, instead of stopping")
+    group.add_argument("--scale", type=float, default=None,
+                       help="resize factor applied when loading (default: 0.5 for carvana, 1 otherwise)")
+    group.add_argument("--image-size", type=int, default=64, help="side of the synthetic shapes images")
+    group.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
+    group.add_argument("--num-val", type=int, default=200, help="synthetic validation images")
+    group.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data and of random splits")
+    return group
+
+
+def add_augment_args(parser):
+    group = parser.add_argument_group("augmentation")
+    group.add_argument("--crop-size", type=int, default=256, help="side of the random training crop (0: none)")
+    group.add_argument("--zoom", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
+                       help="random zoom range applied before the crop")
+    group.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (0: off)")
+    group.add_argument("--rotate", type=float, default=10.0, help="largest random rotation in degrees (0: off)")
+    group.add_argument("--jitter", type=float, default=0.0,
+                       help="brightness, contrast and saturation jitter (0: off)")
+    group.add_argument("--no-augment", action="store_true", help="no random augmentation at all")
+    return group
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", default="unet", choices=["unet", "fcn"],
+                       help="U-Net, or FCN-8s (on a VGG encoder, vgg13 unless --encoder says otherwise)")
+    group.add_argument("--encoder", default="none", choices=("none",) + ENCODERS, metavar="NAME",
+                       help=f"torchvision encoder of the U-Net: {', '.join(ENCODERS)}; 'none': the classic U-Net")
+    group.add_argument("--encoder-weights", default="imagenet", metavar="imagenet|none|PATH",
+                       help="encoder initialisation: torchvision's ImageNet weights (downloaded once), random, "
+                            "or a torchvision state_dict file")
+    group.add_argument("--decoder-channels", type=int, nargs="+", default=None, metavar="N",
+                       help="encoder U-Net: decoder widths, deepest first (None: 256 128 64 32, then 16 for "
+                            "ResNet and DenseNet)")
+    group.add_argument("--encoder-lr-factor", type=float, default=0.1,
+                       help="the encoder's learning rate is --lr times this")
+    group.add_argument("--freeze-encoder-epochs", type=int, default=0,
+                       help="train only the decoder (encoder weights and BatchNorm statistics fixed) for this "
+                            "many epochs first")
+    group.add_argument("--base-channels", type=int, default=64, help="classic U-Net: width of the first level")
+    group.add_argument("--depth", type=int, default=4, help="classic U-Net: number of down-sampling steps")
+    group.add_argument("--bilinear", action="store_true", help="bilinear upsampling instead of transposed convs")
+    group.add_argument("--single-logit", action="store_true",
+                       help="two-class data: one sigmoid logit (BCE) instead of two softmax logits")
+    return group
+
+
+def add_inference_args(parser, scale=True):
+    """The flags of InferenceConfig, shared by predict.py and eval.py. scale=False leaves out -s/--scale, for a
+    parser that has its own --scale (eval.py's data flags)."""
+    group = parser.add_argument_group("inference")
+    if scale:
+        group.add_argument("-s", "--scale", type=float, default=None,
+                           help="resize factor applied before the model (default: the one it was trained with, "
+                                "saved in the checkpoint); outputs have the input's size")
+    group.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                       help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
+    group.add_argument("--overlap", type=float, default=0.5,
+                       help="fraction of a tile shared with its neighbour (default: 0.5)")
+    group.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: average with the horizontally flipped image's prediction")
+    group.add_argument("--tta-vflip", action="store_true",
+                       help="with --tta, also average the vertical flips (4 passes): for data with no up and down")
+    group.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    return group
