@@ -28,18 +28,22 @@ DATASETS = ["auto", "shapes", "voc", "sbd", "sbd-voc", "trainaug", "carvana", "f
 @dataclass
 class DataConfig:
     """Which data to read and how; the fields are the data flags of the scripts (see flags.py)."""
+    # where the data lies
     dataset: str = "auto"
     data: str = "data"
     download: bool = False
     images: str = None
     masks: str = None
+    # how mask values become classes
     mask_suffix: str = None
     mask_values: list = None
     ignore_index: int = None
+    # splits, checks and size
     val_percent: float = 10.0
     verify: bool = False
     skip_bad: bool = False
     scale: float = None
+    # the synthetic shapes
     image_size: int = 64
     num_train: int = 2000
     num_val: int = 200

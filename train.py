@@ -84,26 +84,27 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.load:
         p.error("--resume continues a run, --load starts a new one from its weights: give only one")
-    if args.resume:  # the run's own arguments, overridden by the flags given now
-        p.set_defaults(**resume_defaults(p, args.resume))
-        args = p.parse_args(argv)
     flags = vars(args)
     try:
+        if args.resume:  # the run's own arguments, overridden by the flags given now
+            p.set_defaults(**resume_defaults(p, args.resume))
+            flags = vars(p.parse_args(argv))
         configs = [config_from(kind, flags).check()
                    for kind in (TrainConfig, DataConfig, AugmentConfig, ModelConfig)]
         if configs[0].warmup_epochs >= configs[0].epochs:
             raise ConfigError(f"--warmup-epochs ({configs[0].warmup_epochs:g}) must be shorter than --epochs "
                               f"({configs[0].epochs})")
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         p.error(str(e))
     return (*configs, flags)
 
 
 def resume_defaults(parser, path):
+    """The flags a run was started with, for --resume."""
     try:
         saved = load_checkpoint(path)["args"]
     except CheckpointError as e:
-        parser.error(f"--resume: {e}")
+        raise CheckpointError(f"--resume: {e}") from None
     known = {action.dest for action in parser._actions}
     return {key: value for key, value in saved.items() if key in known and key not in ("resume", "load")}
 
@@ -111,6 +112,7 @@ def resume_defaults(parser, path):
 @dataclass
 class TrainConfig:
     """The optimisation, speed and run flags of train.py."""
+    # optimisation
     epochs: int = 10
     batch_size: int = 16
     accumulate: int = 1
@@ -121,13 +123,16 @@ class TrainConfig:
     scheduler: str = "poly"
     warmup_epochs: float = 0.0
     clip_grad: float = 0.0
+    # what is minimised, and what picks best.pth
     loss: str = "ce"
     class_weights: list = None
     metric: str = "miou"
+    # speed
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
+    # the run: where it is saved, where it starts from, what it runs on
     name: str = None
     checkpoint_dir: str = "checkpoints"
     resume: str = None
