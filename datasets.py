@@ -17,7 +17,7 @@ from torchvision import tv_tensors
 from errors import ConfigError, DatasetError, check_at_least
 from images import open_image, open_mask, scaled_size, to_tensor
 from metrics import IGNORE_INDEX
-from pairs import check_values, existing, held_out, list_files, pair_by_stem, read_ids, scan_pairs, size_mismatch, \
+from pairs import check_values, existing, found_mask_values, held_out, list_files, pair_by_stem, read_ids, scan_pairs, size_mismatch, \
     unknown_values
 from synthetic import Shapes
 from transforms import fit_canvas, random_zoom_crop, train_transform
@@ -160,6 +160,11 @@ DEFAULT_SCALE = {"carvana": 0.5}
 def load_scale(dataset, scale=None):
     """The resize factor of a dataset's images: --scale when given, else its default (carvana 0.5, others 1)."""
     return scale or DEFAULT_SCALE.get(dataset, 1.0)
+
+
+def void_value(dataset, ignore_index=None):
+    """The mask value of void pixels: VOC's and SBD's 255 (their object borders), else --ignore-index (or None)."""
+    return IGNORE_INDEX if dataset in ("voc", "sbd", "sbd-voc", "trainaug") else ignore_index
 
 
 def trained_scale(checkpoint):
@@ -315,7 +320,7 @@ def resolve_data(config):
         resolved.dataset = detect(resolved)
     if resolved.dataset == "folder" and resolved.mask_values is None:
         found = scan_pairs(folder_pairs(resolved), resolved.skip_bad)
-        resolved.mask_values = sorted(set().union(*(v for _, _, v in found)) - {resolved.ignore_index})
+        resolved.mask_values = found_mask_values(found, resolved.ignore_index)
     return resolved
 
 
@@ -342,10 +347,9 @@ def build_dataset(config, split, augment=None, full_resolution=False):
         found = scan_pairs(pairs, config.skip_bad)
     else:
         pairs = READERS[name](config, split)
-        voc_like = name != "carvana"
-        classes, mask_values = (VOC_CLASSES, range(21)) if voc_like else (["background", "car"], [0, 1])
-        void = IGNORE_INDEX if voc_like else config.ignore_index
-        found = scan_pairs(pairs, config.skip_bad) if config.verify and pairs else [(p, None, []) for p in pairs]
+        classes, mask_values = (["background", "car"], [0, 1]) if name == "carvana" else (VOC_CLASSES, range(21))
+        void = void_value(name, config.ignore_index)
+        found = scan_pairs(pairs, config.skip_bad) if config.verify and pairs else [(p, None, {}) for p in pairs]
     check_values(found, mask_values, void)
     if name == "folder" and split != "all":
         val_stems = held_out({pair[0].stem for pair, _, _ in found}, config.val_percent, config.data_seed)

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import find_checkpoint, load_model
-from datasets import DataConfig, build_dataset, trained_scale
+from datasets import DataConfig, build_dataset, trained_scale, void_value
 from drawing import label_image, overlay_image, plot_confusion_matrix
 from errors import ConfigError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
@@ -116,10 +116,10 @@ def choose_data(given, split, checkpoint):
     and masks read with the checkpoint's classes, or a dataset whose flags left out are the training run's."""
     trained_with = checkpoint.get("args", {})
     if given["images"] or given["masks"]:
-        defaults = DataConfig(dataset="folder", mask_values=list(checkpoint["mask_values"]))
-        if given["ignore_index"] is None:
-            void = trained_with.get("ignore_index")
-            defaults.ignore_index = void if void is not None or IGNORE_INDEX in defaults.mask_values else IGNORE_INDEX
+        # The masks hold the checkpoint's mask values; a value is void only when --ignore-index says so, or when
+        # the training data defined one (VOC's 255 borders, or the run's --ignore-index).
+        void = void_value(trained_with.get("dataset"), trained_with.get("ignore_index"))
+        defaults = DataConfig(dataset="folder", mask_values=list(checkpoint["mask_values"]), ignore_index=void)
         split = split or "all"
     else:
         defaults = config_from(DataConfig, trained_with)
@@ -264,6 +264,10 @@ def evaluate_checkpoint(config, given, inference):
         return None
     metrics = confusion.compute()
     print(format_table(metrics, classes))
+    void_share = confusion.ignored / max(1, confusion.ignored + int(confusion.mat.sum()))
+    if void_share > 0.5:
+        warn(f"{void_share:.0%} of the true pixels are void (mask value {data.ignore_index}) and were not scored; "
+             f"if that value is a class of these masks, they are not masks of this checkpoint's task")
     if confusion_png:
         plot_confusion_matrix(confusion.mat.cpu().numpy(), classes, confusion_png)
         print(f"wrote {confusion_png}")

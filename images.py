@@ -8,6 +8,8 @@ from errors import DatasetError, ImageReadError
 
 EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm")
+# The largest value of PIL's high-bit-depth modes (PIL reads 16-bit PNGs as I;16, or I in older versions).
+FORMAT_RANGE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
 
 
 def scaled_size(size, scale):
@@ -32,11 +34,12 @@ def open_image(path, scale=1.0):
                 image.draft("RGB", scaled_size(size, scale))
             turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             image = upright(image)
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                # 16-bit and float pixels: scale the range to 8 bits instead of clipping it.
+            if image.mode in FORMAT_RANGE:
+                # Scaled by the range of the format, never by the image's own values: every image of a set
+                # then keeps the same brightness (16-bit PNG and TIFF: 0..65535; float TIFF: 0..1).
                 pixels = np.asarray(image, dtype=np.float32)
-                top = 65535.0 if pixels.max() > 255 else 255.0
-                image = Image.fromarray((pixels * (255.0 / top)).clip(0, 255).astype(np.uint8))
+                image = Image.fromarray((pixels * (255.0 / FORMAT_RANGE[image.mode])).clip(0, 255).round()
+                                        .astype(np.uint8))
             image = image if image.mode == "RGB" else image.convert("RGB")
             size = size[::-1] if turned else size
             target = scaled_size(size, scale)
@@ -61,16 +64,22 @@ def read_image(path):
     return to_tensor(open_image(path)[0])
 
 
-def image_size(path):
-    """(width, height) of the upright image, from its header alone."""
+def checked_image_size(path):
+    """(width, height) of the upright image, after decoding all of it (at 1/8 size for JPEGs, which is cheap but
+    still reads every byte): a truncated or corrupt file fails here, not in the middle of training."""
     try:
         with Image.open(path) as image:
             turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            return image.size[::-1] if turned else image.size
+            size = image.size[::-1] if turned else image.size
+            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+            return size
     except FileNotFoundError:
         raise ImageReadError(f"'{path}' does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except UnidentifiedImageError:
         raise ImageReadError(f"'{path}' is not an image file that PIL can read") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"'{path}' could not be decoded, the file may be corrupt or truncated ({e})") from None
 
 
 def open_mask(path):
@@ -101,7 +110,8 @@ def open_mask(path):
 
 
 def mask_values_of(path):
-    """(width, height) and the sorted distinct values of one mask file."""
+    """(width, height) of one mask file, and {value: pixel count} of the values it holds."""
     mask = open_mask(path)
-    return mask.size, np.unique(np.asarray(mask)).tolist()
+    values, counts = np.unique(np.asarray(mask), return_counts=True)
+    return mask.size, dict(zip(values.tolist(), counts.tolist()))
 

@@ -1,5 +1,6 @@
 """Image/mask pairs on disk: matching files by name, split lists, and the check of every pair (readable, same
 size, known mask values), done once and cached."""
+import hashlib
 import json
 import os
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import DatasetError, ImageReadError
-from images import IMAGE_EXTENSIONS, image_size, mask_values_of
+from images import IMAGE_EXTENSIONS, checked_image_size, mask_values_of
 
 
 def size_mismatch(image_path, image_size, mask_path, mask_size):
@@ -18,8 +19,13 @@ def size_mismatch(image_path, image_size, mask_path, mask_size):
 
 def unknown_values(mask_path, values, mask_values, void_value):
     void = f" and the void value {void_value}" if void_value is not None else ""
-    return DatasetError(f"mask '{mask_path}' holds values {values} outside the known mask values "
-                        f"{list(mask_values)}{void}; fix the mask, or name a void value with --ignore-index")
+    if len(values) > 16:
+        fix = "these look like photographs, not masks: are --images and --masks swapped?"
+    else:
+        fix = ("fix the mask, map the values to the classes with --mask-values (one per class, in class order), "
+               "or name a void value with --ignore-index")
+    return DatasetError(f"mask '{mask_path}' holds {len(values)} value(s) ({listing(map(str, values), 8)}) outside "
+                        f"the known mask values {list(mask_values)}{void}; {fix}")
 
 
 def listing(names, limit=5):
@@ -34,9 +40,12 @@ def list_files(folder, kind):
         raise DatasetError(f"{kind} folder '{folder}' does not exist")
     files = {}
     with os.scandir(folder) as entries:
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: e.name):
             path = Path(entry.path)
             if not entry.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                if path.stem in files:
+                    raise DatasetError(f"'{files[path.stem].name}' and '{path.name}' in {kind} folder '{folder}' "
+                                       f"share the name '{path.stem}', so either could be paired; keep one")
                 files[path.stem] = path
     if not files:
         raise DatasetError(f"{kind} folder '{folder}' is empty (no {', '.join(IMAGE_EXTENSIONS)} files)")
@@ -88,7 +97,15 @@ def held_out(keys, percent, seed):
     return {keys[i] for i in order[:count]}
 
 
-SCAN_CACHE = ".unet_scan.json"
+def cache_folder():
+    """Where the checks of data folders are cached: never beside the data, which may be read-only or shared."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "unet-segmentation" / "scans"
+
+
+def cache_file(mask_folder):
+    key = hashlib.sha1(str(mask_folder.resolve()).encode()).hexdigest()[:16]
+    return cache_folder() / f"{key}.json"
 
 
 def file_stamp(path):
@@ -100,41 +117,45 @@ def file_stamp(path):
 
 
 def scan_pairs(pairs, skip_bad=False):
-    """Check every pair once: the image's size (from its header) equals the decoded mask's, both are readable;
-    and collect each mask's values. Results are cached beside the masks (SCAN_CACHE), keyed by file size and
-    modification time, so later starts cost two stat calls per pair.
-    Returns [(pair, (width, height), values)] for the readable pairs."""
+    """Check every pair once: both files decode, the image's size equals the mask's; and count each mask's values.
+    Results are cached per mask folder (cache_folder), keyed by file size and modification time, so later starts
+    cost two stat calls per pair. Returns [(pair, (width, height), {value: pixel count})] for the readable pairs."""
     caches, changed, found, skipped = {}, set(), [], []
     for image_path, mask_path in pairs:
         folder = mask_path.parent
         if folder not in caches:
             try:
-                caches[folder] = json.loads((folder / SCAN_CACHE).read_text())
+                caches[folder] = json.loads(cache_file(folder).read_text())
             except (OSError, ValueError):
                 caches[folder] = {}
         try:
             stamp = file_stamp(image_path) + file_stamp(mask_path)
             entry = caches[folder].get(mask_path.name)
-            if entry is None or entry["stamp"] != stamp or entry["image"] != image_path.name:
-                size = image_size(image_path)
-                mask_size, values = mask_values_of(mask_path)
+            if entry is None or entry.get("stamp") != stamp or entry.get("image") != image_path.name:
+                size = checked_image_size(image_path)
+                mask_size, counts = mask_values_of(mask_path)
                 if mask_size != size:
                     raise size_mismatch(image_path, size, mask_path, mask_size)
-                entry = {"image": image_path.name, "stamp": stamp, "size": list(size), "values": values}
+                entry = {"image": image_path.name, "stamp": stamp, "size": list(size),
+                         "counts": [[value, count] for value, count in counts.items()]}
                 caches[folder][mask_path.name] = entry
                 changed.add(folder)
         except ImageReadError as e:
             if not skip_bad:
-                raise
+                raise DatasetError(f"{e}; fix or remove the file, or pass --skip-bad to leave out unreadable "
+                                   f"pairs") from None
             skipped.append(str(e))
             continue
-        found.append(((image_path, mask_path), tuple(entry["size"]), entry["values"]))
+        found.append(((image_path, mask_path), tuple(entry["size"]), dict(entry["counts"])))
     for folder in changed:
+        path = cache_file(folder)
         try:
-            (folder / f"{SCAN_CACHE}.tmp").write_text(json.dumps(caches[folder]))
-            os.replace(folder / f"{SCAN_CACHE}.tmp", folder / SCAN_CACHE)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(json.dumps(caches[folder]))
+            os.replace(path.with_suffix(".tmp"), path)
         except OSError as e:
-            print(f"note: could not cache the mask check in '{folder}' ({e}); it will run again", file=sys.stderr)
+            print(f"note: could not cache the check of '{folder}' in '{path}' ({e}); it will run again",
+                  file=sys.stderr)
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable pair(s): {listing(skipped, 3)}", file=sys.stderr)
     if not found:
@@ -142,11 +163,42 @@ def scan_pairs(pairs, skip_bad=False):
     return found
 
 
+MAX_CLASSES = 254  # class indices 0..253 fit in a uint8 mask tensor beside the void index 255
+STRAY_SHARE = 1e-4  # a mask value on fewer than this share of all mask pixels, in few masks, looks like noise
+
+
+def found_mask_values(found, void_value=None):
+    """The sorted mask values of scanned pairs (void left out). A value on a tiny share of the pixels of a few
+    masks (stray pixels of an edited or JPEG-saved mask) is refused rather than made a class of its own."""
+    totals, masks_with = {}, {}
+    for (_, mask_path), _, counts in found:
+        for value, count in counts.items():
+            totals[value] = totals.get(value, 0) + count
+            masks_with.setdefault(value, []).append(mask_path)
+    pixels = sum(totals.values())
+    values = sorted(set(totals) - {void_value})
+    if len(values) > MAX_CLASSES:
+        folder = found[0][0][1].parent
+        raise DatasetError(f"the masks in '{folder}' hold {len(values)} distinct values, as photographs do: masks "
+                           f"must hold one value per class (are --images and --masks swapped?)")
+    few_masks = max(1, len(found) // 100)
+    stray = [v for v in values if totals[v] < STRAY_SHARE * pixels and len(masks_with[v]) <= few_masks]
+    if stray:
+        value = stray[0]
+        usual = [v for v in values if v not in stray]
+        raise DatasetError(
+            f"mask value {value} covers only {totals[value]} pixel(s), in {listing(map(str, masks_with[value]), 3)}: "
+            f"stray pixels rather than a class? Fix those masks, or say what the values mean: --mask-values "
+            f"{' '.join(map(str, usual))} with --ignore-index {value} to skip them as void, or --mask-values "
+            f"{' '.join(map(str, values))} to keep {value} as a class")
+    return values
+
+
 def check_values(found, mask_values, void_value):
     known = set(mask_values) | {void_value}
-    for (_, mask_path), _, values in found:
-        if not known.issuperset(values):
-            raise unknown_values(mask_path, sorted(set(values) - known), mask_values, void_value)
+    for (_, mask_path), _, counts in found:
+        if not known.issuperset(counts):
+            raise unknown_values(mask_path, sorted(set(counts) - known), mask_values, void_value)
 
 
 

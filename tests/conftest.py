@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -14,3 +15,9 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_DATA} (it lies beside the clone in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def scan_cache_in_a_temporary_folder(tmp_path_factory):
+    """The data checks' cache (pairs.cache_folder) goes to a folder of the test session, not the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))

@@ -83,16 +83,15 @@ def test_voc_reads_palette_indices_and_honours_split_lists(shared_data, tmp_path
     assert not {p[0].stem for p in train.pairs} & set(listed) and len(train) == 50
 
 
-def test_voc_verify_finds_every_class(shared_data, tmp_path):
-    voc = link_tree(shared_data / "voc_subset" / "VOC2012" / "JPEGImages", tmp_path / "VOC2012" / "JPEGImages").parent
-    masks = voc / "SegmentationClass"
-    masks.mkdir()
-    for png in (shared_data / "voc_subset" / "VOC2012" / "SegmentationClass").iterdir():
-        os.symlink(png, masks / png.name)  # a folder of our own: the check's cache is written beside the masks
-    link_tree(shared_data / "voc_subset" / "VOC2012" / "ImageSets", voc / "ImageSets")
+def test_voc_verify_finds_every_class_and_caches_outside_the_data(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    voc = link_tree(shared_data / "voc_subset" / "VOC2012", tmp_path / "VOC2012")
+    before = sorted(p.name for p in (voc / "SegmentationClass").iterdir())
     found = pairs.scan_pairs(build_dataset(data_args("--data", tmp_path, "--verify"), "train").pairs)
-    assert set().union(*(values for _, _, values in found)) == set(range(21)) | {255}
-    assert (masks / pairs.SCAN_CACHE).is_file()
+    assert set().union(*(counts for _, _, counts in found)) == set(range(21)) | {255}
+    assert sum(sum(counts.values()) for _, _, counts in found) == sum(w * h for _, (w, h), _ in found)
+    assert pairs.cache_file(voc / "SegmentationClass").is_file()
+    assert sorted(p.name for p in (voc / "SegmentationClass").iterdir()) == before  # nothing written beside the data
 
 
 def test_sbd_reads_gtcls_segmentation(shared_data, tmp_path):
@@ -242,7 +241,7 @@ def test_mask_size_and_values_checked(tmp_path):
     assert "'b.png'" not in message and "b.png" in message and "50x40" in message and "60x40" in message
     save_pair(tmp_path, "b", image, np.where(mask > 0, 7, 0).astype(np.uint8))
     message = folder_error(tmp_path, "--mask-values", "0", "255")
-    assert "b.png" in message and "values [7]" in message and "[0, 255]" in message
+    assert "b.png" in message and "1 value(s) (7)" in message and "[0, 255]" in message
     voc = build_dataset(data_args("--data", tmp_path, "--dataset", "folder", "--val-percent", "0"), "train")
     assert voc.mask_values == [0, 7, 255]
 
@@ -274,9 +273,9 @@ def test_voc_listed_file_missing_and_unknown_value(tmp_path):
     with pytest.raises(DatasetError, match=r"1 file\(s\) listed in .*train.txt' are missing: .*b.jpg"):
         build_dataset(data_args("--data", tmp_path, "--dataset", "voc"), "train")
     Image.fromarray(np.full((6, 8), 40, np.uint8)).save(voc / "SegmentationClass" / "a.png")
-    with pytest.raises(DatasetError, match=r"a.png' holds values \[40\] outside"):
+    with pytest.raises(DatasetError, match=r"a.png' holds 1 value\(s\) \(40\) outside"):
         build_dataset(data_args("--data", tmp_path, "--dataset", "voc", "--verify"), "val")
-    with pytest.raises(DatasetError, match=r"a.png' holds values \[40\] outside"):
+    with pytest.raises(DatasetError, match=r"a.png' holds 1 value\(s\) \(40\) outside"):
         build_dataset(data_args("--data", tmp_path, "--dataset", "voc"), "val")[0]
 
 
@@ -299,7 +298,7 @@ def test_exif_grey_rgba_and_16_bit_images(tmp_path):
     assert all(image.shape == (3, 30, 20) for image, _ in items.values())
     turned = items["turned"][0][0].float()
     assert turned[:10].mean() > 200 and turned[10:].mean() < 50  # the bright band is on top once upright
-    assert items["deep"][0].unique().tolist() == [int(4000 * 255 / 65535)]  # the 16-bit range scaled to 8 bits
+    assert items["deep"][0].unique().tolist() == [round(4000 * 255 / 65535)]  # the 16-bit range scaled to 8 bits
 
 
 # --- detection, start, download -----------------------------------------------------------------------------
