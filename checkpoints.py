@@ -1,5 +1,6 @@
 """Checkpoints: written atomically, read safely (weights_only=True), and the model one describes rebuilt."""
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -14,16 +15,25 @@ def save_checkpoint(state, path):
     """Write to a temporary file in the same folder, then rename: a crash mid-save leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed (kill -9)
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; checkpoints follow the umask
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -33,8 +43,12 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"'{path}' is not a checkpoint written by train.py: it holds Python objects other than "
+                              f"tensors and plain values, which could run code when loaded, so it was refused for "
+                              f"safety") from None
     except Exception as e:
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({one_line(e)})") from None
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({one_line(e, 120)})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"'{path}' is not a checkpoint written by train.py (missing: {', '.join(missing)})")

@@ -28,7 +28,7 @@ from images import IMAGE_EXTENSIONS, read_image
 from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
 from metrics import IGNORE_INDEX, ConfusionMatrix
 from pairs import list_files
-from utils import default_workers, pick_device, warn
+from utils import check_folder, check_output, default_workers, pick_device, warn
 
 EVAL_DIR = Path("eval")  # the no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png
 
@@ -128,15 +128,22 @@ def choose_data(given, split, checkpoint):
     return data.check(), split
 
 
-def check_outputs(dataset, folders):
-    """Label images and overlays go to folders that hold no input: they would replace masks."""
-    files = [path for pair in getattr(dataset, "pairs", []) for path in pair] + getattr(dataset, "paths", [])
-    inputs = {folder.resolve() for folder in {path.parent for path in files}}
-    outputs = [Path(folder).resolve() for folder in folders if folder]
-    for folder in outputs:
-        if folder in inputs:
-            raise ConfigError(f"'{folder}' holds input images or masks; write label images and overlays elsewhere")
-    if len(set(outputs)) < len(outputs):
+def check_outputs(dataset, checkpoint_path, files, folders):
+    """Before any work: every output can be written and replaces no input. `files` and `folders` map flags to
+    output files and folders (None: not asked for). Label images and overlays go to folders that hold no input
+    (they would replace masks), each its own."""
+    inputs = [path for pair in getattr(dataset, "pairs", []) for path in pair] + getattr(dataset, "paths", [])
+    for flag, path in files.items():
+        if path:
+            check_output(path, flag, [checkpoint_path, *inputs])
+    input_folders = {folder.resolve() for folder in {path.parent for path in inputs}}
+    chosen = {flag: Path(folder).resolve() for flag, folder in folders.items() if folder}
+    for flag, folder in chosen.items():
+        if folder in input_folders:
+            raise ConfigError(f"{flag} '{folder}' holds input images or masks; write label images and overlays "
+                              f"elsewhere")
+        check_folder(folder, flag)
+    if len(set(chosen.values())) < len(chosen):
         raise ConfigError("--save-labels and --overlays name one folder; give each its own")
 
 
@@ -247,7 +254,8 @@ def evaluate_checkpoint(config, given, inference):
         where = f"{data.images} + {data.masks}" if data.dataset == "folder" and data.images else data.dataset
         what = f"{where} {split}"
         check_classes(dataset, checkpoint)
-    check_outputs(dataset, (save_labels, overlays))
+    check_outputs(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
+                  {"--save-labels": save_labels, "--overlays": overlays})
     device = next(model.parameters()).device
     confusion = ConfusionMatrix(max(checkpoint["model_args"]["num_classes"], 2), dataset.ignore_index, device)
     start = time.perf_counter()

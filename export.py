@@ -18,6 +18,7 @@ import torch.nn as nn
 from checkpoints import find_checkpoint, load_model
 from errors import UserError
 from inference import preprocess
+from utils import check_output
 
 
 class WithPreprocessing(nn.Module):
@@ -81,11 +82,14 @@ def main(argv=None):
         sys.exit(f"error: ONNX export needs the '{e.name}' package: pip install -r requirements-dev.txt")
     try:
         checkpoint_path = find_checkpoint(args.model)
+        output = args.output or str(checkpoint_path).rsplit(".", 1)[0] + ".onnx"
+        check_output(output, "-o", [checkpoint_path])
+        if args.torchscript:
+            check_output(args.torchscript, "--torchscript", [checkpoint_path, output])
         model, checkpoint = load_model(checkpoint_path)
     except UserError as e:
         sys.exit(f"error: {e}")
     deployable = WithPreprocessing(model, checkpoint["normalize"]).eval()
-    output = args.output or str(checkpoint_path).rsplit(".", 1)[0] + ".onnx"
     metadata = {key: checkpoint[key] for key in ("classes", "mask_values", "normalize")}
     export_onnx(deployable, output, metadata, args.opset)
     print(f"wrote {output}: uint8 images B x 3 x H x W -> logits B x {checkpoint['model_args']['num_classes']} x H x W")

@@ -5,11 +5,12 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,14 +24,14 @@ from datasets import DataConfig, build_dataset, resolve_data
 from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
     is_distributed
 from drawing import plot_curves, sample_grid
-from errors import CheckpointError, ConfigError, UserError, check_at_least, error_line, one_line
+from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, error_line, one_line
 from flags import add_augment_args, add_dataset_args, add_model_args, config_from
 from inference import evaluate, predict_probs, preprocess, probs_to_labels
 from losses import segmentation_loss
 from model import ModelConfig, build_model, count_parameters, input_normalization, parameter_groups, \
     set_encoder_frozen
 from transforms import AugmentConfig
-from utils import default_workers, derived_seed, pick_device, rng_states, seed_everything, set_rng_states
+from utils import check_folder, default_workers, derived_seed, pick_device, rng_states, seed_everything, set_rng_states
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -156,6 +157,14 @@ class TrainConfig:
 
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run after saving a resumable checkpoint (exit status 130, as for SIGINT)."""
+
+    def __init__(self, run_dir):
+        super().__init__(f"interrupted: {run_dir}")
+        self.run_dir = run_dir
 
 
 class TrainingError(UserError):
@@ -409,6 +418,17 @@ def score_of(metrics, name, num_classes):
     return metrics["miou"]
 
 
+@contextmanager
+def removed_if_unsaved(run_dir):
+    """A run folder this run created is removed if the run fails before saving a checkpoint in it."""
+    try:
+        yield
+    except BaseException:
+        if run_dir is not None and not any(run_dir.glob("*.pth")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def new_run_dir(checkpoint_dir, name):
     run_dir = Path(checkpoint_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 1
@@ -476,12 +496,20 @@ def main(argv=None):
                 torch.distributed.destroy_process_group()
     except UserError as e:  # bad data met while loading too: last.pth, saved atomically, is intact
         sys.exit(f"error: {error_line(e)}")
+    except RunInterrupted:
+        sys.exit(130)
 
 
 def train(config, data, augment, model_config, flags, device, rank, world_size):
     """The whole run; `flags` (every flag's value) is saved with it, so that --resume and eval.py can read it."""
     main_process = rank == 0
+    if main_process:  # before any data is read: the run must be able to save
+        check_folder(Path(config.resume).parent if config.resume else config.checkpoint_dir,
+                     "--resume" if config.resume else "--checkpoint-dir")
     checkpoint = load_checkpoint(config.resume or config.load) if config.resume or config.load else None
+    if config.resume and checkpoint["epoch"] >= config.epochs and not checkpoint["epoch_progress"]:
+        raise ConfigError(f"--resume {config.resume}: the run has finished its {checkpoint['epoch']} epochs; to train "
+                          f"it longer pass --epochs N with N > {checkpoint['epoch']}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
@@ -529,6 +557,8 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
     if main_process:
         run_dir = Path(config.resume).parent if config.resume else new_run_dir(config.checkpoint_dir,
                                                                                 config.name or data.dataset)
+    new_folder = run_dir if main_process and not config.resume else None
+    if main_process:
         (run_dir / "args.json").write_text(json.dumps(flags, indent=2))
         log = RunLog(run_dir, config.metric, run["epoch"])
         print(f"{count_parameters(model) / 1e6:.2f} M parameters, {len(train_set)} train / "
@@ -547,60 +577,65 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
             return run_dir / name
 
     encoder_frozen = None
-    with StopRequest() as stop:
-        for epoch in range(run["epoch"] + 1, config.epochs + 1):
-            frozen = set_encoder_frozen(model, epoch <= model_config.freeze_encoder_epochs)
-            if frozen != encoder_frozen:
-                runner.model, runner.ddp = wrap_for_steps(model, config.compile, device, world_size, frozen)
-                encoder_frozen = frozen
-            start = time.perf_counter()
-            progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
-                                                 "images": 0}
-            run["epoch_progress"] = progress
-            seed_everything(derived_seed(config.seed, epoch, rank))
-            if progress["batch"] and resume_rng:
-                set_rng_states(resume_rng)  # resumed mid-epoch
-            epoch_sampler.set_epoch(epoch, progress["batch"] * config.batch_size)
-            try:
-                finished = train_one_epoch(runner, train_loader, epoch, config.epochs, config.accumulate, device,
-                                           stop, progress, main_process)
-            except NonFiniteLoss as e:
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                raise TrainingError(f"{e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off") from None
-            if not finished:
-                path = save("last.pth")
+    with StopRequest() as stop, removed_if_unsaved(new_folder):
+        try:
+            for epoch in range(run["epoch"] + 1, config.epochs + 1):
+                frozen = set_encoder_frozen(model, epoch <= model_config.freeze_encoder_epochs)
+                if frozen != encoder_frozen:
+                    runner.model, runner.ddp = wrap_for_steps(model, config.compile, device, world_size, frozen)
+                    encoder_frozen = frozen
+                start = time.perf_counter()
+                progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
+                                                     "images": 0}
+                run["epoch_progress"] = progress
+                seed_everything(derived_seed(config.seed, epoch, rank))
+                if progress["batch"] and resume_rng:
+                    set_rng_states(resume_rng)  # resumed mid-epoch
+                epoch_sampler.set_epoch(epoch, progress["batch"] * config.batch_size)
+                try:
+                    finished = train_one_epoch(runner, train_loader, epoch, config.epochs, config.accumulate, device,
+                                               stop, progress, main_process)
+                except NonFiniteLoss as e:
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                    raise TrainingError(f"{e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off") from None
+                if not finished:
+                    path = save("last.pth")
+                    if main_process:
+                        print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
+                    raise RunInterrupted(run_dir)
+                loss = progress["loss_sum"] / progress["images"]
+                # BatchNorm statistics differ between processes: average them, so that every process scores,
+                # and the checkpoint holds, the same model.
+                average_across_processes(model.buffers())
+                with autocast(device, amp_dtype):
+                    metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
+                                       distributed=world_size > 1)
+                score = score_of(metrics, config.metric, num_logits)
+                improved = score > run["best_score"]
+                run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
+                           best_score=max(run["best_score"], score))
+                last_good = save("last.pth")
+                if improved:
+                    save("best.pth")
                 if main_process:
-                    print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
-                return run_dir
-            loss = progress["loss_sum"] / progress["images"]
-            # BatchNorm statistics differ between processes: average them, so that every process scores,
-            # and the checkpoint holds, the same model.
-            average_across_processes(model.buffers())
-            with autocast(device, amp_dtype):
-                metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
-                                   distributed=world_size > 1)
-            score = score_of(metrics, config.metric, num_logits)
-            improved = score > run["best_score"]
-            run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
-                       best_score=max(run["best_score"], score))
-            last_good = save("last.pth")
-            if improved:
-                save("best.pth")
-            if main_process:
-                seconds = time.perf_counter() - start
-                log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
-                            "train_loss": loss, **{k: v for k, v in metrics.items() if not isinstance(v, list)},
-                            "score": score, "seconds": seconds})
-                if config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs):
-                    save_samples(model, val_set, normalize, amp_dtype, device,
-                                 run_dir / "samples" / f"epoch_{epoch:03d}.png")
-                dice = f"  dice {score:.4f}" if config.metric == "dice" else ""
-                print(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
-                      f"pixel acc {metrics['pixel_acc']:.4f}{dice}{'  (best)' if improved else ''}  {seconds:.1f}s")
-            if any_process(stop.requested, device):
-                if main_process:
-                    print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
-                return run_dir
+                    seconds = time.perf_counter() - start
+                    log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
+                                "train_loss": loss, **{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                                "score": score, "seconds": seconds})
+                    if config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs):
+                        save_samples(model, val_set, normalize, amp_dtype, device,
+                                     run_dir / "samples" / f"epoch_{epoch:03d}.png")
+                    dice = f"  dice {score:.4f}" if config.metric == "dice" else ""
+                    print(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
+                          f"pixel acc {metrics['pixel_acc']:.4f}{dice}{'  (best)' if improved else ''}  {seconds:.1f}s")
+                if any_process(stop.requested, device):
+                    if main_process:
+                        print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
+                    raise RunInterrupted(run_dir)
+        except DatasetError as e:  # a file that went bad or is truncated, met during the run
+            fix = (f"fix or remove the file and continue with --resume {last_good}" if last_good
+                   else "fix or remove the file and start again")
+            raise TrainingError(f"{error_line(e)}; {fix} (or add --skip-bad to leave out unreadable pairs)") from None
     if main_process:
         print(f"best {config.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}")
     return run_dir

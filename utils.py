@@ -2,6 +2,8 @@
 import os
 import random
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +31,33 @@ def default_workers():
     process, at most 4, and 0 on a single core. Works with the spawn start method of Windows and macOS."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(4, max(0, cores - 1))
+
+
+def check_folder(folder, flag):
+    """Make `folder` if needed and check that a file can be written in it, before the work that fills it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"{flag} '{folder}' is a file, not a folder; name a folder") from None
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot write in '{folder}' ({e.strerror}); choose a writable folder") from None
+    return folder
+
+
+def check_output(path, flag, inputs=()):
+    """Check, before the work that fills it, that the file `path` can be written and replaces none of `inputs`
+    (checkpoints, images, masks); its folder is made if needed."""
+    path = Path(path)
+    for source in inputs:
+        if path.resolve() == Path(source).resolve():
+            raise ConfigError(f"{flag} '{path}' would overwrite the input '{source}'; choose another file")
+    if path.is_dir():
+        raise ConfigError(f"{flag} '{path}' is a folder; name a file")
+    check_folder(path.parent, flag)
+    return path
 
 
 def warn(message):

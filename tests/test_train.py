@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,10 +59,18 @@ def interrupt_after(monkeypatch, target, name, calls):
     monkeypatch.setattr(target, name, wrapped)
 
 
+def interrupted_run(argv):
+    """train.main stopped by Ctrl-C: it exits with status 130 (so job scripts see the interruption); its run folder."""
+    with pytest.raises(SystemExit) as stopped:
+        train.main(argv)
+    assert stopped.value.code == 130
+    return next(Path(argv[argv.index("--checkpoint-dir") + 1]).glob("*/last.pth")).parent
+
+
 def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(full_run, tmp_path, monkeypatch, capsys):
     # SIGINT during step 6 (epoch 2): the run finishes step 7, saves, and returns instead of dying.
     interrupt_after(monkeypatch, train.StepRunner, "update", 6)
-    run_dir = train.main(TINY + ["--checkpoint-dir", str(tmp_path)])
+    run_dir = interrupted_run(TINY + ["--checkpoint-dir", str(tmp_path)])
     monkeypatch.undo()
     state = load_checkpoint(run_dir / "last.pth")  # weights_only=True
     assert (state["epoch"], state["step"]) == (1, 7)
@@ -75,7 +84,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(full_run, tmp_pat
 
 def test_stop_during_validation_saves_the_epoch_then_resume_is_exact(full_run, tmp_path, monkeypatch):
     interrupt_after(monkeypatch, train, "evaluate", 1)
-    run_dir = train.main(TINY + ["--checkpoint-dir", str(tmp_path)])
+    run_dir = interrupted_run(TINY + ["--checkpoint-dir", str(tmp_path)])
     monkeypatch.undo()
     assert (load_checkpoint(run_dir / "last.pth")["epoch"], len(read_log(run_dir))) == (1, 1)
     train.main(TINY + ["--resume", str(run_dir / "last.pth")])
@@ -259,8 +268,102 @@ def test_augmented_resume_is_exact_whatever_the_workers(tmp_path, monkeypatch):
              "--lr", "1e-2", "--sample-every", "0"]
     full = train.main(flags + ["--workers", "0", "--checkpoint-dir", str(tmp_path / "full")])
     interrupt_after(monkeypatch, train.StepRunner, "update", 4)  # in epoch 2 (3 steps an epoch)
-    stopped = train.main(flags + ["--workers", "1", "--checkpoint-dir", str(tmp_path / "stopped")])
+    stopped = interrupted_run(flags + ["--workers", "1", "--checkpoint-dir", str(tmp_path / "stopped")])
     monkeypatch.undo()
     assert load_checkpoint(stopped / "last.pth")["epoch"] == 1
     train.main(["--resume", str(stopped / "last.pth")])
     assert_same_weights(stopped / "last.pth", full / "last.pth")
+
+
+def sgd_and_schedule():
+    weights = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weights], lr=0.1, momentum=0.9)
+    return weights, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+
+
+def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_loss_scale(capsys):
+    """--resume with --amp fp16 from a run without it: that run saved an empty scaler state, which GradScaler
+    cannot load; the loss scale starts afresh and the rest is restored."""
+    weights, optimizer, scheduler = sgd_and_schedule()
+    weights.grad = torch.ones(2)
+    optimizer.step(), scheduler.step()  # a momentum buffer and a step to restore
+    fp32_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    checkpoint = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "scaler": fp32_scaler.state_dict(), "epoch": 2, "best_score": 0.25, "metrics": {"miou": 0.25},
+                  "epoch_progress": None, "rng": [{"rank": 0}]}
+    assert checkpoint["scaler"] == {}  # what an fp32 run saves
+    _, optimizer, scheduler = sgd_and_schedule()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    run, rng = train.restore_training(checkpoint, optimizer, scheduler, scaler, 4, rank=0, world_size=1)
+    assert run == {"epoch": 2, "best_score": 0.25, "metrics": {"miou": 0.25}, "epoch_progress": None}
+    assert rng == {"rank": 0}
+    assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], torch.ones(2))
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16  # GradScaler's initial scale
+    assert "no fp16 loss-scaler state" in capsys.readouterr().out
+    # An fp16 run's scale is restored.
+    checkpoint["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    train.restore_training(checkpoint, *sgd_and_schedule()[1:], scaler, 4, rank=0, world_size=1)
+    assert scaler.get_scale() == 1024.0
+
+
+class RandomItems(torch.utils.data.Dataset):
+    """Item i: i + three draws from torch's global generator, as a random augmentation makes them."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return index + torch.rand(3)
+
+
+def test_seeded_items_reseed_the_cpu_generator_alone(monkeypatch):
+    """SeededItems seeds each item's draws; reseeding the CUDA generators too (torch.manual_seed) would reset
+    the caller's CUDA random state, which fork_rng(devices=[]) does not restore."""
+    items = train.SeededItems(RandomItems())
+    caller_state = torch.get_rng_state()
+    seeded = []
+    for name in ("manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda seed, _name=name: seeded.append((_name, seed)))
+    item = items[(3, 42)]
+    assert seeded == []  # no CUDA generator touched
+    assert torch.equal(torch.get_rng_state(), caller_state)  # the caller's CPU random state is left alone
+    assert torch.equal(item, 3 + torch.rand(3, generator=torch.Generator().manual_seed(42)))
+    assert torch.equal(items[(3, 42)], item) and not torch.equal(items[(3, 43)], item)
+    assert seeded == []
+
+
+def test_ddp_searches_for_unused_parameters_only_while_the_encoder_is_frozen(tmp_path):
+    """A one-process gloo group; world_size 2 makes wrap_for_steps wrap the model in DDP."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))
+        for frozen in (True, False):
+            step_model, ddp = train.wrap_for_steps(model, False, torch.device("cpu"), 2, encoder_frozen=frozen)
+            assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and step_model is ddp
+            assert ddp.find_unused_parameters is frozen
+        assert train.wrap_for_steps(model, False, torch.device("cpu"), 2)[1].find_unused_parameters is False
+        assert train.wrap_for_steps(model, False, torch.device("cpu"), 1) == (model, None)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+ENCODER_RUN = ["--dataset", "shapes", "--image-size", "32", "--num-train", "8", "--num-val", "2",
+               "--batch-size", "8", "--workers", "0", "--encoder", "resnet18", "--encoder-weights", "none",
+               "--decoder-channels", "8", "8", "8", "8", "8", "--sample-every", "0"]
+
+
+@pytest.mark.parametrize("epochs, freeze, expected", [(3, 1, [True, False]), (1, 0, [False])])
+def test_training_rewraps_when_the_encoder_thaws(tmp_path, monkeypatch, epochs, freeze, expected):
+    """The step model is (re)built with the encoder's frozen state at the first epoch and when it changes."""
+    wraps, original = [], train.wrap_for_steps
+
+    def spy(model, compile_model, device, world_size, encoder_frozen=False):
+        wraps.append(encoder_frozen)
+        return original(model, compile_model, device, world_size, encoder_frozen)
+
+    monkeypatch.setattr(train, "wrap_for_steps", spy)
+    train.main(ENCODER_RUN + ["--epochs", str(epochs), "--freeze-encoder-epochs", str(freeze),
+                              "--checkpoint-dir", str(tmp_path)])
+    assert wraps == expected
