@@ -1,27 +1,41 @@
 """Data-loading benchmark: start-up on a Carvana-sized set, and per-item load + augment at Carvana's full size
 against a plain "PIL open, resize, to tensor" baseline measured in the same run.
 
-Example: python bench_data.py --carvana ../shared/data/carvana_sample
+Example: python benchmarks/bench_data.py --carvana DIR    (DIR: a Carvana folder holding imgs/ and masks/)
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo's modules (datasets, flags, ...)
 
 import numpy as np
 import torch
 from PIL import Image
 
 import datasets
+import flags
+from transforms import AugmentConfig
+
+SAMPLE = ROOT.parent / "shared" / "data" / "carvana_sample"  # where the tests' Carvana sample lies, if anywhere
 
 
-def data_args(argv):
+def build(argv, splits, augment=True):
+    """The datasets train.py would load for these data and augmentation flags, one per split: the training
+    preset, or with augment=False the deterministic validation preset. Resolving the flags recognises the layout
+    under --data and, for folder data, checks every pair and finds the mask values (cached, pairs.cache_folder)."""
     parser = argparse.ArgumentParser()
-    datasets.add_dataset_args(parser)
-    args = parser.parse_args(argv)
-    datasets.check_dataset_args(args)
-    return args
+    flags.add_dataset_args(parser)
+    flags.add_augment_args(parser)
+    values = vars(parser.parse_args(argv))
+    data = datasets.resolve_data(flags.config_from(datasets.DataConfig, values))
+    augmentation = flags.config_from(AugmentConfig, values).check() if augment else None
+    return [datasets.build_dataset(data, split, augment=augmentation) for split in splits]
 
 
 def timed(function, clock=time.perf_counter):
@@ -44,25 +58,31 @@ def make_set(root, image, mask, cars, mask_suffix):
 def startup(args, sample):
     """Seconds to recognise the layout and build the train and val sets (best of `args.repeat`)."""
     pairs = args.cars * 16
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, \
+            mock.patch.dict(os.environ, {"XDG_CACHE_HOME": str(Path(tmp) / "cache")}):  # the check's cache, gone after
         carvana = Path(tmp) / "carvana"
-        make_set(carvana, sample / "imgs" / "0cdf5b5d0ce1_01.jpg", sample / "masks" / "0cdf5b5d0ce1_01_mask.gif",
-                 args.cars, "_mask")
-        build = lambda: [datasets.build_dataset(a, s) for a in [data_args(["--data", str(carvana)])]
-                         for s in ("train", "val")]
-        seconds = min(timed(build) for _ in range(args.repeat))
+        make_set(carvana, *first_pair(sample), args.cars, "_mask")
+        seconds = min(timed(lambda: build(["--data", str(carvana)], ("train", "val"))) for _ in range(args.repeat))
         print(f"start-up, carvana reader, {pairs} pairs: {seconds:.3f} s (target < 1 s)")
 
         folder = Path(tmp) / "folder"
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(Path(tmp) / "tiny.jpg")
         Image.fromarray(np.eye(8, dtype=np.uint8) * 255).save(Path(tmp) / "tiny.png")
         make_set(folder, Path(tmp) / "tiny.jpg", Path(tmp) / "tiny.png", args.cars, "")
-        build = lambda: [datasets.build_dataset(data_args(["--data", str(folder), "--dataset", "folder"]), s)
-                         for s in ("train", "val")]
-        first = timed(build)
-        cached = min(timed(build) for _ in range(args.repeat))
+        build_folder = lambda: build(["--data", str(folder), "--dataset", "folder"], ("train", "val"))
+        first = timed(build_folder)
+        cached = min(timed(build_folder) for _ in range(args.repeat))
         print(f"start-up, folder reader (finds the mask values), {pairs} tiny pairs: first run {first:.3f} s "
-              f"(decodes every mask once), then {cached:.3f} s from the cache")
+              f"(decodes every pair once), then {cached:.3f} s from the cache")
+
+
+def first_pair(sample):
+    """The first image of a Carvana folder and its mask."""
+    images = sorted((sample / "imgs").glob("*.jpg"))
+    if not images:
+        sys.exit(f"error: no Carvana images in '{sample / 'imgs'}'; pass --carvana DIR, a folder holding "
+                 f"imgs/<car>_<view>.jpg and masks/<car>_<view>_mask.gif")
+    return images[0], sample / "masks" / f"{images[0].stem}_mask.gif"
 
 
 def baseline_item(image_path, mask_path, scale):
@@ -76,14 +96,10 @@ def baseline_item(image_path, mask_path, scale):
 
 def per_item(args, sample):
     """CPU milliseconds per item, best of `args.repeat` passes over the sample pairs."""
-    scale = ["--scale", str(args.scale)]
-    train = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0"] + scale), "train")
-    val = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--no-augment"] + scale),
-                                 "train")
-    plain = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--rotate", "0"] + scale),
-                                   "train")
-    rich = datasets.build_dataset(data_args(["--data", str(sample), "--val-percent", "0", "--jitter", "0.2"] + scale),
-                                  "train")
+    every_pair = ["--data", str(sample), "--dataset", "carvana", "--val-percent", "0", "--scale", str(args.scale)]
+    train_split = lambda *extra, augment=True: build(every_pair + list(extra), ["train"], augment)[0]
+    train, plain, rich = train_split(), train_split("--rotate", "0"), train_split("--jitter", "0.2")
+    val = train_split(augment=False)
     cases = {"baseline: PIL open, resize, to tensor": lambda i: baseline_item(*train.pairs[i], args.scale),
              "ours, train preset (load, zoom+rotate+crop, flip)": train.__getitem__,
              "ours, train preset with --rotate 0": plain.__getitem__,
@@ -106,14 +122,19 @@ def per_item(args, sample):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--carvana", default="../shared/data/carvana_sample",
-                        help="Carvana folder (imgs/, masks/) whose files the benchmark reads")
-    parser.add_argument("--cars", type=int, default=318, help="cars in the start-up set (x 16 views; 318: 5,088)")
+    parser.add_argument("--carvana", default=str(SAMPLE),
+                        help="Carvana folder (imgs/, masks/) whose files the benchmark reads (default: the "
+                             "sample the tests read)")
+    parser.add_argument("--cars", type=int, default=318,
+                        help="cars in the start-up set, at least 2 (x 16 views; 318: 5,088)")
     parser.add_argument("--scale", type=float, default=0.5, help="load scale of the per-item benchmark")
     parser.add_argument("--repeat", type=int, default=5, help="timed passes")
     args = parser.parse_args()
+    if args.cars < 2 or args.repeat < 1:
+        parser.error("--cars needs at least 2 (one for the val split) and --repeat at least 1")
     torch.set_num_threads(1)  # as in a data-loader worker
     sample = Path(args.carvana).resolve()
+    first_pair(sample)  # a clear error, before anything is timed, when the folder holds no Carvana data
     startup(args, sample)
     per_item(args, sample)
 

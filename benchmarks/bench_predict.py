@@ -1,8 +1,8 @@
 """Benchmark predict.py: images/s and peak memory, whole images versus overlap-tile inference.
 
-    python bench_predict.py --threads 1          # under a minute on 2 CPU cores shared with other jobs
-    python bench_predict.py --threads 1 --huge 10000   # a 10,000 x 10,000 image: about 2 more minutes there
-    python bench_predict.py --base-channels 64 --count 64 --device cuda   # the classic 31 M-parameter U-Net
+    python benchmarks/bench_predict.py --threads 1          # under a minute on 2 CPU cores shared with other jobs
+    python benchmarks/bench_predict.py --threads 1 --huge 10000   # a 10,000 x 10,000 image: about 2 more minutes
+    python benchmarks/bench_predict.py --base-channels 64 --count 64 --device cuda   # the classic 31 M U-Net
 
 Writes randomly initialised checkpoints and synthetic images to a temporary folder, then runs predict.py on
 a folder of 512x512 images, on one 1918x1280 image (Carvana's size) and on one --huge x --huge image (tiled
@@ -19,8 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules (predict, model, ...)
+
 import numpy as np
 from PIL import Image
+
+from benchmarks.common import add_threads_arg, add_unet_args, use_threads
+
+SCRIPT = Path(__file__).resolve()  # each case runs this file again with --child, from any working directory
 
 
 def peak_rss_mb():
@@ -36,8 +42,7 @@ def child(plan):
     import predict
 
     torch.set_grad_enabled(False)
-    if plan["threads"]:
-        torch.set_num_threads(plan["threads"])
+    use_threads(plan["threads"])
     start_mb = peak_rss_mb()
     predict.main(plan["warmup"])
     start = time.perf_counter()
@@ -46,8 +51,8 @@ def child(plan):
 
 
 def write_checkpoint(path, base_channels, depth):
+    from checkpoints import save_checkpoint
     from model import IMAGENET_NORMALIZE, build_model, count_parameters
-    from utils import save_checkpoint
 
     model_args = {"arch": "unet", "in_channels": 3, "num_classes": 2, "base_channels": base_channels,
                   "depth": depth, "bilinear": False}
@@ -66,7 +71,7 @@ def synthetic_photo(path, height, width, seed):
 def run(name, count, inputs, warmup, flags, threads):
     """predict.py -i inputs `flags` in a fresh process, after a warm-up on the image `warmup`; prints a row."""
     plan = {"warmup": ["-i", str(warmup), "-n", *flags], "run": ["-i", str(inputs), *flags], "threads": threads}
-    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(plan)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--child", json.dumps(plan)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: {name} failed:\n{result.stderr[-2000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -79,8 +84,7 @@ def main():
     if sys.argv[1:2] == ["--child"]:
         return child(json.loads(sys.argv[2]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-channels", type=int, default=8, help="width of the benchmark U-Net")
-    p.add_argument("--depth", type=int, default=4, help="depth of the benchmark U-Net")
+    add_unet_args(p, base_channels=8, depth=4)
     p.add_argument("--count", type=int, default=8, help="512x512 images in the folder")
     p.add_argument("--tile", type=int, default=256, help="tile side of the tiled runs")
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap of the tiled runs")
@@ -88,9 +92,7 @@ def main():
     p.add_argument("--huge-tile", type=int, default=1024, help="tile side for the huge image")
     p.add_argument("--batch-size", type=int, default=4, help="images or tiles per forward pass")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default); 1 avoids the large per-layer cost of threads "
-                        "waiting for each other when other jobs load the cores")
+    add_threads_arg(p)
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,16 +1,22 @@
 """Training speed of the classic U-Net (base 64, depth 4, 2 classes) at 256x256, batch 4: images/s, and the
 fraction of this machine's matmul peak that the training step reaches (a large matmul is timed in the same
 run; the step's FLOPs are counted with FlopCounterMode). Runs train.py's own step (StepRunner).
-Example: python bench_train.py    (CPU: fp32, add --channels-last for NHWC too; CUDA: fp32, bf16 AMP + NHWC + compile)
+Example: python benchmarks/bench_train.py    (CPU: fp32, add --channels-last for NHWC too;
+                                             CUDA: fp32, bf16 AMP + NHWC + compile)
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules (model, train, ...)
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from metrics import segmentation_loss
+from benchmarks.common import add_threads_arg, add_unet_args, use_threads
+from losses import segmentation_loss
 from model import IMAGENET_NORMALIZE, UNet
 from train import StepRunner
 from utils import pick_device
@@ -20,12 +26,11 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--base-channels", type=int, default=64)
-    p.add_argument("--depth", type=int, default=4)
+    add_unet_args(p, base_channels=64, depth=4)
     p.add_argument("--steps", type=int, default=2, help="timed training steps per configuration")
     p.add_argument("--channels-last", action="store_true", help="CPU: also time fp32 with channels_last")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
+    add_threads_arg(p)
     return p.parse_args()
 
 
@@ -73,8 +78,9 @@ def make_runner(args, device, amp_dtype=None, channels_last=False, compile=False
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = torch.compile(model) if compile else model
-    return StepRunner(step_model, optimizer, scheduler, scaler, segmentation_loss, IMAGENET_NORMALIZE, amp_dtype,
-                      channels_last)
+    return StepRunner(model=step_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                      criterion=segmentation_loss, normalize=IMAGENET_NORMALIZE, amp_dtype=amp_dtype,
+                      channels_last=channels_last)
 
 
 def step_flops(args):
@@ -108,15 +114,14 @@ def timed_steps(runner, images, masks, steps, device, warmup, peak_dtype):
 def main():
     args = parse_args()
     device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = use_threads(args.threads)
     torch.manual_seed(0)
     size, batch = args.image_size, args.batch_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     masks = torch.randint(0, 2, (batch, size, size), device=device)
     flops = step_flops(args)
     print(f"UNet base {args.base_channels} depth {args.depth}, {size}x{size}, batch {batch}, device {device}"
-          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}: "
+          f"{'' if device.type == 'cuda' else f', {threads} threads'}: "
           f"{flops / 1e9:.1f} GFLOP per training step (forward + backward)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
