@@ -43,7 +43,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:  # torch's message would suggest weights_only=False: the unsafe way
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (not a file torch.save wrote, or "
+                                  f"a damaged one)") from None
         raise CheckpointError(f"'{path}' is not a checkpoint written by train.py: it holds Python objects other than "
                               f"tensors and plain values, which could run code when loaded, so it was refused for "
                               f"safety") from None

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import find_checkpoint, load_model
 from datasets import DataConfig, build_dataset, trained_scale, void_value
 from drawing import label_image, overlay_image, plot_confusion_matrix
-from errors import ConfigError, UserError, check_at_least, error_line
+from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
 from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
@@ -154,17 +154,44 @@ def check_classes(dataset, checkpoint):
                          f"with its classes (--mask-values)")
 
 
+class ReportingBadFiles(torch.utils.data.Dataset):
+    """Items (image, mask, name, None), or (None, None, None, why) for a pair that cannot be read, so that one bad
+    file is reported and left out instead of ending the evaluation."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return (*self.dataset[index], None)
+        except UserError as e:
+            return None, None, None, error_line(e)
+
+
+def readable(loader, failures, bar):
+    """The items that could be read; the reasons of the others go to `failures`."""
+    for *item, error in loader:
+        if error is None:
+            yield item
+        else:
+            warn(f"{error}; left out")
+            failures.append(error)
+            bar.update(1)
+
+
 def segment(model, checkpoint, dataset, inference, batch_size, workers, confusion, save_labels, overlays):
     """Predict every item (the inference path of predict.py), add it to `confusion` when it has a mask, and
-    write the label images and overlays asked for (folders or None). Returns the number of images."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    write the label images and overlays asked for (folders or None). Returns (number of images segmented,
+    reasons of the ones left out)."""
+    loader = torch.utils.data.DataLoader(ReportingBadFiles(dataset), batch_size=None, num_workers=workers)
     options = {**inference.options(), "batch_size": batch_size}
-    for folder in (save_labels, overlays):
-        if folder:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-    done = 0
+    done, failures = 0, []
     with tqdm(total=len(dataset), desc="eval", leave=False) as bar:
-        for batch in same_size_runs(loader, 1 if inference.tile else batch_size, lambda item: item[0]):
+        items = readable(loader, failures, bar)
+        for batch in same_size_runs(items, 1 if inference.tile else batch_size, lambda item: item[0]):
             images, masks, names = zip(*batch)
             probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
                                                    **options)
@@ -176,7 +203,7 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
                 save_outputs(images, labels, names, checkpoint["mask_values"], save_labels, overlays)
             done += len(batch)
             bar.update(len(batch))
-    return done
+    return done, failures
 
 
 def save_outputs(images, labels, names, mask_values, save_labels=None, overlays=None):
@@ -259,8 +286,8 @@ def evaluate_checkpoint(config, given, inference):
     device = next(model.parameters()).device
     confusion = ConfusionMatrix(max(checkpoint["model_args"]["num_classes"], 2), dataset.ignore_index, device)
     start = time.perf_counter()
-    count = segment(model, checkpoint, dataset, inference, config.batch_size, config.workers, confusion, save_labels,
-                    overlays)
+    count, failures = segment(model, checkpoint, dataset, inference, config.batch_size, config.workers, confusion,
+                              save_labels, overlays)
     seconds = time.perf_counter() - start
     print(f"{checkpoint_path} on {what}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} "
           f"images/s, scale {inference.scale:g})")
@@ -269,6 +296,7 @@ def evaluate_checkpoint(config, given, inference):
             print(f"wrote {count} {kind} to {folder}/")
     if data is None:
         print(f"no true masks for {given['images']}: no scores were computed")
+        check_complete(failures, count)
         return None
     metrics = confusion.compute()
     print(format_table(metrics, classes))
@@ -283,12 +311,21 @@ def evaluate_checkpoint(config, given, inference):
         report = {"checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset, "split": split,
                   "images": count, "classes": classes, "mask_values": list(checkpoint["mask_values"]),
                   "options": dataclasses.asdict(inference), **metrics,
-                  "absent_classes": absent_classes(metrics, classes),
+                  "absent_classes": absent_classes(metrics, classes), "left_out": failures,
                   "confusion_matrix": confusion.mat.cpu().tolist()}
         with open(config.json, "w") as f:
             json.dump(_nan_to_none(report), f, indent=2)
         print(f"wrote {config.json}")
+    check_complete(failures, count)
     return metrics
+
+
+def check_complete(failures, count):
+    """Everything asked for is written; a set with unreadable files still ends in an error (exit status 1)."""
+    if failures:
+        raise DatasetError(f"{len(failures)} of {count + len(failures)} images could not be read and were left out "
+                           f"(the scores cover the others): {'; '.join(failures[:3])}"
+                           + (f" and {len(failures) - 3} more" if len(failures) > 3 else ""))
 
 
 def _nan_to_none(value):

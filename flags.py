@@ -95,6 +95,6 @@ def add_inference_args(parser, scale=True):
     group.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average with the horizontally flipped image's prediction")
     group.add_argument("--tta-vflip", action="store_true",
-                       help="with --tta, also average the vertical flips (4 passes): for data with no up and down")
+                       help="average all four flips (4 passes; implies --tta): for data with no up and down")
     group.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     return group

@@ -50,10 +50,10 @@ class InferenceConfig:
 
 def flip_dims(tta=False, vertical=False):
     """The flips whose predictions are averaged: none; with tta the horizontal one, which training shows the
-    model; with vertical too, all four combinations (for data without an up and down, such as micrographs)."""
-    if not tta:
-        return ((),)
-    return ((), (-1,), (-2,), (-2, -1)) if vertical else ((), (-1,))
+    model; with vertical (which implies tta), all four combinations, for data with no up and down (micrographs)."""
+    if vertical:
+        return ((), (-1,), (-2,), (-2, -1))
+    return ((), (-1,)) if tta else ((),)
 
 
 @functools.lru_cache(maxsize=16)
@@ -96,12 +96,17 @@ def model_device(model):
 
 
 def forward_probs(model, x, flips=((),), amp=False):
-    """Probabilities of normalised images x: the mean over `flips` (dims to flip, see flip_dims)."""
+    """Probabilities of normalised images x: the mean over `flips` (dims to flip, see flip_dims). Images smaller
+    than the model's downsampling are padded (with 0, the mean colour) to that size, and the scores cropped back."""
+    height, width = x.shape[-2:]
+    stride = getattr(model, "output_stride", 1)
+    if height < stride or width < stride:
+        x = F.pad(x, [0, max(0, stride - width), 0, max(0, stride - height)])
     total = 0
     with torch.autocast(x.device.type, enabled=amp):
         for dims in flips:
             total = total + probabilities(model(x.flip(dims)).float()).flip(dims)
-    return total / len(flips)
+    return (total / len(flips))[..., :height, :width]
 
 
 def resize(x, size):

@@ -21,7 +21,7 @@ from PIL import Image
 from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
 from drawing import label_image, overlay_image, side_by_side
-from errors import ConfigError, ImageReadError, UserError, check_at_least
+from errors import ConfigError, ImageReadError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
 from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
@@ -263,15 +263,19 @@ def main(argv=None):
         try:
             probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
                                                    **options)
-        except torch.OutOfMemoryError as e:
+        except RuntimeError as e:  # out of memory even at the smallest tile, or an input the model cannot take
             for path in paths:
-                skip(f"'{path}': {e}", failures)
+                skip(f"'{path}': {one_line(e)}", failures)
             continue
         labels = probs_to_labels(probs, threshold, dtype=torch.uint8).cpu().numpy()
         for i, index in enumerate(indices):
-            written = save_outputs(images[i], labels[i], probs[i], masks[index], checkpoint, outputs)
+            try:
+                written = save_outputs(images[i], labels[i], probs[i], masks[index], checkpoint, outputs)
+            except OSError as e:  # a full disk, a folder that became read-only
+                skip(f"'{paths[i]}': could not write its outputs ({e})", failures)
+                continue
             print(f"{paths[i]} -> {', '.join(map(str, written)) or '(not saved)'}")
-        done += len(batch)
+            done += 1
         del probs, labels  # free this batch's buffers before the next one is computed
     seconds = time.perf_counter() - start
     print(f"{done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")

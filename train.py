@@ -88,8 +88,10 @@ def parse_args(argv=None):
     flags = vars(args)
     try:
         if args.resume:  # the run's own arguments, overridden by the flags given now
-            p.set_defaults(**resume_defaults(p, args.resume))
+            saved = resume_defaults(p, args.resume)
+            p.set_defaults(**saved)
             flags = vars(p.parse_args(argv))
+            check_same_data(saved, flags, args.resume)
         configs = [config_from(kind, flags).check()
                    for kind in (TrainConfig, DataConfig, AugmentConfig, ModelConfig)]
         if configs[0].warmup_epochs >= configs[0].epochs:
@@ -98,6 +100,16 @@ def parse_args(argv=None):
     except (ConfigError, CheckpointError) as e:
         p.error(str(e))
     return (*configs, flags)
+
+
+def check_same_data(saved, flags, path):
+    """A resumed run goes on with its own data: a data flag that names other data is refused."""
+    for field in dataclasses.fields(DataConfig):
+        name = field.name
+        if name in saved and flags[name] != saved[name] and name not in ("download", "verify", "skip_bad"):
+            raise ConfigError(f"--resume {path} continues a run on its own data (--{name.replace('_', '-')} "
+                              f"{saved[name]}), not {flags[name]}; to train on other data start a new run with "
+                              f"--load {path}")
 
 
 def resume_defaults(parser, path):
@@ -204,7 +216,7 @@ class StopRequest:
 
 @dataclass
 class StepRunner:
-    """The forward, backward and update of one optimisation step; bench_train.py times the same code."""
+    """The forward, backward and update of one optimisation step; benchmarks/bench_train.py times the same code."""
     model: torch.nn.Module  # what the forward pass calls: possibly wrapped by DDP and torch.compile
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -580,7 +592,8 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
     with StopRequest() as stop, removed_if_unsaved(new_folder):
         try:
             for epoch in range(run["epoch"] + 1, config.epochs + 1):
-                frozen = set_encoder_frozen(model, epoch <= model_config.freeze_encoder_epochs)
+                frozen = epoch <= model_config.freeze_encoder_epochs
+                frozen = set_encoder_frozen(model, frozen) and frozen  # False for models without an encoder
                 if frozen != encoder_frozen:
                     runner.model, runner.ddp = wrap_for_steps(model, config.compile, device, world_size, frozen)
                     encoder_frozen = frozen

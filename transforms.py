@@ -45,13 +45,14 @@ def fit_canvas(image, mask, height, width):
     return F.pad(image, pad), F.pad(mask, pad, value=IGNORE_INDEX)
 
 
-def random_zoom_crop(image, mask, size, zoom, rotate=0.0):
+def random_zoom_crop(image, mask, size, zoom, rotate=0.0, mask_fill=0):
     """Zoom by a random factor drawn from `zoom`, rotate by a random angle in [-rotate, rotate] degrees, and cut a
     random window of at most size x size (fit_canvas pads the rest). Works on the decoded PIL image and the
     full-size mask before either becomes a tensor, in one resampling of the window's pixels (image: bilinear;
     mask: nearest, straight from the file's resolution), which keeps large photos cheap. Image and mask share one
     geometry, so they stay aligned. Returns (image, mask, boolean map of the pixels that came from beyond the
-    image, or None): those are black in the image and void in the mask."""
+    image, or None): those are black in the image and void in the mask (filled first with `mask_fill`, a value
+    the masks hold, so that the mask holds only known values until they are made void)."""
     width, height = image.size
     factor = float(torch.empty(()).uniform_(*zoom))
     out_w, out_h = (max(1, min(size, round(side * factor))) for side in (width, height))
@@ -72,7 +73,7 @@ def random_zoom_crop(image, mask, size, zoom, rotate=0.0):
     f = top + crop_h / 2 - d * out_w / 2 - e * out_h / 2
     image = image.transform((out_w, out_h), Image.AFFINE, (a, b, c, d, e, f), Image.BILINEAR)
     mask = mask.transform((out_w, out_h), Image.AFFINE, (a * fx, b * fx, c * fx, d * fy, e * fy, f * fy),
-                          Image.NEAREST)
+                          Image.NEAREST, fillcolor=mask_fill)
     corners_x = np.array([0, out_w, 0, out_w]), np.array([0, 0, out_h, out_h])
     x, y = a * corners_x[0] + b * corners_x[1] + c, d * corners_x[0] + e * corners_x[1] + f
     if x.min() >= 0 and y.min() >= 0 and x.max() <= width and y.max() <= height:
