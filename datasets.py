@@ -333,7 +333,7 @@ def build_dataset(config, split, augment=None, full_resolution=False):
 
     full_resolution=True, for evaluation: items are (image, mask, name) as the files hold them (upright, never
     resized by --scale nor padded, so sizes vary), named by the image's file stem."""
-    if config.dataset == "shapes":
+    if config.dataset == "shapes":  # made at --image-size: no crop
         length = config.num_train if split == "train" else config.num_val
         return Shapes(length, config.image_size, config.data_seed, split, with_names=full_resolution)
     name, scale = config.dataset, load_scale(config.dataset, config.scale)
@@ -355,12 +355,18 @@ def build_dataset(config, split, augment=None, full_resolution=False):
         found = [entry for entry in found if (entry[0][0].stem in val_stems) == (split != "train")]
     if not found:
         where = f"'{config.images}'" if name == "folder" and config.images else f"under '{config.data}'"
+        fix = "; give --val-percent above 0 to hold out validation images" if config.val_percent == 0 else ""
         raise DatasetError(f"the {split} split of --dataset {name} {where} is empty "
-                           f"(--val-percent {config.val_percent:g})")
+                           f"(--val-percent {config.val_percent:g}){fix}")
     pairs = [pair for pair, _, _ in found]
     if full_resolution:
         return SegmentationFiles(pairs, classes, mask_values, void, skip_bad=config.skip_bad, with_names=True)
     zoom_crop = augment.zoom_crop() if augment is not None else None
+    largest = max((max(scaled_size(size, scale)) for _, size, _ in found if size), default=None)
+    if zoom_crop and largest and zoom_crop[0] > largest:  # a crop beyond every image would be mostly padding
+        print(f"note: --crop-size {zoom_crop[0]} is larger than every image (at most {largest} pixels a side at "
+              f"--scale {scale:g}); cropping {largest} instead", file=sys.stderr)
+        zoom_crop = (largest, *zoom_crop[1:])
     if zoom_crop:
         canvas = (zoom_crop[0], zoom_crop[0])
     elif name == "folder":  # items of varied size share one canvas so that batches stack

@@ -92,6 +92,10 @@ def parse_args(argv=None):
             p.set_defaults(**saved)
             flags = vars(p.parse_args(argv))
             check_same_data(saved, flags, args.resume)
+        elif args.load:  # the architecture of the loaded model, unless flags name another
+            model_flags = {field.name for field in dataclasses.fields(ModelConfig)}
+            p.set_defaults(**{k: v for k, v in resume_defaults(p, args.load, "--load").items() if k in model_flags})
+            flags = vars(p.parse_args(argv))
         configs = [config_from(kind, flags).check()
                    for kind in (TrainConfig, DataConfig, AugmentConfig, ModelConfig)]
         if configs[0].warmup_epochs >= configs[0].epochs:
@@ -112,12 +116,12 @@ def check_same_data(saved, flags, path):
                               f"--load {path}")
 
 
-def resume_defaults(parser, path):
-    """The flags a run was started with, for --resume."""
+def resume_defaults(parser, path, flag="--resume"):
+    """The flags the run of checkpoint `path` was started with (for --resume, and --load's architecture)."""
     try:
-        saved = load_checkpoint(path)["args"]
+        saved = load_checkpoint(path).get("args", {})
     except CheckpointError as e:
-        raise CheckpointError(f"--resume: {e}") from None
+        raise CheckpointError(f"{flag}: {e}") from None
     known = {action.dest for action in parser._actions}
     return {key: value for key, value in saved.items() if key in known and key not in ("resume", "load")}
 
@@ -328,16 +332,28 @@ def wrap_for_steps(model, compile_model, device, world_size, encoder_frozen=Fals
     return (torch.compile(step_model) if compile_model else step_model), ddp
 
 
-def load_weights(model, path, checkpoint):
-    """--load: every tensor whose name and shape match (a new number of classes skips the last layer)."""
-    own = model.state_dict()
-    matching = {k: v for k, v in checkpoint["model"].items() if k in own and own[k].shape == v.shape}
-    if not matching:
-        raise CheckpointError(f"--load {path}: no weight matches this model ({checkpoint['model_args']})")
+def load_weights(model, path, checkpoint, num_logits):
+    """--load: every tensor of the checkpoint, but for those that depend on the number of classes when the new data
+    has another: they keep their initial values. Any other difference is another architecture: CheckpointError."""
+    own, theirs = model.state_dict(), checkpoint["model"]
+    their_logits = checkpoint["model_args"]["num_classes"]
+    matching = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    per_class = [k for k in own if k in theirs and k not in matching
+                 and classes_only_differ(own[k].shape, theirs[k].shape, num_logits, their_logits)]
+    other = sorted(set(own) - set(matching) - set(per_class)) + sorted(set(theirs) - set(own))
+    if other:
+        raise CheckpointError(f"--load {path} holds another architecture ({len(other)} tensor(s) differ in name or "
+                              f"shape, such as {other[0]}); its own is {checkpoint['model_args']}: leave out the "
+                              f"architecture flags to take it")
     model.load_state_dict(matching, strict=False)
-    skipped = sorted(set(own) - set(matching))
-    print(f"loaded {len(matching)}/{len(own)} tensors from {path}"
-          + (f"; left at their initial values: {', '.join(skipped)}" if skipped else ""))
+    kept = f"; {len(per_class)} that depend on the number of classes ({their_logits} -> {num_logits}) start afresh"
+    print(f"loaded {len(matching)} of {len(own)} tensors from {path}" + (kept if per_class else ""))
+
+
+def classes_only_differ(shape, their_shape, num_logits, their_logits):
+    """Two tensor shapes that differ only where one holds the new number of logits and the other the old."""
+    return len(shape) == len(their_shape) and all(
+        a == b or (a, b) == (num_logits, their_logits) for a, b in zip(shape, their_shape))
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -451,6 +467,11 @@ def new_run_dir(checkpoint_dir, name):
     return run_dir
 
 
+def number(text):
+    """A metrics.csv cell: integer columns (epoch, step) stay integers across a resume."""
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
 class RunLog:
     """metrics.csv (one row per epoch), curves.png, TensorBoard events when installed. Rank 0 only.
     A resumed run keeps the rows of the epochs its checkpoint had finished."""
@@ -460,7 +481,7 @@ class RunLog:
         self.history = []
         if resumed_epoch and self.csv_path.is_file():
             with open(self.csv_path, newline="") as f:
-                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+                rows = [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
             self.history = [row for row in rows if row["epoch"] <= resumed_epoch]
         self.rewrite()
         self.tensorboard = SummaryWriter(run_dir / "tensorboard") if SummaryWriter else None
@@ -527,6 +548,9 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
     torch.manual_seed(config.seed)
     data = resolve_data(data)
+    if data.dataset == "shapes" and augment.crop_size not in (0, AugmentConfig.crop_size) and main_process:
+        print(f"note: --crop-size {augment.crop_size} does not apply to the synthetic shapes, made at --image-size "
+              f"{data.image_size}", file=sys.stderr)
     flags = {**flags, **dataclasses.asdict(data)}  # the run saves the dataset it found and its mask values
     train_set, val_set = build_dataset(data, "train", augment), build_dataset(data, "val")
     classes = list(train_set.classes)
@@ -537,7 +561,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
     if config.resume:
         load_all_weights(model, config.resume, checkpoint)
     elif config.load:
-        load_weights(model, config.load, checkpoint)
+        load_weights(model, config.load, checkpoint, num_logits)
     model = prepare_model(model, config, device, world_size)
     normalize, ignore_index = input_normalization(model_args), train_set.ignore_index
     meta = {"model_args": model_args, "classes": classes, "mask_values": list(train_set.mask_values),
