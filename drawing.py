@@ -3,7 +3,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def voc_palette(num_colors=256):
@@ -83,17 +83,85 @@ def plot_curves(history, path, metric="miou"):
     os.replace(tmp, path)
 
 
-def sample_grid(images, truths, predictions):
-    """One row per image: image | truth | prediction, classes in VOC colours (ignored pixels in VOC's void
-    colour). Images uint8 3xHxW, label maps HxW; rows of different widths are padded. Returns a PIL image."""
-    palette = voc_palette()
-    rows = []
+VOID_COLOUR = (224, 224, 192)  # VOC's colour for void pixels (255)
+MIN_PANEL = 160  # sample-grid panels are enlarged (whole factors, nearest) to at least this width
+
+
+def sample_grid(images, truths, predictions, classes, mask_values):
+    """One row per image under the headings image | truth | prediction, then a key of the classes shown.
+    Classes in their colours (class_colours), void truth pixels in VOC's void colour; small images enlarged so
+    that the grid can be read. Images uint8 3xHxW, label maps HxW (class indices); returns a PIL image."""
+    colours = np.concatenate([class_colours(mask_values), np.zeros((256 - len(mask_values), 3), np.uint8)])
+    colours[255] = VOID_COLOUR
+    factor = max(1, -(-MIN_PANEL // max(image.shape[-1] for image in images)))
+    rows, shown = [], set()
     for image, truth, prediction in zip(images, truths, predictions):
-        panels = [image.permute(1, 2, 0).numpy(), palette[truth.numpy()], palette[prediction.numpy()]]
-        rows.append(np.concatenate(panels, axis=1))
+        panels = [image.permute(1, 2, 0).numpy(), colours[truth.numpy()], colours[prediction.numpy()]]
+        rows.append(np.concatenate(panels, axis=1).repeat(factor, 0).repeat(factor, 1))
+        shown |= set(truth.unique().tolist()) | set(prediction.unique().tolist())
     width = max(row.shape[1] for row in rows)
-    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
-    return Image.fromarray(np.concatenate(rows, axis=0))
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    panel = images[0].shape[-1] * factor
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    headed = stack_vertically(text_strip(["image", "truth", "prediction"], panel, width), grid)
+    return stack_vertically(headed, colour_key(classes, colours, sorted(shown), width))
+
+
+def font(size):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: its fixed bitmap font
+        return ImageFont.load_default()
+
+
+def text_strip(titles, column_width, width):
+    """A white strip with one centred title per column."""
+    size = max(12, min(28, column_width // 8))
+    strip = Image.new("RGB", (width, size * 2), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, title in enumerate(titles):
+        draw.text((column_width * (i + 0.5), size), title, fill="black", font=font(size), anchor="mm")
+    return strip
+
+
+def colour_key(classes, colours, shown, width):
+    """A white strip with a swatch and the name of each class index in `shown` (255: void), wrapped to `width`."""
+    size = max(12, min(28, width // 50))
+    entries = [("void" if i == 255 else classes[i], tuple(int(c) for c in colours[i])) for i in shown]
+    letters = font(size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, x = [[]], size // 2
+    for name, colour in entries:
+        advance = size * 2 + int(measure.textlength(name, font=letters)) + size
+        if lines[-1] and x + advance > width:
+            lines.append([])
+            x = size // 2
+        lines[-1].append((x, name, colour))
+        x += advance
+    strip = Image.new("RGB", (width, len(lines) * size * 2), "white")
+    draw = ImageDraw.Draw(strip)
+    for row, line in enumerate(lines):
+        top = row * size * 2 + size // 2
+        for x, name, colour in line:
+            draw.rectangle([x, top, x + size, top + size], fill=colour, outline="black")
+            draw.text((x + size * 3 // 2, top + size // 2), name, fill="black", font=letters, anchor="lm")
+    return strip
+
+
+def stack_vertically(top, bottom):
+    both = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
+    both.paste(top, (0, 0))
+    both.paste(bottom, (0, top.height))
+    return both
+
+
+def with_key(picture, labels, classes, mask_values):
+    """`picture` (an overlay or image | mask) with, below it, the key of the classes found in `labels`."""
+    shown = np.unique(labels).tolist()
+    return stack_vertically(picture.convert("RGB"), colour_key(classes, class_colours(mask_values), shown,
+                                                               picture.width))
 
 
 def class_colours(mask_values):
@@ -109,10 +177,10 @@ def overlay_image(image, labels, mask_values, alpha=0.5):
     return Image.composite(Image.blend(photo, colours, alpha), photo, Image.fromarray(labels != 0))
 
 
-def side_by_side(image, mask):
-    """Image (HxWx3 uint8) | mask (a PIL image of the same size) in one RGB image, to look at predictions."""
+def side_by_side(image, labels, mask_values):
+    """Image (HxWx3 uint8) | its labels (HxW class indices) in their class colours, in one RGB image."""
     height, width = image.shape[:2]
     both = Image.new("RGB", (2 * width, height))
     both.paste(Image.fromarray(image), (0, 0))
-    both.paste(mask.convert("RGB"), (width, 0))
+    both.paste(Image.fromarray(class_colours(mask_values)[labels]), (width, 0))
     return both

@@ -20,7 +20,7 @@ from PIL import Image
 
 from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
-from drawing import label_image, overlay_image, side_by_side
+from drawing import label_image, overlay_image, side_by_side, with_key
 from errors import ConfigError, ImageReadError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
@@ -192,18 +192,20 @@ def readable(read, failures):
 
 def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
     """Write (or show) what `outputs` asks for; returns the paths written."""
-    mask = label_image(labels, checkpoint["mask_values"])
+    classes, mask_values = checkpoint["classes"], checkpoint["mask_values"]
     photo = image.permute(1, 2, 0).numpy()
+    viz = with_key(side_by_side(photo, labels, mask_values), labels, classes, mask_values) if outputs.viz else None
     if outputs.no_save:
-        if outputs.viz:
-            show(side_by_side(photo, mask), mask_path.stem)
+        if viz:
+            show(viz, mask_path.stem)
         return []
     mask_path.parent.mkdir(parents=True, exist_ok=True)
-    mask.save(mask_path)
+    label_image(labels, mask_values).save(mask_path)
     if outputs.overlay:
-        overlay_image(photo, labels, checkpoint["mask_values"]).save(extra_path(mask_path, "overlay"))
-    if outputs.viz:
-        side_by_side(photo, mask).save(extra_path(mask_path, "viz"))
+        overlay = overlay_image(photo, labels, mask_values)
+        with_key(overlay, labels, classes, mask_values).save(extra_path(mask_path, "overlay"))
+    if viz:
+        viz.save(extra_path(mask_path, "viz"))
     if outputs.probs:
         save_probabilities(probs, extra_path(mask_path, "probs", ".npy"))
     return outputs_of(mask_path, outputs)

@@ -515,7 +515,7 @@ def save_samples(model, dataset, normalize, amp_dtype, device, path, count=4):
         predictions = [probs_to_labels(predict_probs(model, image[None].to(device), normalize))[0].cpu()
                        for image in images]
     path.parent.mkdir(exist_ok=True)
-    sample_grid(images, truths, predictions).save(path)
+    sample_grid(images, truths, predictions, dataset.classes, dataset.mask_values).save(path)
 
 
 def main(argv=None):

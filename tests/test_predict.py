@@ -11,13 +11,14 @@ from PIL import Image
 import predict
 from conftest import ROOT
 from model import IMAGENET_NORMALIZE, UNet, build_model
-from checkpoints import save_checkpoint
+from checkpoints import load_model, save_checkpoint
 from drawing import voc_palette
 
 
-def write_checkpoint(path, num_classes, mask_values, bias=None, seed=0, train_args=None):
+def write_checkpoint(path, num_classes, mask_values, bias=None, seed=0, train_args=None, spread=None):
     """A tiny U-Net checkpoint with the keys train.py writes. With `bias`, the last layer is zeroed and its bias
-    set, so every pixel gets exactly those logits."""
+    set, so every pixel gets exactly those logits; `spread` multiplies the last layer's weights instead, so that
+    the random network's near-uniform probabilities vary from pixel to pixel."""
     model_args = {"arch": "unet", "in_channels": 3, "num_classes": num_classes, "base_channels": 4, "depth": 2,
                   "bilinear": False}
     torch.manual_seed(seed)
@@ -26,6 +27,12 @@ def write_checkpoint(path, num_classes, mask_values, bias=None, seed=0, train_ar
         with torch.no_grad():
             model.outc.weight.zero_()
             model.outc.bias.copy_(torch.tensor(bias))
+    if spread is not None:
+        with torch.no_grad():
+            model.outc.weight.mul_(spread)
+            model.outc.bias.zero_()
+            noise = torch.from_numpy(rgb(32, 32, seed=99).transpose(2, 0, 1) / 255 - 0.5).float()[None]
+            model.outc.bias.sub_(model.eval()(noise).mean((0, 2, 3)))  # centred: every class gets pixels
     save_checkpoint({"model": model.state_dict(), "model_args": model_args,
                      "classes": [f"class{i}" for i in range(len(mask_values))], "mask_values": mask_values,
                      "ignore_index": 255, "normalize": IMAGENET_NORMALIZE, "optimizer": {}, "epoch": 1,
@@ -38,6 +45,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {
         "random": write_checkpoint(root / "random.pth", 3, [0, 10, 20]),
+        "spread": write_checkpoint(root / "spread.pth", 3, [0, 10, 20], spread=100.0),
         "class1": write_checkpoint(root / "class1.pth", 3, [0, 10, 20], bias=[0.0, 2.0, 1.0]),
         "p0.6": write_checkpoint(root / "p06.pth", 1, [0, 255], bias=[float(np.log(0.6 / 0.4))]),
     }
@@ -93,10 +101,13 @@ def test_default_outputs_beside_inputs_and_extras(models, tmp_path):
     np.testing.assert_allclose(probs[:, 5, 7], softmax, atol=1e-3)
     colour = voc_palette()[10].astype(float)  # the class's colour in the mask's palette
     overlay = np.asarray(Image.open(tmp_path / "a_overlay.png"), dtype=float)
-    np.testing.assert_allclose(overlay, 0.5 * image + 0.5 * colour, atol=1)
+    np.testing.assert_allclose(overlay[:24], 0.5 * image + 0.5 * colour, atol=1)
     viz = np.asarray(Image.open(tmp_path / "a_viz.png"))
-    assert viz.shape == (24, 64, 3)
-    assert (viz[:, :32] == image).all() and (viz[:, 32:] == colour).all()
+    assert viz.shape[1:] == (64, 3) and viz.shape[0] > 24
+    assert (viz[:24, :32] == image).all() and (viz[:24, 32:] == colour).all()
+    for picture in (overlay, viz):  # below the picture, a key with the swatch of the class shown
+        key = picture[24:]
+        assert key.shape[0] > 0 and (key == colour).all(-1).any() and (key == 0).all(-1).any()  # swatch, text
     predict.main(["-m", models["class1"], "-i", str(tmp_path / "a.png"), "-n", "--overlay"])
     assert len(os.listdir(tmp_path)) == 5  # -n writes nothing
 
@@ -112,15 +123,43 @@ def test_single_logit_threshold(models, tmp_path, threshold, expected):
 
 
 def test_masks_follow_the_probabilities(models, tmp_path):
-    Image.fromarray(rgb(40, 48, seed=3)).save(tmp_path / "x.png")
-    predict.main(["-m", models["random"], "-i", str(tmp_path / "x.png"), "--probs", "--tile", "32",
+    """--tile 32 --overlap 0.5 --tta on 40 x 48: the probabilities written are the Gaussian-weighted mean over the
+    tiles of each tile's softmax averaged with its mirror image's, and the mask holds the mask value of their
+    argmax; against numpy, with only the network itself run by torch."""
+    image = rgb(40, 48, seed=3)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    predict.main(["-m", models["spread"], "-i", str(tmp_path / "x.png"), "--probs", "--tile", "32",
                   "--overlap", "0.5", "--tta"])
     probs = np.load(tmp_path / "x_probs.npy").astype(np.float32)
     mask = np.asarray(Image.open(tmp_path / "x_mask.png"))
-    top2 = np.sort(probs, axis=0)[-2:]
-    clear = top2[1] - top2[0] > 2e-3  # float16 rounding can swap near-ties
-    assert clear.mean() > 0.9
-    np.testing.assert_array_equal(mask[clear], np.array([0, 10, 20])[probs.argmax(0)][clear])
+
+    model, _ = load_model(models["spread"])
+    mean, std = (np.array(IMAGENET_NORMALIZE[key])[:, None, None] for key in ("mean", "std"))
+    x = (image.transpose(2, 0, 1) / 255 - mean) / std
+
+    def softmax(tile):
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.ascontiguousarray(tile[None], np.float32)))[0].double().numpy()
+        e = np.exp(logits - logits.max(0))
+        return e / e.sum(0)
+
+    side = np.exp(-((np.arange(32) - 15.5) ** 2) / (2 * 4.0 ** 2))  # sigma = tile / 8, peak 1
+    weight = np.outer(side, side)
+    total, weights = np.zeros((3, 40, 48)), np.zeros((40, 48))
+    # A stride of 32 * 0.5 = 16 (a multiple of the depth-2 U-Net's 4), the last tile flush with the border.
+    for y in (0, 8):
+        for x0 in (0, 16):
+            tile = x[:, y:y + 32, x0:x0 + 32]
+            mean_of_flips = (softmax(tile) + softmax(tile[:, :, ::-1])[:, :, ::-1]) / 2
+            total[:, y:y + 32, x0:x0 + 32] += mean_of_flips * weight
+            weights[y:y + 32, x0:x0 + 32] += weight
+    expected = total / weights
+    np.testing.assert_allclose(probs, expected, atol=1e-3)  # saved as float16
+    top2 = np.sort(expected, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-4
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(mask[clear], np.array([0, 10, 20])[expected.argmax(0)][clear])
+    assert set(np.unique(mask)) == {0, 10, 20}  # every class shows, so the argmax is tested
 
 
 def test_newest_best_checkpoint_is_the_default(tmp_path, monkeypatch, capsys):

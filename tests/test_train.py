@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import drawing
 import train
 from conftest import ROOT
 from synthetic import Shapes
@@ -80,6 +81,8 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(full_run, tmp_pat
     assert train.main(["--resume", str(run_dir / "last.pth")]) == run_dir
     assert_same_weights(run_dir / "last.pth", full_run / "last.pth")
     assert read_log(run_dir) == read_log(full_run)
+    with open(run_dir / "metrics.csv", newline="") as f:  # rows kept from before the interruption stay integral
+        assert [row[:2] for row in list(csv.reader(f))[1:]] == [["1", "4"], ["2", "8"], ["3", "12"]]
 
 
 def test_stop_during_validation_saves_the_epoch_then_resume_is_exact(full_run, tmp_path, monkeypatch):
@@ -138,23 +141,30 @@ def test_log_curves_and_samples_hold_the_run(full_run):
     assert all(math.isfinite(row["train_loss"]) for row in rows)
     with Image.open(full_run / "curves.png") as curves:
         assert curves.format == "PNG" and curves.width > 600
-    # Samples every 2 epochs and at the last one; rows of image | truth | prediction.
+    # Samples every 2 epochs and at the last one: headings, then rows of image | truth | prediction enlarged 5x
+    # (32-pixel images to 160-pixel panels), then the key of the classes shown.
     assert sorted(p.name for p in (full_run / "samples").iterdir()) == ["epoch_002.png", "epoch_003.png"]
     grid = np.asarray(Image.open(full_run / "samples" / "epoch_003.png"))
-    assert grid.shape == (4 * 32, 3 * 32, 3)  # the first 4 of 6 validation images
+    side, top = 160, drawing.text_strip(["image", "truth", "prediction"], 160, 480).height
+    assert grid.shape[1:] == (3 * side, 3) and grid.shape[0] > top + 4 * side  # the first 4 of 6 validation images
+    assert (grid[:top] != 255).any()  # the headings
     model, checkpoint = load_model(full_run / "last.pth")
+    enlarge = lambda a: a.repeat(5, 0).repeat(5, 1)  # noqa: E731
     for i in range(4):
         image, mask = Shapes(6, 32, 0, "val")[i]
         prediction = probs_to_labels(predict_probs(model, image[None], checkpoint["normalize"]))[0]
-        row = grid[32 * i:32 * (i + 1)]
-        assert np.array_equal(row[:, :32], image.permute(1, 2, 0).numpy())
-        assert np.array_equal(row[:, 32:64], voc_palette()[mask.numpy()])
-        assert np.array_equal(row[:, 64:], voc_palette()[prediction.numpy()])
+        row = grid[top + side * i:top + side * (i + 1)]
+        assert np.array_equal(row[:, :side], enlarge(image.permute(1, 2, 0).numpy()))
+        assert np.array_equal(row[:, side:2 * side], enlarge(voc_palette()[mask.numpy()]))  # shapes: values = classes
+        assert np.array_equal(row[:, 2 * side:], enlarge(voc_palette()[prediction.numpy()]))
+    key = grid[top + 4 * side:]
+    assert key.shape[0] > 0 and (key == voc_palette()[1]).all(-1).any()  # a circle's swatch
 
 
 def test_torchrun_gloo_score_equals_single_process_score(tmp_path):
     """Two CPU processes: 7 validation images split 4 + 3, confusion matrices summed across ranks."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *TINY,
+    # --standalone: a rendezvous on a free port, not the fixed 29500 that a parallel run or another job may hold.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
                "--num-val", "7", "--epochs", "2", "--batch-size", "4", "--accumulate", "2", "--optimizer", "sgd",
                "--device", "cpu", "--checkpoint-dir", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -200,14 +210,27 @@ def test_amp_never_defaults_to_bf16_on_cpu():
 
 
 def test_load_takes_matching_weights_for_a_new_number_of_classes(full_run, tmp_path, capsys):
-    source = load_checkpoint(full_run / "best.pth")["model"]
+    checkpoint = load_checkpoint(full_run / "best.pth")
+    source = checkpoint["model"]
     model_config = train.parse_args(TINY + ["--single-logit"])[3]  # 1 logit instead of 4: the last layer differs
     model = train.build_model(model_config.model_args(2))
-    train.load_weights(model, "best.pth", {"model": source, "model_args": {}})
+    train.load_weights(model, "best.pth", checkpoint, num_logits=1)
     state = model.state_dict()
     assert torch.equal(state["inc.0.weight"], source["inc.0.weight"])
     assert state["outc.weight"].shape == (1, 4, 1, 1)
-    assert "left at their initial values: outc.bias, outc.weight" in capsys.readouterr().out
+    assert f"loaded {len(state) - 2} of {len(state)} tensors" in capsys.readouterr().out  # all but outc's 2
+    wider = train.build_model({**checkpoint["model_args"], "base_channels": 8})
+    with pytest.raises(train.CheckpointError, match=r"holds another architecture \(\d+ tensor\(s\) differ"):
+        train.load_weights(wider, "best.pth", checkpoint, num_logits=4)
+
+
+def test_load_takes_the_architecture_from_the_checkpoint(full_run):
+    """--load with no architecture flags rebuilds the checkpoint's model (TINY's base 4, depth 2), not the
+    default 31 M-parameter U-Net; flags given on the command line still win."""
+    model_config = train.parse_args(["--dataset", "shapes", "--load", str(full_run / "best.pth")])[3]
+    assert (model_config.base_channels, model_config.depth) == (4, 2)
+    model_config = train.parse_args(["--dataset", "shapes", "--load", str(full_run / "best.pth"), "--depth", "3"])[3]
+    assert (model_config.base_channels, model_config.depth) == (4, 3)
 
 
 @pytest.mark.parametrize("flags, message", [
