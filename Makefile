@@ -17,7 +17,7 @@ demo: install
 		--batch-size 16 --lr 3e-3 --base-channels 16 --depth 3 --name demo --checkpoint-dir $(DEMO_RUN)
 	$(PYTHON) eval.py -m $(DEMO_MODEL) --dataset shapes --split val --json samples/demo_scores.json
 	$(PYTHON) synthetic.py --out samples --count 2 --image-size 64
-	$(PYTHON) predict.py -m $(DEMO_MODEL) -i samples/shapes_0.png samples/shapes_1.png
+	$(PYTHON) predict.py -m $(DEMO_MODEL) -i samples/images -o samples --overlay
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests

@@ -17,8 +17,8 @@ from torchvision import tv_tensors
 from errors import ConfigError, DatasetError, check_at_least
 from images import open_image, open_mask, scaled_size, to_tensor
 from metrics import IGNORE_INDEX
-from pairs import check_values, existing, found_mask_values, held_out, list_files, pair_by_stem, read_ids, scan_pairs, size_mismatch, \
-    unknown_values
+from pairs import check_values, existing, found_mask_values, held_out, list_files, pair_by_stem, read_ids, \
+    scan_pairs, size_mismatch, unknown_values
 from synthetic import Shapes
 from transforms import fit_canvas, random_zoom_crop, train_transform
 

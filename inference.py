@@ -17,6 +17,7 @@ from tqdm import tqdm
 from errors import ConfigError
 from images import scaled_size
 from metrics import ConfusionMatrix
+from utils import progress_bars
 
 FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
 LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
@@ -124,7 +125,8 @@ def predict_probs(model, images, normalize, scale=1.0, tile=None, overlap=0.5, f
 
     `scale` resizes the input before the forward pass (e.g. 0.5 for a model trained on half-size images);
     the scores are resized back, so labels always have the input's size. `tile` switches to overlap-tile
-    inference (see sliding_window_probs); `flips` (flip_dims) averages flipped predictions; `amp` runs the model in mixed precision.
+    inference (see sliding_window_probs); `flips` (flip_dims) averages flipped predictions; `amp` runs the model
+    in mixed precision.
     Whole images are moved to the model's device, and so are the probabilities; tiles are accumulated on the
     images' device, so that CPU images of any size only send one batch of tiles at a time to the GPU.
     """
@@ -246,7 +248,7 @@ def evaluate(model, loader, num_classes, normalize, ignore_index, device, distri
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2), ignore_index, device)
     quiet = distributed and torch.distributed.get_rank() > 0
-    for images, masks in tqdm(loader, desc="val", leave=False, disable=quiet):
+    for images, masks in tqdm(loader, desc="val", leave=False, disable=quiet or not progress_bars()):
         probs = predict_probs(model, images.to(device), normalize, **options)
         confusion.update(probs_to_labels(probs), masks.to(device))
     if distributed:

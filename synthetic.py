@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from drawing import label_image
 from metrics import IGNORE_INDEX
 
 
@@ -72,20 +73,24 @@ class Shapes(torch.utils.data.Dataset):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Write synthetic shapes images (and their masks) to a folder.")
+    parser = argparse.ArgumentParser(description="Write synthetic shapes images to OUT/images and their true masks "
+                                                 "(class ids in a palette PNG) to OUT/masks: a folder that eval.py "
+                                                 "scores as it is (python eval.py --images OUT/images --masks "
+                                                 "OUT/masks, or --out eval for eval.py's own folder).")
     parser.add_argument("--out", default="samples", help="output folder")
     parser.add_argument("--count", type=int, default=2, help="number of images")
     parser.add_argument("--image-size", type=int, default=256, help="side of each image")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    images, masks = Path(args.out) / "images", Path(args.out) / "masks"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(exist_ok=True)
     data = Shapes(args.count, args.image_size, args.seed, "test")
     for i in range(args.count):
         image, mask = data[i]
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"shapes_{i}.png")
-        Image.fromarray(mask.numpy().astype(np.uint8) * 80).save(out / f"shapes_{i}_truth.png")
-        print(f"wrote {out / f'shapes_{i}.png'}")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(images / f"shapes_{i}.png")
+        label_image(mask.numpy(), Shapes.mask_values).save(masks / f"shapes_{i}.png")
+    print(f"wrote {args.count} images to {images} and their masks to {masks}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from losses import segmentation_loss
 from model import ModelConfig, build_model, count_parameters, input_normalization, parameter_groups, \
     set_encoder_frozen
 from transforms import AugmentConfig
-from utils import check_folder, default_workers, derived_seed, pick_device, rng_states, seed_everything, set_rng_states
+from utils import check_folder, default_workers, derived_seed, pick_device, progress_bars, rng_states, \
+    seed_everything, set_rng_states
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -412,7 +413,7 @@ def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, pro
     requested, after a whole step. Raises NonFiniteLoss, before any update, for a NaN or infinite loss."""
     runner.model.train()
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", total=progress["batches"], initial=progress["batch"],
-               leave=False, disable=not main_process)
+               leave=False, disable=not (main_process and progress_bars()))
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         batch = progress["batch"]

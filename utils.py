@@ -60,6 +60,12 @@ def check_output(path, flag, inputs=()):
     return path
 
 
+def progress_bars():
+    """Progress bars on a terminal only: in a log file or a pipe they become thousands of carriage returns, and the
+    scripts print one line per epoch or image there anyway."""
+    return sys.stderr.isatty()
+
+
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
