@@ -4,6 +4,7 @@
   python eval.py -m checkpoints/RUN/best.pth --json scores.json   # no eval/ folder: the run's validation set
   python eval.py --dataset voc --data data --split val --save-labels labels/
   python eval.py --images photos/ --masks truth/ --confusion confusion.png
+  python eval.py --images photos/ --masks truth/ --report report/   # open report/index.html in a browser
 
 Every score comes from one confusion matrix over the whole set (the VOC devkit's protocol): predictions are
 resized back to each mask's size, masks are never resized, and void pixels are skipped."""
@@ -28,9 +29,10 @@ from images import IMAGE_EXTENSIONS, read_image
 from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
 from metrics import IGNORE_INDEX, ConfusionMatrix
 from pairs import list_files
+from report import Gallery, write_report
 from utils import check_folder, check_output, default_workers, pick_device, warn
 
-EVAL_DIR = Path("eval")  # the no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png
+EVAL_DIR = Path("eval")  # no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png, eval/report
 
 
 def parse_args(argv=None):
@@ -54,6 +56,9 @@ def parse_args(argv=None):
                    help="write predicted label images DIR/<stem>.png (default: eval/labels in eval/ mode)")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write DIR/<stem>.png, the classes tinted on the image")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write DIR/index.html, a page of the scores, the confusion matrix and the worst and best "
+                        "images, with its pictures beside it (default: eval/report in eval/ mode)")
     args = p.parse_args(argv)
     try:
         check_at_least(1, batch_size=args.batch_size)
@@ -78,6 +83,7 @@ class EvalConfig:
     confusion: str = None
     save_labels: str = None
     overlays: str = None
+    report: str = None
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -130,8 +136,8 @@ def choose_data(given, split, checkpoint):
 
 def check_outputs(dataset, checkpoint_path, files, folders):
     """Before any work: every output can be written and replaces no input. `files` and `folders` map flags to
-    output files and folders (None: not asked for). Label images and overlays go to folders that hold no input
-    (they would replace masks), each its own."""
+    output files and folders (None: not asked for). Label images, overlays and the report go to folders that
+    hold no input (they would replace masks), each its own."""
     inputs = [path for pair in getattr(dataset, "pairs", []) for path in pair] + getattr(dataset, "paths", [])
     for flag, path in files.items():
         if path:
@@ -140,11 +146,13 @@ def check_outputs(dataset, checkpoint_path, files, folders):
     chosen = {flag: Path(folder).resolve() for flag, folder in folders.items() if folder}
     for flag, folder in chosen.items():
         if folder in input_folders:
-            raise ConfigError(f"{flag} '{folder}' holds input images or masks; write label images and overlays "
-                              f"elsewhere")
+            raise ConfigError(f"{flag} '{folder}' holds input images or masks; write label images, overlays and "
+                              f"reports elsewhere")
         check_folder(folder, flag)
-    if len(set(chosen.values())) < len(chosen):
-        raise ConfigError("--save-labels and --overlays name one folder; give each its own")
+    for flag, folder in chosen.items():
+        same = [other for other, elsewhere in chosen.items() if elsewhere == folder]
+        if len(same) > 1:
+            raise ConfigError(f"{' and '.join(same)} name one folder; give each its own")
 
 
 def check_classes(dataset, checkpoint):
@@ -182,10 +190,12 @@ def readable(loader, failures, bar):
             bar.update(1)
 
 
-def segment(model, checkpoint, dataset, inference, batch_size, workers, confusion, save_labels, overlays):
+def segment(model, checkpoint, dataset, inference, batch_size, workers, confusion, save_labels, overlays,
+            on_image=None):
     """Predict every item (the inference path of predict.py), add it to `confusion` when it has a mask, and
-    write the label images and overlays asked for (folders or None). Returns (number of images segmented,
-    reasons of the ones left out)."""
+    write the label images and overlays asked for (folders or None). `on_image(image, mask, labels, name)`, when
+    given, sees each image that has a mask with its predicted class map (on the model's device). Returns (number
+    of images segmented, reasons of the ones left out)."""
     loader = torch.utils.data.DataLoader(ReportingBadFiles(dataset), batch_size=None, num_workers=workers)
     options = {**inference.options(), "batch_size": batch_size}
     done, failures = 0, []
@@ -198,6 +208,9 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
             labels = probs_to_labels(probs)
             if masks[0] is not None:
                 confusion.update(labels, stack_batch(masks))
+                if on_image:
+                    for image, mask, label, name in zip(images, masks, labels, names):
+                        on_image(image, mask, label, name)
             if save_labels or overlays:
                 labels = labels.to(torch.uint8).cpu().numpy()
                 save_outputs(images, labels, names, checkpoint["mask_values"], save_labels, overlays)
@@ -265,12 +278,17 @@ def evaluate_checkpoint(config, given, inference):
     classes = list(checkpoint["classes"])
     inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
     save_labels, overlays, confusion_png = config.save_labels, config.overlays, config.confusion
+    report_dir = config.report
     if eval_mode:
         given = {**given, "images": str(EVAL_DIR / "images"),
                  "masks": str(EVAL_DIR / "masks") if holds_images(EVAL_DIR / "masks") else None}
         save_labels = save_labels or str(EVAL_DIR / "labels")
         confusion_png = confusion_png or (str(EVAL_DIR / "confusion.png") if given["masks"] else None)
+        report_dir = report_dir or (str(EVAL_DIR / "report") if given["masks"] else None)
     if given["images"] and not given["masks"]:
+        if report_dir:
+            raise ConfigError("--report needs the true masks: add --masks DIR (label images alone: --save-labels "
+                              "DIR)")
         if not (save_labels or overlays):
             raise ConfigError("--images without --masks only writes label images: add --save-labels DIR "
                               "(or --masks DIR to score them)")
@@ -282,12 +300,14 @@ def evaluate_checkpoint(config, given, inference):
         what = f"{where} {split}"
         check_classes(dataset, checkpoint)
     check_outputs(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
-                  {"--save-labels": save_labels, "--overlays": overlays})
+                  {"--save-labels": save_labels, "--overlays": overlays, "--report": report_dir})
     device = next(model.parameters()).device
-    confusion = ConfusionMatrix(max(checkpoint["model_args"]["num_classes"], 2), dataset.ignore_index, device)
+    num_classes = max(checkpoint["model_args"]["num_classes"], 2)
+    confusion = ConfusionMatrix(num_classes, dataset.ignore_index, device)
+    gallery = Gallery(num_classes, dataset.ignore_index) if report_dir else None
     start = time.perf_counter()
     count, failures = segment(model, checkpoint, dataset, inference, config.batch_size, config.workers, confusion,
-                              save_labels, overlays)
+                              save_labels, overlays, on_image=gallery.add if gallery else None)
     seconds = time.perf_counter() - start
     print(f"{checkpoint_path} on {what}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} "
           f"images/s, scale {inference.scale:g})")
@@ -316,6 +336,12 @@ def evaluate_checkpoint(config, given, inference):
         with open(config.json, "w") as f:
             json.dump(_nan_to_none(report), f, indent=2)
         print(f"wrote {config.json}")
+    if report_dir:
+        page = write_report(report_dir, checkpoint=checkpoint_path, data=what, count=count, metrics=metrics,
+                            matrix=confusion.mat.cpu().numpy(), classes=classes,
+                            mask_values=list(checkpoint["mask_values"]), gallery=gallery,
+                            options=dataclasses.asdict(inference), left_out=failures, void_share=void_share)
+        print(f"wrote {page} (open it in a browser; the pictures beside it belong to it)")
     check_complete(failures, count)
     return metrics
 
