@@ -65,7 +65,10 @@ def normalization_tensors(mean, std, device):
 
 def preprocess(images, normalize):
     """uint8 Bx C xHxW (on any device) -> normalised float, with the mean and std saved in the checkpoint."""
-    mean, std = normalization_tensors(tuple(normalize["mean"]), tuple(normalize["std"]), images.device)
+    stats = tuple(normalize["mean"]), tuple(normalize["std"]), images.device
+    # A trace (torch.export, torch.compile, jit.trace) makes placeholders, which must not outlive it in the cache.
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    mean, std = normalization_tensors.__wrapped__(*stats) if tracing else normalization_tensors(*stats)
     return (images.float() / 255 - mean) / std
 
 
