@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from checkpoints import find_checkpoint, load_model
 from datasets import DataConfig, build_dataset, trained_scale, void_value
-from drawing import label_image, overlay_image, plot_confusion_matrix
+from drawing import label_image, overlay_image, plot_confusion_matrix, with_key
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
@@ -30,7 +30,7 @@ from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, s
 from metrics import IGNORE_INDEX, ConfusionMatrix
 from pairs import list_files
 from report import Gallery, write_report
-from utils import check_folder, check_output, default_workers, pick_device, warn
+from utils import check_folder, check_output, count, default_workers, pick_device, warn
 
 EVAL_DIR = Path("eval")  # no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png, eval/report
 
@@ -213,21 +213,22 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
                         on_image(image, mask, label, name)
             if save_labels or overlays:
                 labels = labels.to(torch.uint8).cpu().numpy()
-                save_outputs(images, labels, names, checkpoint["mask_values"], save_labels, overlays)
+                save_outputs(images, labels, names, checkpoint["classes"], checkpoint["mask_values"], save_labels,
+                             overlays)
             done += len(batch)
             bar.update(len(batch))
     return done, failures
 
 
-def save_outputs(images, labels, names, mask_values, save_labels=None, overlays=None):
-    """Label images (VOC palette PNGs holding the mask values, 0/255 PNGs for two classes) and overlays, into
-    the folders given."""
+def save_outputs(images, labels, names, classes, mask_values, save_labels=None, overlays=None):
+    """Label images (VOC palette PNGs holding the mask values, 0/255 PNGs for two classes) and overlays with a
+    key of their classes, into the folders given."""
     for image, label, name in zip(images, labels, names):
         if save_labels:
             label_image(label, mask_values).save(Path(save_labels) / f"{name}.png")
         if overlays:
-            photo = image.permute(1, 2, 0).numpy()
-            overlay_image(photo, label, mask_values).save(Path(overlays) / f"{name}.png")
+            overlay = overlay_image(image.permute(1, 2, 0).numpy(), label, mask_values)
+            with_key(overlay, label, classes, mask_values).save(Path(overlays) / f"{name}.png")
 
 
 def cell(x):
@@ -286,9 +287,10 @@ def evaluate_checkpoint(config, given, inference):
         confusion_png = confusion_png or (str(EVAL_DIR / "confusion.png") if given["masks"] else None)
         report_dir = report_dir or (str(EVAL_DIR / "report") if given["masks"] else None)
     if given["images"] and not given["masks"]:
-        if report_dir:
-            raise ConfigError("--report needs the true masks: add --masks DIR (label images alone: --save-labels "
-                              "DIR)")
+        for flag, path in (("--report", report_dir), ("--json", config.json), ("--confusion", confusion_png)):
+            if path:
+                raise ConfigError(f"{flag} needs the true masks: add --masks DIR (label images alone: "
+                                  f"--save-labels DIR)")
         if not (save_labels or overlays):
             raise ConfigError("--images without --masks only writes label images: add --save-labels DIR "
                               "(or --masks DIR to score them)")
@@ -306,17 +308,17 @@ def evaluate_checkpoint(config, given, inference):
     confusion = ConfusionMatrix(num_classes, dataset.ignore_index, device)
     gallery = Gallery(num_classes, dataset.ignore_index) if report_dir else None
     start = time.perf_counter()
-    count, failures = segment(model, checkpoint, dataset, inference, config.batch_size, config.workers, confusion,
+    done, failures = segment(model, checkpoint, dataset, inference, config.batch_size, config.workers, confusion,
                               save_labels, overlays, on_image=gallery.add if gallery else None)
     seconds = time.perf_counter() - start
-    print(f"{checkpoint_path} on {what}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} "
-          f"images/s, scale {inference.scale:g})")
-    for kind, folder in [("label images", save_labels), ("overlays", overlays)]:
+    print(f"{checkpoint_path} on {what}: {count(done, 'image')} in {seconds:.1f} s "
+          f"({done / max(seconds, 1e-9):.2f} images/s, scale {inference.scale:g})")
+    for kind, folder in [("label image", save_labels), ("overlay", overlays)]:
         if folder:
-            print(f"wrote {count} {kind} to {folder}/")
+            print(f"wrote {count(done, kind)} to {Path(folder)}")
     if data is None:
         print(f"no true masks for {given['images']}: no scores were computed")
-        check_complete(failures, count)
+        check_complete(failures, done)
         return None
     metrics = confusion.compute()
     print(format_table(metrics, classes))
@@ -328,21 +330,21 @@ def evaluate_checkpoint(config, given, inference):
         plot_confusion_matrix(confusion.mat.cpu().numpy(), classes, confusion_png)
         print(f"wrote {confusion_png}")
     if config.json:
-        report = {"checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset, "split": split,
-                  "images": count, "classes": classes, "mask_values": list(checkpoint["mask_values"]),
+        scores = {"checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset, "split": split,
+                  "images": done, "classes": classes, "mask_values": list(checkpoint["mask_values"]),
                   "options": dataclasses.asdict(inference), **metrics,
                   "absent_classes": absent_classes(metrics, classes), "left_out": failures,
                   "confusion_matrix": confusion.mat.cpu().tolist()}
         with open(config.json, "w") as f:
-            json.dump(_nan_to_none(report), f, indent=2)
+            json.dump(_nan_to_none(scores), f, indent=2)
         print(f"wrote {config.json}")
     if report_dir:
-        page = write_report(report_dir, checkpoint=checkpoint_path, data=what, count=count, metrics=metrics,
+        page = write_report(report_dir, checkpoint=checkpoint_path, data=what, count=done, metrics=metrics,
                             matrix=confusion.mat.cpu().numpy(), classes=classes,
                             mask_values=list(checkpoint["mask_values"]), gallery=gallery,
                             options=dataclasses.asdict(inference), left_out=failures, void_share=void_share)
         print(f"wrote {page} (open it in a browser; the pictures beside it belong to it)")
-    check_complete(failures, count)
+    check_complete(failures, done)
     return metrics
 
 

@@ -25,7 +25,7 @@ from errors import ConfigError, ImageReadError, UserError, check_at_least, one_l
 from flags import add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
 from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
-from utils import pick_device, warn
+from utils import count, pick_device, warn
 
 OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
 MAX_IMAGE_PIXELS = 1_000_000_000  # PIL's decompression-bomb limit (89 M pixels) is too low for large scans
@@ -280,7 +280,7 @@ def main(argv=None):
             done += 1
         del probs, labels  # free this batch's buffers before the next one is computed
     seconds = time.perf_counter() - start
-    print(f"{done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
+    print(f"{count(done, 'image')} in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
     if failures:
         lines = "\n".join(f"  {reason}" for reason in failures)
         sys.exit(f"error: {len(failures)} of {done + len(failures)} inputs failed:\n{lines}")

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from drawing import label_image
 from metrics import IGNORE_INDEX
+from utils import count
 
 
 class Shapes(torch.utils.data.Dataset):
@@ -90,7 +91,7 @@ def main():
         image, mask = data[i]
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(images / f"shapes_{i}.png")
         label_image(mask.numpy(), Shapes.mask_values).save(masks / f"shapes_{i}.png")
-    print(f"wrote {args.count} images to {images} and their masks to {masks}")
+    print(f"wrote {count(args.count, 'image')} to {images} and their masks to {masks}")
 
 
 if __name__ == "__main__":

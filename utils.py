@@ -66,6 +66,11 @@ def progress_bars():
     return sys.stderr.isatty()
 
 
+def count(number, noun):
+    """'1 image', '3 images'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, jaccard_score
 
 import eval as evaluate_script
 import train
@@ -46,19 +45,20 @@ def flat_valid(batches):
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_every_score_against_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")  # an optional test dependency: skips this test alone
     rng = np.random.default_rng(0)
     # 7 classes: 5 is only predicted, 4 only in the truth, 6 nowhere (n/a).
     batches = random_batches(rng, 7, [0, 1, 2, 3, 4], [0, 1, 2, 3, 5])
     s = accumulate(7, batches)
     pred, truth = flat_valid(batches)
     scored = [0, 1, 2, 3, 4, 5]
-    assert s["pixel_acc"] == pytest.approx(accuracy_score(truth, pred))
-    assert s["mean_acc"] == pytest.approx(balanced_accuracy_score(truth, pred))  # mean recall over true classes
-    assert s["iou"][:6] == pytest.approx(jaccard_score(truth, pred, labels=scored, average=None).tolist())
-    assert s["miou"] == pytest.approx(jaccard_score(truth, pred, labels=scored, average="macro"))
-    assert s["fwiou"] == pytest.approx(jaccard_score(truth, pred, labels=scored, average="weighted"))
-    assert s["dice"][:6] == pytest.approx(f1_score(truth, pred, labels=scored, average=None).tolist())
-    assert s["mean_dice"] == pytest.approx(f1_score(truth, pred, labels=scored, average="macro"))
+    assert s["pixel_acc"] == pytest.approx(sk.accuracy_score(truth, pred))
+    assert s["mean_acc"] == pytest.approx(sk.balanced_accuracy_score(truth, pred))  # mean recall over true classes
+    assert s["iou"][:6] == pytest.approx(sk.jaccard_score(truth, pred, labels=scored, average=None).tolist())
+    assert s["miou"] == pytest.approx(sk.jaccard_score(truth, pred, labels=scored, average="macro"))
+    assert s["fwiou"] == pytest.approx(sk.jaccard_score(truth, pred, labels=scored, average="weighted"))
+    assert s["dice"][:6] == pytest.approx(sk.f1_score(truth, pred, labels=scored, average=None).tolist())
+    assert s["mean_dice"] == pytest.approx(sk.f1_score(truth, pred, labels=scored, average="macro"))
     assert math.isnan(s["iou"][6]) and math.isnan(s["dice"][6]) and math.isnan(s["class_acc"][6])
     assert s["iou"][4] == 0 and s["iou"][5] == 0 and math.isnan(s["class_acc"][5])
     names = [f"c{i}" for i in range(7)]
@@ -68,12 +68,13 @@ def test_every_score_against_sklearn():
 
 
 def test_binary_scores_against_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")
     batches = random_batches(np.random.default_rng(1), 2, [0, 1], [0, 1])
     s = accumulate(2, batches)
     pred, truth = flat_valid(batches)
-    assert s["fg_dice"] == pytest.approx(f1_score(truth, pred))
-    assert s["fg_iou"] == pytest.approx(jaccard_score(truth, pred))
-    assert s["miou"] == pytest.approx(jaccard_score(truth, pred, average="macro"))
+    assert s["fg_dice"] == pytest.approx(sk.f1_score(truth, pred))
+    assert s["fg_iou"] == pytest.approx(sk.jaccard_score(truth, pred))
+    assert s["miou"] == pytest.approx(sk.jaccard_score(truth, pred, average="macro"))
 
 
 def test_label_images_read_back(tmp_path):
@@ -82,7 +83,8 @@ def test_label_images_read_back(tmp_path):
     images = torch.zeros(2, 3, 23, 31, dtype=torch.uint8)
     folders = tmp_path / "labels", tmp_path / "overlays"
     folders[0].mkdir(), folders[1].mkdir()
-    evaluate_script.save_outputs(images, labels, ["a", "b"], list(range(21)), *folders)
+    classes = [f"class {i}" for i in range(21)]
+    evaluate_script.save_outputs(images, labels, ["a", "b"], classes, list(range(21)), *folders)
     for name, label in zip("ab", labels):
         written = Image.open(tmp_path / "labels" / f"{name}.png")
         assert written.mode == "P"
@@ -90,8 +92,10 @@ def test_label_images_read_back(tmp_path):
         palette = np.array(written.getpalette()[:3 * 256]).reshape(-1, 3)
         assert np.array_equal(palette, voc_palette())
         overlay = np.asarray(Image.open(tmp_path / "overlays" / f"{name}.png"))
-        assert overlay.shape == (23, 31, 3) and (overlay[label == 0] == 0).all() and overlay[label > 0].any()
-    evaluate_script.save_outputs(images[:1], labels[:1] % 2, ["bin"], [0, 1], *folders)
+        picture, key = overlay[:23], overlay[23:]  # the overlay, then the key of its classes below it
+        assert picture.shape == (23, 31, 3) and (picture[label == 0] == 0).all() and picture[label > 0].any()
+        assert key.shape[0] > 0 and (key == voc_palette()[label.max()]).all(-1).any()
+    evaluate_script.save_outputs(images[:1], labels[:1] % 2, ["bin"], classes[:2], [0, 1], *folders)
     binary = Image.open(tmp_path / "labels" / "bin.png")
     assert binary.mode == "L" and np.array_equal(np.asarray(binary), (labels[0] % 2) * 255)
 
