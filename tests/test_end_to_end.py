@@ -57,7 +57,27 @@ def test_eval_matches_training_validation(run_dir, tmp_path, capsys):
     metrics = evaluate_script.main(["-m", str(run_dir / "best.pth"), "--split", "val", "--json", str(report)])
     saved = json.loads(report.read_text())
     best = load_checkpoint(run_dir / "best.pth")
-    # eval rebuilt the same validation set from the checkpoint's arguments, so it gets the same scores.
+    # Against numpy: the run's validation set (8 shapes of 32 pixels, data seed 0) through the network alone,
+    # argmax, a confusion matrix of (truth, prediction) counts, IoU = TP / (truth + predicted - TP) per class,
+    # averaged over the classes that occur in either.
+    model, _ = load_model(run_dir / "best.pth")
+    images, masks = zip(*Shapes(8, 32, 0, "val"))
+    pixels = torch.stack(images).double().numpy() / 255
+    mean, std = (np.array(best["normalize"][key])[None, :, None, None] for key in ("mean", "std"))
+    with torch.no_grad():
+        logits = model(torch.from_numpy((pixels - mean) / std).float()).numpy()
+    truth, predicted = torch.stack(masks).numpy().ravel(), logits.argmax(1).ravel()
+    assert truth.max() < 4
+    confusion = np.bincount(4 * truth + predicted, minlength=16).reshape(4, 4)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    with np.errstate(invalid="ignore"):
+        iou = tp / union
+    assert saved["confusion_matrix"] == confusion.tolist()
+    assert saved["miou"] == pytest.approx(np.nanmean(iou), rel=1e-9)
+    assert saved["pixel_acc"] == pytest.approx(tp.sum() / truth.size, rel=1e-9)
+    assert 0 < saved["miou"] < 1  # neither a blank nor a perfect prediction
+    # eval rebuilt the same validation set from the checkpoint's arguments as training did.
     assert saved["miou"] == pytest.approx(best["metrics"]["miou"])
     assert saved["images"] == 8 and metrics["pixel_acc"] == pytest.approx(saved["pixel_acc"])
     out = capsys.readouterr().out

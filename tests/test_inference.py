@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoints
 import inference
 from inference import InferenceConfig, predict_probs, predict_probs_or_tile, probs_to_labels, tile_starts
-from model import IMAGENET_NORMALIZE, UNet
+from model import ENCODERS, IMAGENET_NORMALIZE, EncoderUNet, FCN8s, UNet
 from checkpoints import save_checkpoint
 from errors import CheckpointError
 
@@ -79,6 +80,95 @@ def test_tiled_equals_whole_image(size, tile, overlap):
     assert (naive - whole).abs().max() > 0.1  # so the tolerance above means something
 
 
+# Input pixels per pixel of the deepest features, worked out from each architecture's downsampling layers:
+# UNet halves `depth` times with max-pools; a VGG U-Net taps before 4 of VGG's 5 max-pools (16); FCN-8s goes
+# through all 5 (32; fc6 and fc7 keep the size); ResNet halves in conv1, the max-pool and layer2-4 (32) and
+# DenseNet in conv0, pool0 and its three transitions (32): one MaxPool2d each, so counting max-pools gave 2.
+ENCODER_STRIDES = {"vgg": 16, "resnet": 32, "densenet": 32}
+
+
+def encoder_stride(name):
+    return next(stride for family, stride in ENCODER_STRIDES.items() if name.startswith(family))
+
+
+@pytest.mark.parametrize("make, stride", [
+    *[(lambda depth=depth: UNet(3, 2, base_channels=4, depth=depth), 2 ** depth) for depth in (1, 2, 3, 5)],
+    *[(lambda name=name: EncoderUNet(name, 2), encoder_stride(name)) for name in ENCODERS],
+    (lambda: FCN8s("vgg11", 2), 32), (lambda: FCN8s("vgg16_bn", 2), 32),
+], ids=[f"unet-depth{d}" for d in (1, 2, 3, 5)] + list(ENCODERS) + ["fcn8s-vgg11", "fcn8s-vgg16_bn"])
+def test_output_stride_of_every_family(make, stride):
+    with torch.device("meta"):  # shapes only: no memory for VGG's classifier, no time spent initialising it
+        model = make()
+    assert model.output_stride == stride
+
+
+def test_tiles_of_an_encoder_unet_lie_on_its_32_pixel_grid():
+    """ResNet-18 downsamples by 32: tile offsets must be multiples of 32 for tiles to pool exactly as the whole
+    image does, so that, away from the tile borders the Gaussian weighting plays down, tiles agree with it."""
+    torch.manual_seed(0)
+    model = EncoderUNet("resnet18", num_classes=2, decoder_channels=[8] * 5).eval()
+    image = random_images(1, 3, 128, 192)  # sides multiples of 32
+    with torch.no_grad():  # random weights give logits within +-0.01: spread them to a std of 2
+        logits = model(inference.preprocess(image, IMAGENET_NORMALIZE))
+        model.outc.weight.mul_(2 / (logits[:, 1] - logits[:, 0]).std())
+        model.outc.bias.zero_()
+    whole = predict_probs(model, image, IMAGENET_NORMALIZE)
+    assert whole[:, 1].std() > 0.1
+    # tile 96, overlap 0.75: a stride of 24 pixels, rounded to 32 by the alignment (to 24 by the old factor 2).
+    tiled = predict_probs(model, image, IMAGENET_NORMALIZE, tile=96, overlap=0.75)
+    assert tiled.shape == whole.shape == (1, 2, 128, 192)
+    assert (tiled - whole).abs().max() < 0.01
+    assert (probs_to_labels(tiled) == probs_to_labels(whole)).float().mean() > 0.999
+    model.output_stride = 2  # what counting max-pools gave: tiles at multiples of 24, off the 32-pixel grid
+    misaligned = predict_probs(model, image, IMAGENET_NORMALIZE, tile=96, overlap=0.75)
+    assert (misaligned - whole).abs().max() > 0.05  # so the tolerance above means something
+
+
+def test_normalization_tensors_are_made_once_per_device(monkeypatch):
+    made = []
+    for name in ("tensor", "as_tensor"):  # every way of making the mean and std tensors is counted
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _original=original, **k: made.append(a) or _original(*a, **k))
+    # Normalisations that no other test uses, so that nothing is cached yet.
+    first = {"mean": [0.125, 0.25, 0.375], "std": [0.5, 0.25, 0.0625]}
+    second = {"mean": [0.75, 0.5, 0.25], "std": [2.0, 0.125, 1.0]}
+    images = [random_images(2, 3, 5, 7, seed=seed) for seed in range(3)]
+
+    def expected(image, normalize):
+        mean, std = (np.array(normalize[key], np.float64)[None, :, None, None] for key in ("mean", "std"))
+        return (image.numpy() / 255 - mean) / std
+
+    got = inference.preprocess(images[0], first)
+    assert made  # the first call makes the tensors
+    np.testing.assert_allclose(got.numpy(), expected(images[0], first), rtol=1e-5, atol=1e-6)
+    made.clear()
+    for image in images[1:]:
+        got = inference.preprocess(image, first)
+        np.testing.assert_allclose(got.numpy(), expected(image, first), rtol=1e-5, atol=1e-6)
+    got = inference.preprocess(images[0][:, :, :2], dict(first))  # an equal dict, another batch size
+    np.testing.assert_allclose(got.numpy(), expected(images[0][:, :, :2], first), rtol=1e-5, atol=1e-6)
+    assert made == []  # every later batch on the same device reuses them
+    got = inference.preprocess(images[1], second)  # another normalisation gets its own tensors
+    assert made
+    np.testing.assert_allclose(got.numpy(), expected(images[1], second), rtol=1e-5, atol=1e-6)
+
+
+def test_normalization_made_while_tracing_is_not_reused_after():
+    """Tensors made while torch.export traces (as export.py's torch.onnx.export does) are placeholders of that
+    trace: a cache that keeps them hands them to later eager calls, which then fail or compute nonsense."""
+    normalize = {"mean": [0.25, 0.5, 0.75], "std": [0.5, 0.125, 0.25]}  # no other test uses it: made in the trace
+
+    class Preprocess(torch.nn.Module):
+        def forward(self, images):
+            return inference.preprocess(images, normalize)
+
+    image = random_images(1, 3, 4, 6)
+    torch.export.export(Preprocess(), (image,))
+    got = inference.preprocess(image, normalize)
+    mean, std = (np.array(normalize[key])[None, :, None, None] for key in ("mean", "std"))
+    np.testing.assert_allclose(got.numpy(), (image.numpy() / 255 - mean) / std, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("vertical, numpy_axes", [(False, [(), (3,)]), (True, [(), (3,), (2,), (2, 3)])])
 def test_tta_is_the_mean_of_the_flipped_predictions(vertical, numpy_axes):
     """--tta averages the horizontal flip, which training shows the model; --tta-vflip all four flips."""
@@ -100,12 +190,42 @@ def test_tta_is_the_mean_of_the_flipped_predictions(vertical, numpy_axes):
     assert tiled.shape == got.shape
 
 
+def pil_resize(channels, size):
+    """PIL's bilinear resize (antialiased when shrinking) of each H x W channel, as float32 (mode F), to size
+    (height, width)."""
+    return np.stack([np.asarray(Image.fromarray(c.astype(np.float32)).resize(size[::-1], Image.BILINEAR))
+                     for c in channels])
+
+
+def numpy_softmax(logits):
+    e = np.exp(logits - logits.max(0))
+    return e / e.sum(0)
+
+
 def test_scale_returns_the_input_size():
-    model = tiny_unet()
-    for tile in (None, 32):
-        probs = predict_probs(model, random_images(1, 3, 45, 61), IMAGENET_NORMALIZE, scale=0.5, tile=tile)
+    """--scale 0.4 on 45 x 61: the model sees an 18 x 24 image (rounded sides), its probabilities come back
+    to 45 x 61; against PIL's bilinear resizing around a per-pixel model (whose tiles cannot disagree)."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1).eval()
+    weight, bias = model.weight[:, :, 0, 0].detach().double().numpy(), model.bias.detach().double().numpy()
+    image = random_images(1, 3, 45, 61)
+    pixels = image[0].numpy()
+    mean, std = (np.array(IMAGENET_NORMALIZE[key])[:, None, None] for key in ("mean", "std"))
+
+    def probs_of(x):  # normalised 3 x 18 x 24 -> probabilities at the input size
+        return pil_resize(numpy_softmax(np.einsum("kc,chw->khw", weight, x) + bias[:, None, None]), (45, 61))
+
+    # Whole images: the normalised input is resized; tiles: the uint8 image is, before cutting it up.
+    whole = probs_of(pil_resize(pixels / 255 - mean, (18, 24)) / std)
+    shrunk = np.asarray(Image.fromarray(pixels.transpose(1, 2, 0)).resize((24, 18), Image.BILINEAR))
+    tiled = probs_of((shrunk.transpose(2, 0, 1) / 255 - mean) / std)
+    for tile, expected, tolerance in [(None, whole, 1e-5), (16, tiled, 4e-3)]:  # PIL may round uint8 1 off
+        probs = predict_probs(model, image, IMAGENET_NORMALIZE, scale=0.4, tile=tile)
         assert probs.shape == (1, 3, 45, 61)
-        assert torch.allclose(probs.sum(1), torch.ones(1, 45, 61), atol=1e-4)
+        np.testing.assert_allclose(probs[0].numpy(), expected, atol=tolerance)
+        assert torch.allclose(probs.sum(1), torch.ones(1, 45, 61), atol=1e-5)
+    unscaled = predict_probs(model, image, IMAGENET_NORMALIZE)[0].numpy()
+    assert np.abs(unscaled - whole).max() > 0.1  # the scale matters: the tolerances above mean something
 
 
 def test_labels_threshold_one_logit_and_argmax_many(monkeypatch):

@@ -36,12 +36,30 @@ def test_grey_input_and_backward():
 
 
 def test_build_model_round_trip():
+    """A checkpoint's dict rebuilds the model it describes, counted by hand, and the saved weights load into it."""
     args = {"arch": "unet", "in_channels": 3, "num_classes": 4, "base_channels": 4, "depth": 3, "bilinear": True}
-    a, b = build_model(args), build_model(args)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(1, 3, 32, 32)
-    a.eval(), b.eval()
-    assert torch.equal(a(x), b(x))
+    rebuilt = build_model(args)
+    # Widths 4, 8, 16, 32, the deepest halved to 16 (bilinear). Each DoubleConv(in, out, mid) has two bias-free
+    # 3x3 convolutions and two BatchNorms: 9 * (in * mid + mid * out) + 2 * (mid + out) parameters.
+    def double_conv(c_in, c_out, mid=None):
+        mid = mid or c_out
+        return 9 * (c_in * mid + mid * c_out) + 2 * (mid + c_out)
+
+    encoder = double_conv(3, 4) + double_conv(4, 8) + double_conv(8, 16) + double_conv(16, 16)
+    # Up blocks: upsample (no weights), concatenate the skip, DoubleConv(in + skip, out, (in + skip) / 2).
+    decoder = double_conv(16 + 16, 8, 16) + double_conv(8 + 8, 4, 8) + double_conv(4 + 4, 4, 4)
+    assert encoder + decoder + (4 * 4 + 4) == 17_096  # + the 1x1 output convolution
+    assert count_parameters(rebuilt) == 17_096
+    original = UNet(3, 4, base_channels=4, depth=3, bilinear=True)  # what the dict says, built directly
+    rebuilt.load_state_dict(original.state_dict())  # strict: every name and shape matches
+    with torch.no_grad():  # zeroing the last layer gives each pixel exactly its bias as logits
+        original.outc.weight.zero_()
+        original.outc.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 3.0]))
+    rebuilt.load_state_dict(original.state_dict())
+    rebuilt.eval()
+    logits = rebuilt(torch.randn(2, 3, 32, 40))
+    assert logits.shape == (2, 4, 32, 40)
+    assert torch.equal(logits, torch.tensor([0.5, -1.0, 2.0, 3.0])[None, :, None, None].expand(2, 4, 32, 40))
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model({**args, "arch": "nope"})
 
