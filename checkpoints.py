@@ -44,7 +44,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message would suggest weights_only=False: the unsafe way
-        if "Unsupported global" not in str(e):
+        if "global" not in str(e).lower():  # "Unsupported global", "unsupported GLOBAL ... is blocked"
             raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (not a file torch.save wrote, or "
                                   f"a damaged one)") from None
         raise CheckpointError(f"'{path}' is not a checkpoint written by train.py: it holds Python objects other than "

@@ -164,7 +164,7 @@ def scan_pairs(pairs, skip_bad=False):
 
 
 MAX_CLASSES = 254  # class indices 0..253 fit in a uint8 mask tensor beside the void index 255
-STRAY_SHARE = 1e-4  # a mask value on fewer than this share of all mask pixels, in few masks, looks like noise
+STRAY_SHARE = 1e-3  # a mask value on fewer than this share of all mask pixels, in few masks, looks like noise
 
 
 def found_mask_values(found, void_value=None):

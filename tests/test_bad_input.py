@@ -1,0 +1,254 @@
+"""The bad-input battery: every case ends with the expected exit status and one line that names the file or value
+at fault, with no traceback, and nothing the user had is lost or overwritten. Scripts run in-process (fast); one
+case runs eval.py in a subprocess to see what a data-loader worker's error looks like on the terminal."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as eval_script
+import export
+import predict
+import train
+from checkpoints import load_checkpoint, save_checkpoint
+from conftest import ROOT
+from images import read_image
+
+TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "16", "--num-val", "4", "--epochs", "1",
+        "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0", "--sample-every", "0"]
+FOLDER_RUN = ["--dataset", "folder", "--epochs", "1", "--batch-size", "4", "--base-channels", "4", "--depth", "2",
+              "--workers", "0", "--sample-every", "0", "--crop-size", "16", "--val-percent", "25"]
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A finished 1-epoch run on the synthetic shapes (4 classes, mask values 0-3)."""
+    return train.main(TINY + ["--checkpoint-dir", str(tmp_path_factory.mktemp("runs"))])
+
+
+def make_folder(root, count=4, values=(0, 1), size=(24, 32), suffix=".png"):
+    """imgs/ and masks/ of `count` random images whose masks hold `values`; returns root."""
+    rng = np.random.default_rng(0)
+    for folder in ("imgs", "masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        mask = np.asarray(values, np.uint8)[rng.integers(0, len(values), size)]
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "imgs" / f"{i}{suffix}")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def exits(script, argv, capsys):
+    """(exit status, the one line of its message): SystemExit's text, or argparse's last stderr line."""
+    with pytest.raises(SystemExit) as stopped:
+        script.main(argv)
+    code, err = stopped.value.code, capsys.readouterr().err
+    assert "Traceback" not in err
+    if isinstance(code, str):
+        assert code.startswith("error: ") and "\n" not in code.strip(), code
+        return 1, code
+    return code, err.strip().splitlines()[-1]
+
+
+def fingerprint(path):
+    return path.read_bytes() if path.is_file() else None
+
+
+# Flags: argparse's usage line and status 2, before anything is read or written.
+@pytest.mark.parametrize("script, argv, message", [
+    (train, TINY + ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (train, TINY + ["--lr", "-1"], "--lr must be positive"),
+    (train, TINY + ["--crop-size", "-3"], "--crop-size, --rotate and --jitter cannot be negative"),
+    (train, TINY + ["--zoom", "2", "1"], "--zoom needs 0 < MIN <= MAX"),
+    (train, TINY + ["--device", "banana"], "--device 'banana' is not a device"),
+    (train, TINY + ["--val-percent", "100"], "--val-percent must lie in [0, 100)"),
+    (train, TINY + ["--ignore-index", "70000"], "--ignore-index must be a mask value in [0, 65535]"),
+    (train, TINY + ["--encoder-weights", "none"], "need --encoder"),
+    (train, TINY + ["--resume", "missing.pth"], "--resume: checkpoint 'missing.pth' does not exist"),
+    (train, TINY + ["--resume", "a.pth", "--load", "b.pth"], "give only one"),
+    (eval_script, ["--device", "banana"], "--device 'banana' is not a device"),
+    (eval_script, ["--tile", "8"], "--tile must be at least 16 pixels"),
+    (eval_script, ["--batch-size", "0"], "--batch-size must be at least 1"),
+    (predict, ["-i", "x.png", "--overlap", "1"], "--overlap must lie in [0, 1)"),
+    (predict, ["-i", "x.png", "-t", "2"], "--mask-threshold must lie in [0, 1]"),
+    (predict, ["-i", "x.png", "--workers", "-1"], "--workers cannot be negative"),
+])
+def test_impossible_flags(script, argv, message, capsys):
+    code, line = exits(script, argv, capsys)
+    assert code == 2 and message in line
+
+
+def test_training_refuses_bad_places_and_data_before_the_work(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    code, line = exits(train, TINY + ["--checkpoint-dir", str(not_a_folder)], capsys)
+    assert code == 1 and "--checkpoint-dir" in line and "is a file, not a folder" in line
+    # Two images share a stem: either could be paired with the mask.
+    data = make_folder(tmp_path / "twins")
+    Image.open(data / "imgs" / "1.png").save(data / "imgs" / "1.jpg")
+    code, line = exits(train, FOLDER_RUN + ["--data", str(data), "--checkpoint-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "'1.jpg' and '1.png'" in line and "keep one" in line
+    # A few stray pixels of 128 in a 0/255 task.
+    data = make_folder(tmp_path / "stray", values=(0, 255))
+    mask = np.asarray(Image.open(data / "masks" / "2.png")).copy()
+    mask[0, :3] = 128
+    Image.fromarray(mask).save(data / "masks" / "2.png")
+    code, line = exits(train, FOLDER_RUN + ["--data", str(data), "--checkpoint-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "mask value 128 covers only 3 pixel(s)" in line and "--ignore-index 128" in line
+    # Image and mask folders swapped: the "masks" are photographs.
+    data = make_folder(tmp_path / "swapped")
+    code, line = exits(train, FOLDER_RUN + ["--images", str(data / "masks"), "--masks", str(data / "imgs"),
+                                            "--checkpoint-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "swapped" in line
+    code, line = exits(train, FOLDER_RUN + ["--data", str(make_folder(tmp_path / "ok")), "--val-percent", "0",
+                                            "--checkpoint-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "--val-percent above 0" in line and "'data'" not in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folders left
+
+
+def test_a_truncated_jpeg_is_caught_up_front(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", suffix=".jpg")
+    jpeg = data / "imgs" / "3.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])
+    code, line = exits(train, FOLDER_RUN + ["--data", str(data), "--checkpoint-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and str(jpeg) in line and "truncated" in line and "--skip-bad" in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_masks_without_zero_train_with_rotation(tmp_path):
+    """Values {1, 2}: the rotation's corners are filled with a known value before they are made void."""
+    data = make_folder(tmp_path / "data", values=(1, 2))
+    run_dir = train.main(FOLDER_RUN + ["--data", str(data), "--rotate", "30", "--checkpoint-dir", str(tmp_path)])
+    assert load_checkpoint(run_dir / "best.pth")["mask_values"] == [1, 2]
+
+
+def test_resume_keeps_its_data_and_its_finished_run(shapes_run, tmp_path, capsys):
+    last = shapes_run / "last.pth"
+    before = fingerprint(last), (shapes_run / "args.json").read_text()
+    code, line = exits(train, ["--resume", str(last), "--images", str(tmp_path), "--masks", str(tmp_path)], capsys)
+    assert code == 2 and "continues a run on its own data" in line and f"--load {last}" in line
+    code, line = exits(train, ["--resume", str(last), "--epochs", "1"], capsys)
+    assert code == 1 and "has finished its 1 epochs" in line and "--epochs N with N > 1" in line
+    assert (fingerprint(last), (shapes_run / "args.json").read_text()) == before
+
+
+def test_load_of_another_architecture_is_refused(shapes_run, tmp_path, capsys):
+    code, line = exits(train, TINY + ["--load", str(shapes_run / "best.pth"), "--base-channels", "8",
+                                      "--checkpoint-dir", str(tmp_path)], capsys)
+    assert code == 1 and "holds another architecture" in line and "leave out the architecture flags" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_eval_refuses_masks_of_another_task(shapes_run, tmp_path, capsys):
+    """A 4-class shapes model on 0/255 masks used to score 1.0: 255 was dropped as void."""
+    data = make_folder(tmp_path, values=(0, 255))
+    code, line = exits(eval_script, ["-m", str(shapes_run / "best.pth"), "--images", str(data / "imgs"),
+                                     "--masks", str(data / "masks"), "--workers", "0"], capsys)
+    assert code == 1 and "value(s) (255) outside the known mask values [0, 1, 2, 3]" in line
+    assert "--mask-values" in line and "--ignore-index" in line
+
+
+def test_outputs_never_overwrite_a_checkpoint(shapes_run, tmp_path, capsys):
+    best = shapes_run / "best.pth"
+    before = fingerprint(best)
+    for script, argv, flag in [
+            (eval_script, ["-m", str(best), "--split", "val", "--json", str(best), "--workers", "0"], "--json"),
+            (eval_script, ["-m", str(best), "--split", "val", "--confusion", str(best), "--workers", "0"],
+             "--confusion"),
+            (export, ["-m", str(best), "-o", str(best)], "-o"),
+            (export, ["-m", str(best), "-o", str(tmp_path / "m.onnx"), "--torchscript", str(best)], "--torchscript")]:
+        code, line = exits(script, argv, capsys)
+        assert code == 1 and f"{flag} '{best}' would overwrite the input" in line
+    assert fingerprint(best) == before
+
+
+def test_eval_outputs_are_checked_before_the_work(shapes_run, tmp_path, capsys):
+    best = str(shapes_run / "best.pth")
+    code, line = exits(eval_script, ["-m", best, "--split", "val", "--confusion", str(tmp_path), "--workers", "0"],
+                       capsys)
+    assert code == 1 and "is a folder; name a file" in line
+    scores = tmp_path / "new" / "folder" / "scores.json"  # a missing folder is made, not a traceback at the end
+    eval_script.main(["-m", best, "--split", "val", "--json", str(scores), "--workers", "0"])
+    assert json.loads(scores.read_text())["images"] == 4
+
+
+def test_checkpoints_that_are_not_ours(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    for name, message in [("evil.pth", "refused for safety"), ("other.pth", "not a checkpoint written by train.py"),
+                          ("garbage.pth", "not a readable PyTorch checkpoint"), ("absent.pth", "does not exist")]:
+        code, line = exits(predict, ["-m", str(tmp_path / name), "-i", str(tmp_path)], capsys)
+        assert code == 1 and name in line and message in line and "weights_only" not in line
+    assert not marker.exists()
+
+
+def test_predict_goes_on_past_bad_and_tiny_images(shapes_run, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, (width, height) in {"one": (1, 1), "three": (3, 3), "line": (1, 50), "good": (40, 30)}.items():
+        Image.fromarray(np.full((height, width, 3), 120, np.uint8)).save(folder / f"{name}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(SystemExit) as stopped:  # the summary: a line, then one indented line per failure
+        predict.main(["-m", str(shapes_run / "best.pth"), "-i", str(folder), "-o", str(tmp_path / "out"),
+                      "--workers", "0"])
+    summary = str(stopped.value.code).splitlines()
+    assert summary[0] == "error: 1 of 5 inputs failed:" and "broken.png" in summary[1] and len(summary) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    written = {path.name: Image.open(path).size for path in (tmp_path / "out").iterdir()}
+    assert written == {"one_mask.png": (1, 1), "three_mask.png": (3, 3), "line_mask.png": (1, 50),
+                       "good_mask.png": (40, 30)}
+
+
+def test_eval_reports_a_bad_file_from_a_worker_in_one_line(tmp_path):
+    """Run as a user would: Carvana's images are first read in a data-loader worker; a corrupt one reaches the
+    terminal as one line at the end, and the other images are scored and written."""
+    model_run = train.main(FOLDER_RUN + ["--data", str(make_folder(tmp_path / "binary")),
+                                         "--checkpoint-dir", str(tmp_path / "runs")])
+    cars = tmp_path / "carvana"
+    for folder in ("imgs", "masks"):
+        (cars / folder).mkdir(parents=True)
+    for view in range(1, 4):
+        Image.fromarray(np.full((32, 48, 3), 60 * view, np.uint8)).save(cars / "imgs" / f"car_{view:02d}.jpg")
+        Image.fromarray(np.eye(32, 48, dtype=np.uint8)).save(cars / "masks" / f"car_{view:02d}_mask.gif")
+    (cars / "imgs" / "car_02.jpg").write_bytes(b"corrupt")
+    result = subprocess.run([sys.executable, "eval.py", "-m", str(model_run / "best.pth"), "--dataset", "carvana",
+                             "--data", str(cars), "--split", "all", "--workers", "1",
+                             "--save-labels", str(tmp_path / "labels")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "1 of 3 images could not be read" in errors[0] and "car_02.jpg" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["car_01.png", "car_03.png"]
+
+
+@pytest.mark.parametrize("top", [255, 256, 4095, 65535])
+def test_16_bit_images_keep_their_brightness(tmp_path, top):
+    """Scaled by the 16-bit range, never by the image's own maximum: a value means one brightness in every file."""
+    pixels = np.array([[0, top]], np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert read_image(tmp_path / "deep.png")[0, 0].tolist() == [0, round(top * 255 / 65535)]
+
+
+def test_checkpoints_follow_the_umask_and_leave_no_temporary_files(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        (tmp_path / ".last.pth.abc123.tmp").write_bytes(b"")  # left by a save killed with kill -9
+        save_checkpoint({"x": torch.zeros(1)}, tmp_path / "last.pth")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "last.pth").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
