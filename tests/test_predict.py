@@ -208,7 +208,7 @@ def test_bad_files_are_skipped_summarised_and_fail_the_run(models, tmp_path):
     for name, reason in [("cut.png", "could not be decoded"), ("random.jpg", "not an image file"),
                          ("gone.png", "does not exist"), ("nothing*.tif", "no image file")]:
         assert any(name in line and reason in line for line in summary[1:]), (name, summary)
-    assert (tmp_path / "good_mask.png").is_file() and "1 images in" in result.stdout
+    assert (tmp_path / "good_mask.png").is_file() and "1 image in" in result.stdout
 
 
 @pytest.mark.parametrize("flags, message", [
