@@ -32,17 +32,17 @@ class DataConfig:
     dataset: str = "auto"
     data: str = "data"
     download: bool = False
-    images: str = None
-    masks: str = None
+    images: str | None = None
+    masks: str | None = None
     # how mask values become classes
-    mask_suffix: str = None
-    mask_values: list = None
-    ignore_index: int = None
+    mask_suffix: str | None = None
+    mask_values: list | None = None
+    ignore_index: int | None = None
     # splits, checks and size
     val_percent: float = 10.0
     verify: bool = False
     skip_bad: bool = False
-    scale: float = None
+    scale: float | None = None
     # the synthetic shapes
     image_size: int = 64
     num_train: int = 2000

@@ -74,16 +74,16 @@ def parse_args(argv=None):
 @dataclass
 class EvalConfig:
     """What eval.py scores with, and where its outputs go (the flags other than the data and inference ones)."""
-    model: str = None
-    split: str = None
+    model: str | None = None
+    split: str | None = None
     batch_size: int = 16
     workers: int = 0
     device: str = "auto"
-    json: str = None
-    confusion: str = None
-    save_labels: str = None
-    overlays: str = None
-    report: str = None
+    json: str | None = None
+    confusion: str | None = None
+    save_labels: str | None = None
+    overlays: str | None = None
+    report: str | None = None
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -1,5 +1,7 @@
 """Reading image and mask files: EXIF orientation, any bit depth and colour mode to 8-bit RGB, masks as the raw
 values they hold (palette indices, grey ids, SBD .mat files)."""
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,32 +29,38 @@ def open_image(path, scale=1.0):
 
     JPEGs are decoded straight at 1/2, 1/4 or 1/8 size when `scale` allows (PIL draft mode), which makes
     large photos several times cheaper to load. EXIF orientation is applied; grey, RGBA and 16-bit converted."""
+    with decoding(path), Image.open(path) as image:
+        size = image.size
+        if scale < 1:
+            image.draft("RGB", scaled_size(size, scale))
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        image = upright(image)
+        if image.mode in FORMAT_RANGE:
+            # Scaled by the range of the format, never by the image's own values: every image of a set
+            # then keeps the same brightness (16-bit PNG and TIFF: 0..65535; float TIFF: 0..1).
+            pixels = np.asarray(image, dtype=np.float32)
+            image = Image.fromarray((pixels * (255.0 / FORMAT_RANGE[image.mode])).clip(0, 255).round()
+                                    .astype(np.uint8))
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        size = size[::-1] if turned else size
+        target = scaled_size(size, scale)
+        if image.size != target:
+            image = image.resize(target, Image.BILINEAR)
+        image.load()
+    return image, size
+
+
+@contextmanager
+def decoding(path):
+    """PIL's many errors for a missing, foreign, corrupt or truncated file, as one ImageReadError naming it."""
     try:
-        with Image.open(path) as image:
-            size = image.size
-            if scale < 1:
-                image.draft("RGB", scaled_size(size, scale))
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            image = upright(image)
-            if image.mode in FORMAT_RANGE:
-                # Scaled by the range of the format, never by the image's own values: every image of a set
-                # then keeps the same brightness (16-bit PNG and TIFF: 0..65535; float TIFF: 0..1).
-                pixels = np.asarray(image, dtype=np.float32)
-                image = Image.fromarray((pixels * (255.0 / FORMAT_RANGE[image.mode])).clip(0, 255).round()
-                                        .astype(np.uint8))
-            image = image if image.mode == "RGB" else image.convert("RGB")
-            size = size[::-1] if turned else size
-            target = scaled_size(size, scale)
-            if image.size != target:
-                image = image.resize(target, Image.BILINEAR)
-            image.load()
+        yield
     except FileNotFoundError:
         raise ImageReadError(f"'{path}' does not exist") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"'{path}' is not an image file that PIL can read") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(f"'{path}' could not be decoded, the file may be corrupt ({e})") from None
-    return image, size
+        raise ImageReadError(f"'{path}' could not be decoded, the file may be corrupt or truncated ({e})") from None
 
 
 def to_tensor(image):
@@ -67,19 +75,12 @@ def read_image(path):
 def checked_image_size(path):
     """(width, height) of the upright image, after decoding all of it (at 1/8 size for JPEGs, which is cheap but
     still reads every byte): a truncated or corrupt file fails here, not in the middle of training."""
-    try:
-        with Image.open(path) as image:
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            size = image.size[::-1] if turned else image.size
-            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-            return size
-    except FileNotFoundError:
-        raise ImageReadError(f"'{path}' does not exist") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"'{path}' is not an image file that PIL can read") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(f"'{path}' could not be decoded, the file may be corrupt or truncated ({e})") from None
+    with decoding(path), Image.open(path) as image:
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        size = image.size[::-1] if turned else image.size
+        image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+        return size
 
 
 def open_mask(path):

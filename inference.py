@@ -28,7 +28,7 @@ class InferenceConfig:
     """How predict_probs runs (the inference flags of eval.py and predict.py): scale, overlap tiles, flip
     averaging, mixed precision."""
     scale: float = None  # None: the scale the model was trained at (datasets.trained_scale)
-    tile: int = None
+    tile: int | None = None
     overlap: float = 0.5
     tta: bool = False
     tta_vflip: bool = False

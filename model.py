@@ -294,7 +294,7 @@ class ModelConfig:
     arch: str = "unet"
     encoder: str = "none"
     encoder_weights: str = "imagenet"
-    decoder_channels: list = None
+    decoder_channels: list | None = None
     encoder_lr_factor: float = 0.1
     freeze_encoder_epochs: int = 0
     base_channels: int = 64

@@ -143,7 +143,7 @@ class TrainConfig:
     clip_grad: float = 0.0
     # what is minimised, and what picks best.pth
     loss: str = "ce"
-    class_weights: list = None
+    class_weights: list | None = None
     metric: str = "miou"
     # speed
     amp: str = "off"
@@ -151,10 +151,10 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False
     # the run: where it is saved, where it starts from, what it runs on
-    name: str = None
+    name: str | None = None
     checkpoint_dir: str = "checkpoints"
-    resume: str = None
-    load: str = None
+    resume: str | None = None
+    load: str | None = None
     sample_every: int = 5
     device: str = "auto"
     workers: int = 0
