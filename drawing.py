@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from metrics import IGNORE_INDEX
+
 
 def voc_palette(num_colors=256):
     """The Pascal VOC colour map: class i gets the colour made from the bits of i."""
@@ -92,7 +94,7 @@ def sample_grid(images, truths, predictions, classes, mask_values):
     Classes in their colours (class_colours), void truth pixels in VOC's void colour; small images enlarged so
     that the grid can be read. Images uint8 3xHxW, label maps HxW (class indices); returns a PIL image."""
     colours = np.concatenate([class_colours(mask_values), np.zeros((256 - len(mask_values), 3), np.uint8)])
-    colours[255] = VOID_COLOUR
+    colours[IGNORE_INDEX] = VOID_COLOUR
     factor = max(1, -(-MIN_PANEL // max(image.shape[-1] for image in images)))
     rows, shown = [], set()
     for image, truth, prediction in zip(images, truths, predictions):
@@ -127,9 +129,9 @@ def text_strip(titles, column_width, width):
 
 
 def colour_key(classes, colours, shown, width):
-    """A white strip with a swatch and the name of each class index in `shown` (255: void), wrapped to `width`."""
+    """A white strip with a swatch and the name of each class index in `shown` (void too), wrapped to `width`."""
     size = max(12, min(28, width // 50))
-    entries = [("void" if i == 255 else classes[i], tuple(int(c) for c in colours[i])) for i in shown]
+    entries = [("void" if i == IGNORE_INDEX else classes[i], tuple(int(c) for c in colours[i])) for i in shown]
     letters = font(size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines, x = [[]], size // 2
