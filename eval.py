@@ -27,7 +27,7 @@ from errors import ConfigError, DatasetError, UserError, check_at_least, error_l
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
 from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
-from metrics import IGNORE_INDEX, ConfusionMatrix
+from metrics import IGNORE_INDEX, SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 from pairs import list_files
 from report import Gallery, write_report
 from utils import check_folder, check_output, count, default_workers, pick_device, warn
@@ -231,26 +231,15 @@ def save_outputs(images, labels, names, classes, mask_values, save_labels=None, 
             with_key(overlay, label, classes, mask_values).save(Path(overlays) / f"{name}.png")
 
 
-def cell(x):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def absent_classes(metrics, classes):
-    """Classes in neither the truth nor the predictions: no score, left out of the means."""
-    return [name for name, iou in zip(classes, metrics["iou"]) if math.isnan(iou)]
-
-
 def format_table(metrics, classes):
     width = max(len(c) for c in classes + ["class"])
     lines = [f"{'class':<{width}}  {'IoU':>7}  {'Dice':>7}  {'acc':>7}"]
     for name, iou, dice, acc in zip(classes, metrics["iou"], metrics["dice"], metrics["class_acc"]):
-        lines.append(f"{name:<{width}}  {cell(iou):>7}  {cell(dice):>7}  {cell(acc):>7}")
+        lines.append(f"{name:<{width}}  {score_text(iou):>7}  {score_text(dice):>7}  {score_text(acc):>7}")
     lines.append("")
-    for key, label in [("pixel_acc", "pixel accuracy"), ("mean_acc", "mean class accuracy"), ("miou", "mIoU"),
-                       ("fwiou", "frequency-weighted IoU"), ("mean_dice", "mean Dice"),
-                       ("fg_iou", "foreground IoU"), ("fg_dice", "foreground Dice")]:
+    for key, label in SCORE_NAMES:
         if key in metrics:
-            lines.append(f"{label:<24}{cell(metrics[key])}")
+            lines.append(f"{label:<24}{score_text(metrics[key])}")
     absent = absent_classes(metrics, classes)
     if absent:
         lines.append(f"\nn/a: {', '.join(absent)} appear(s) in neither the truth nor the predictions; "

@@ -1,4 +1,6 @@
-"""One confusion matrix for every segmentation score."""
+"""One confusion matrix for every segmentation score, and how the reports name and print the scores."""
+import math
+
 import torch
 
 from errors import DatasetError
@@ -62,3 +64,19 @@ class ConfusionMatrix:
         if self.num_classes == 2:  # binary tasks are judged on the foreground class alone
             scores.update(fg_iou=float(iou[1]), fg_dice=float(dice[1]))
         return scores
+
+
+# The set-wide scores of ConfusionMatrix.compute, as eval.py's table and its HTML report name them.
+SCORE_NAMES = [("pixel_acc", "pixel accuracy"), ("mean_acc", "mean class accuracy"), ("miou", "mIoU"),
+               ("fwiou", "frequency-weighted IoU"), ("mean_dice", "mean Dice"), ("fg_iou", "foreground IoU"),
+               ("fg_dice", "foreground Dice")]
+
+
+def score_text(x):
+    """A score to 4 decimals; 'n/a' for a class with no score (NaN, or None as read back from JSON)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def absent_classes(metrics, classes):
+    """Classes in neither the truth nor the predictions: no score, left out of the means."""
+    return [name for name, iou in zip(classes, metrics["iou"]) if math.isnan(iou)]

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from drawing import class_colours, plot_confusion_matrix
-from metrics import ConfusionMatrix
+from metrics import SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 
 GALLERY_SIZE = 8  # worst and best images shown, each
 THUMBNAIL = 256  # long side of the gallery's pictures, in pixels (smaller images are kept as they are)
@@ -128,17 +128,9 @@ def colour_table(mask_values):
     return table
 
 
-def number(x):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
 def rgb(colour):
     return "rgb({}, {}, {})".format(*(int(c) for c in colour))
 
-
-HEADLINE = [("pixel_acc", "pixel accuracy"), ("mean_acc", "mean class accuracy"), ("miou", "mIoU"),
-            ("fwiou", "frequency-weighted IoU"), ("mean_dice", "mean Dice"), ("fg_iou", "foreground IoU"),
-            ("fg_dice", "foreground Dice")]
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #111; background: #fff; }
@@ -206,20 +198,20 @@ def write_report(folder, *, checkpoint, data, count, metrics, matrix, classes, m
                      + "</ul>\n")
 
     parts.append("<div class=\"row\">\n<div>\n<h2>Scores</h2>\n<table class=\"scores\">\n")
-    for key, label in HEADLINE:
+    for key, label in SCORE_NAMES:
         if key in metrics:
             parts.append(f"<tr><th>{e(label)}</th><td class=\"num\" data-key=\"{key}\" "
-                         f"data-value=\"{e(repr(metrics[key]))}\">{number(metrics[key])}</td></tr>\n")
+                         f"data-value=\"{e(repr(metrics[key]))}\">{score_text(metrics[key])}</td></tr>\n")
     parts.append("</table>\n</div>\n<div>\n<h2>Per class</h2>\n<table class=\"classes\">\n"
                  "<tr><th>class</th><th>colour</th><th>mask value</th><th>IoU</th><th>Dice</th><th>acc</th></tr>\n")
     values = list(mask_values) if len(mask_values) == len(classes) else [""] * len(classes)
     for i, name in enumerate(classes):
-        cells = "".join(f"<td class=\"num\" data-key=\"{key}\" data-class=\"{i}\">{number(metrics[key][i])}</td>"
+        cells = "".join(f"<td class=\"num\" data-key=\"{key}\" data-class=\"{i}\">{score_text(metrics[key][i])}</td>"
                         for key in ("iou", "dice", "class_acc"))
         parts.append(f"<tr><td>{e(str(name))}</td><td><span class=\"swatch\" style=\"background: "
                      f"{rgb(colours[i])}\"></span></td><td class=\"num\">{e(str(values[i]))}</td>{cells}</tr>\n")
     parts.append("</table>\n")
-    absent = [str(name) for name, iou in zip(classes, metrics["iou"]) if math.isnan(iou)]
+    absent = [str(name) for name in absent_classes(metrics, classes)]
     if absent:
         parts.append(f"<p class=\"muted\">n/a: {e(', '.join(absent))} appear(s) in neither the truth nor the "
                      f"predictions; left out of the means.</p>\n")
