@@ -93,8 +93,7 @@ def sample_grid(images, truths, predictions, classes, mask_values):
     """One row per image under the headings image | truth | prediction, then a key of the classes shown.
     Classes in their colours (class_colours), void truth pixels in VOC's void colour; small images enlarged so
     that the grid can be read. Images uint8 3xHxW, label maps HxW (class indices); returns a PIL image."""
-    colours = np.concatenate([class_colours(mask_values), np.zeros((256 - len(mask_values), 3), np.uint8)])
-    colours[IGNORE_INDEX] = VOID_COLOUR
+    colours = colour_table(mask_values, VOID_COLOUR)
     factor = max(1, -(-MIN_PANEL // max(image.shape[-1] for image in images)))
     rows, shown = [], set()
     for image, truth, prediction in zip(images, truths, predictions):
@@ -164,6 +163,15 @@ def with_key(picture, labels, classes, mask_values):
     shown = np.unique(labels).tolist()
     return stack_vertically(picture.convert("RGB"), colour_key(classes, class_colours(mask_values), shown,
                                                                picture.width))
+
+
+def colour_table(mask_values, void_colour):
+    """Class index (0..255) -> RGB: each class's colour (class_colours), void pixels in `void_colour`."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    colours = class_colours(mask_values)
+    table[:len(colours)] = colours
+    table[IGNORE_INDEX] = void_colour
+    return table
 
 
 def class_colours(mask_values):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from drawing import class_colours, plot_confusion_matrix
+from drawing import colour_table, plot_confusion_matrix
 from metrics import SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 
 GALLERY_SIZE = 8  # worst and best images shown, each
@@ -119,15 +119,6 @@ def push_bounded(heap, item, size):
         heapq.heapreplace(heap, item)
 
 
-def colour_table(mask_values):
-    """Class index -> RGB, with void (255) in VOID_COLOUR."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    colours = class_colours(mask_values)
-    table[:len(colours)] = colours
-    table[255] = VOID_COLOUR
-    return table
-
-
 def rgb(colour):
     return "rgb({}, {}, {})".format(*(int(c) for c in colour))
 
@@ -178,7 +169,7 @@ def write_report(folder, *, checkpoint, data, count, metrics, matrix, classes, m
         if stale.name.startswith(PICTURE_NAMES):
             stale.unlink()
     plot_confusion_matrix(np.asarray(matrix), classes, folder / "confusion.png")
-    colours = colour_table(mask_values)
+    colours = colour_table(mask_values, VOID_COLOUR)
     worst, best = gallery.galleries()
     e = html.escape
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
