@@ -311,7 +311,8 @@ def evaluate_checkpoint(config, given, inference):
         return None
     metrics = confusion.compute()
     print(format_table(metrics, classes))
-    void_share = confusion.ignored / max(1, confusion.ignored + int(confusion.mat.sum()))
+    void = int(confusion.ignored)
+    void_share = void / max(1, void + int(confusion.mat.sum()))
     if void_share > 0.5:
         warn(f"{void_share:.0%} of the true pixels are void (mask value {data.ignore_index}) and were not scored; "
              f"if that value is a class of these masks, they are not masks of this checkpoint's task")

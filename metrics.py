@@ -19,13 +19,13 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-        self.ignored = 0  # void pixels seen (not scored)
+        self.ignored = torch.zeros((), dtype=torch.int64, device=device)  # void pixels seen: not scored
 
     def update(self, pred, target):
         """pred and target: integer class maps of the same shape."""
         pred, target = pred.flatten().to(self.mat.device), target.flatten().to(self.mat.device)
         keep = target != self.ignore_index
-        self.ignored += int(keep.numel() - keep.sum())
+        self.ignored += keep.numel() - keep.sum()  # stays on the device: no sync per batch
         pred, target = pred[keep].long(), target[keep].long()
         if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
             raise DatasetError(f"target holds class {int(target.max())} but there are {self.num_classes} classes "
