@@ -28,7 +28,7 @@ from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
 from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
 from metrics import IGNORE_INDEX, SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
-from pairs import list_files
+from pairs import list_files, listing
 from report import Gallery, write_report
 from utils import check_folder, check_output, count, default_workers, pick_device, warn
 
@@ -338,12 +338,11 @@ def evaluate_checkpoint(config, given, inference):
     return metrics
 
 
-def check_complete(failures, count):
+def check_complete(failures, done):
     """Everything asked for is written; a set with unreadable files still ends in an error (exit status 1)."""
     if failures:
-        raise DatasetError(f"{len(failures)} of {count + len(failures)} images could not be read and were left out "
-                           f"(the scores cover the others): {'; '.join(failures[:3])}"
-                           + (f" and {len(failures) - 3} more" if len(failures) > 3 else ""))
+        raise DatasetError(f"{len(failures)} of {done + len(failures)} images could not be read and were left out "
+                           f"(the scores cover the others): {listing(failures, 3, '; ')}")
 
 
 def _nan_to_none(value):

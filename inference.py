@@ -27,7 +27,7 @@ LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound
 class InferenceConfig:
     """How predict_probs runs (the inference flags of eval.py and predict.py): scale, overlap tiles, flip
     averaging, mixed precision."""
-    scale: float = None  # None: the scale the model was trained at (datasets.trained_scale)
+    scale: float | None = None  # None: the scale the model was trained at (datasets.trained_scale)
     tile: int | None = None
     overlap: float = 0.5
     tta: bool = False

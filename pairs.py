@@ -28,10 +28,10 @@ def unknown_values(mask_path, values, mask_values, void_value):
                         f"the known mask values {list(mask_values)}{void}; {fix}")
 
 
-def listing(names, limit=5):
+def listing(names, limit=5, separator=", "):
     names = list(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return separator.join(names[:limit]) + more
 
 
 def list_files(folder, kind):

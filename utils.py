@@ -51,8 +51,9 @@ def check_output(path, flag, inputs=()):
     """Check, before the work that fills it, that the file `path` can be written and replaces none of `inputs`
     (checkpoints, images, masks); its folder is made if needed."""
     path = Path(path)
+    target = path.resolve()
     for source in inputs:
-        if path.resolve() == Path(source).resolve():
+        if target == Path(source).resolve():
             raise ConfigError(f"{flag} '{path}' would overwrite the input '{source}'; choose another file")
     if path.is_dir():
         raise ConfigError(f"{flag} '{path}' is a folder; name a file")
