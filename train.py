@@ -179,10 +179,6 @@ class NonFiniteLoss(Exception):
 class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM stopped the run after saving a resumable checkpoint (exit status 130, as for SIGINT)."""
 
-    def __init__(self, run_dir):
-        super().__init__(f"interrupted: {run_dir}")
-        self.run_dir = run_dir
-
 
 class TrainingError(UserError):
     """The run cannot go on (a NaN loss); the message says where the last good checkpoint is."""
@@ -458,6 +454,18 @@ def removed_if_unsaved(run_dir):
         raise
 
 
+@contextmanager
+def resume_hint_on_bad_data(last_good):
+    """A file that went bad or is truncated, met during the run: its one line says how to go on from the last
+    good checkpoint (`last_good()`, or None before the first save)."""
+    try:
+        yield
+    except DatasetError as e:
+        fix = (f"fix or remove the file and continue with --resume {last_good()}" if last_good()
+               else "fix or remove the file and start again")
+        raise TrainingError(f"{error_line(e)}; {fix} (or add --skip-bad to leave out unreadable pairs)") from None
+
+
 def new_run_dir(checkpoint_dir, name):
     run_dir = Path(checkpoint_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 1
@@ -590,12 +598,12 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
         run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank,
                                            world_size)
 
-    run_dir = log = None
+    run_dir = new_folder = log = None
     if main_process:
-        run_dir = Path(config.resume).parent if config.resume else new_run_dir(config.checkpoint_dir,
-                                                                                config.name or data.dataset)
-    new_folder = run_dir if main_process and not config.resume else None
-    if main_process:
+        if config.resume:
+            run_dir = Path(config.resume).parent
+        else:
+            run_dir = new_folder = new_run_dir(config.checkpoint_dir, config.name or data.dataset)
         (run_dir / "args.json").write_text(json.dumps(flags, indent=2))
         log = RunLog(run_dir, config.metric, run["epoch"])
         print(f"{count_parameters(model) / 1e6:.2f} M parameters, {len(train_set)} train / "
@@ -614,66 +622,61 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
             return run_dir / name
 
     encoder_frozen = None
-    with StopRequest() as stop, removed_if_unsaved(new_folder):
-        try:
-            for epoch in range(run["epoch"] + 1, config.epochs + 1):
-                frozen = epoch <= model_config.freeze_encoder_epochs
-                frozen = set_encoder_frozen(model, frozen) and frozen  # False for models without an encoder
-                if frozen != encoder_frozen:
-                    runner.model, runner.ddp = wrap_for_steps(model, config.compile, device, world_size, frozen)
-                    encoder_frozen = frozen
-                start = time.perf_counter()
-                progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
-                                                     "images": 0}
-                run["epoch_progress"] = progress
-                seed_everything(derived_seed(config.seed, epoch, rank))
-                if progress["batch"] and resume_rng:
-                    set_rng_states(resume_rng)  # resumed mid-epoch
-                epoch_sampler.set_epoch(epoch, progress["batch"] * config.batch_size)
-                try:
-                    finished = train_one_epoch(runner, train_loader, epoch, config.epochs, config.accumulate, device,
-                                               stop, progress, main_process)
-                except NonFiniteLoss as e:
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                    raise TrainingError(f"{e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off") from None
-                if not finished:
-                    path = save("last.pth")
-                    if main_process:
-                        print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
-                    raise RunInterrupted(run_dir)
-                loss = progress["loss_sum"] / progress["images"]
-                # BatchNorm statistics differ between processes: average them, so that every process scores,
-                # and the checkpoint holds, the same model.
-                average_across_processes(model.buffers())
-                with autocast(device, amp_dtype):
-                    metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
-                                       distributed=world_size > 1)
-                score = score_of(metrics, config.metric, num_logits)
-                improved = score > run["best_score"]
-                run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
-                           best_score=max(run["best_score"], score))
-                last_good = save("last.pth")
-                if improved:
-                    save("best.pth")
+    with StopRequest() as stop, removed_if_unsaved(new_folder), resume_hint_on_bad_data(lambda: last_good):
+        for epoch in range(run["epoch"] + 1, config.epochs + 1):
+            frozen = epoch <= model_config.freeze_encoder_epochs
+            frozen = set_encoder_frozen(model, frozen) and frozen  # False for models without an encoder
+            if frozen != encoder_frozen:
+                runner.model, runner.ddp = wrap_for_steps(model, config.compile, device, world_size, frozen)
+                encoder_frozen = frozen
+            start = time.perf_counter()
+            progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
+                                                 "images": 0}
+            run["epoch_progress"] = progress
+            seed_everything(derived_seed(config.seed, epoch, rank))
+            if progress["batch"] and resume_rng:
+                set_rng_states(resume_rng)  # resumed mid-epoch
+            epoch_sampler.set_epoch(epoch, progress["batch"] * config.batch_size)
+            try:
+                finished = train_one_epoch(runner, train_loader, epoch, config.epochs, config.accumulate, device,
+                                           stop, progress, main_process)
+            except NonFiniteLoss as e:
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                raise TrainingError(f"{e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off") from None
+            if not finished:
+                path = save("last.pth")
                 if main_process:
-                    seconds = time.perf_counter() - start
-                    log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
-                                "train_loss": loss, **{k: v for k, v in metrics.items() if not isinstance(v, list)},
-                                "score": score, "seconds": seconds})
-                    if config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs):
-                        save_samples(model, val_set, normalize, amp_dtype, device,
-                                     run_dir / "samples" / f"epoch_{epoch:03d}.png")
-                    dice = f"  dice {score:.4f}" if config.metric == "dice" else ""
-                    print(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
-                          f"pixel acc {metrics['pixel_acc']:.4f}{dice}{'  (best)' if improved else ''}  {seconds:.1f}s")
-                if any_process(stop.requested, device):
-                    if main_process:
-                        print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
-                    raise RunInterrupted(run_dir)
-        except DatasetError as e:  # a file that went bad or is truncated, met during the run
-            fix = (f"fix or remove the file and continue with --resume {last_good}" if last_good
-                   else "fix or remove the file and start again")
-            raise TrainingError(f"{error_line(e)}; {fix} (or add --skip-bad to leave out unreadable pairs)") from None
+                    print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
+                raise RunInterrupted
+            loss = progress["loss_sum"] / progress["images"]
+            # BatchNorm statistics differ between processes: average them, so that every process scores,
+            # and the checkpoint holds, the same model.
+            average_across_processes(model.buffers())
+            with autocast(device, amp_dtype):
+                metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
+                                   distributed=world_size > 1)
+            score = score_of(metrics, config.metric, num_logits)
+            improved = score > run["best_score"]
+            run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
+                       best_score=max(run["best_score"], score))
+            last_good = save("last.pth")
+            if improved:
+                save("best.pth")
+            if main_process:
+                seconds = time.perf_counter() - start
+                log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
+                            "train_loss": loss, **{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                            "score": score, "seconds": seconds})
+                if config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs):
+                    save_samples(model, val_set, normalize, amp_dtype, device,
+                                 run_dir / "samples" / f"epoch_{epoch:03d}.png")
+                dice = f"  dice {score:.4f}" if config.metric == "dice" else ""
+                print(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
+                      f"pixel acc {metrics['pixel_acc']:.4f}{dice}{'  (best)' if improved else ''}  {seconds:.1f}s")
+            if any_process(stop.requested, device):
+                if main_process:
+                    print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
+                raise RunInterrupted
     if main_process:
         print(f"best {config.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}")
     return run_dir
