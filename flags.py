@@ -51,6 +51,9 @@ def add_augment_args(parser):
     group.add_argument("--rotate", type=float, default=10.0, help="largest random rotation in degrees (0: off)")
     group.add_argument("--jitter", type=float, default=0.0,
                        help="brightness, contrast and saturation jitter (0: off)")
+    group.add_argument("--elastic", type=float, default=None, metavar="PROB",
+                       help="probability of a smooth random elastic deformation (U-Net paper; 0: off; default: on "
+                            "for small datasets, chosen by the training recipe)")
     group.add_argument("--no-augment", action="store_true", help="no random augmentation at all")
     return group
 
