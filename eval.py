@@ -26,7 +26,8 @@ from drawing import label_image, overlay_image, plot_confusion_matrix, with_key
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
-from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
+from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
+                       use_precision)
 from metrics import IGNORE_INDEX, SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 from pairs import list_files, listing
 from report import Gallery, write_report
@@ -292,6 +293,7 @@ def evaluate_checkpoint(config, given, inference):
         check_classes(dataset, checkpoint)
     check_outputs(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
                   {"--save-labels": save_labels, "--overlays": overlays, "--report": report_dir})
+    inference = use_precision(model, inference)
     device = next(model.parameters()).device
     num_classes = max(checkpoint["model_args"]["num_classes"], 2)
     confusion = ConfusionMatrix(num_classes, dataset.ignore_index, device)

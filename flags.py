@@ -4,6 +4,7 @@ import dataclasses
 
 from datasets import DATASETS
 from model import ENCODERS
+from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES
 
 
 def config_from(config_class, values):
@@ -99,5 +100,10 @@ def add_inference_args(parser, scale=True):
                        help="test-time augmentation: average with the horizontally flipped image's prediction")
     group.add_argument("--tta-vflip", action="store_true",
                        help="average all four flips (4 passes; implies --tta): for data with no up and down")
-    group.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    group.add_argument("--amp", nargs="?", const="auto", default="auto", choices=AMP_CHOICES,
+                       help="autocast dtype (default: auto, the fastest safe one: bf16 on CPUs and GPUs with native "
+                            "bf16, fp16 on other GPUs, else off, fp32)")
+    group.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
+                       help="channels_last memory layout (default: auto, on where faster: CPUs with native bf16, "
+                            "GPUs with tensor cores under --amp)")
     return group

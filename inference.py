@@ -6,9 +6,10 @@ does, so that tile borders, where the network sees least context, count least. T
 `batch_size` at a time into one float32 K x H x W accumulator: besides that accumulator and the image itself,
 memory grows with the tile size, not the image size.
 """
+import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from errors import ConfigError
 from images import scaled_size
 from metrics import ConfusionMatrix
+from precision import AMP_DTYPES, choose_precision
 from utils import progress_bars
 
 FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
@@ -26,13 +28,14 @@ LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound
 @dataclass
 class InferenceConfig:
     """How predict_probs runs (the inference flags of eval.py and predict.py): scale, overlap tiles, flip
-    averaging, mixed precision."""
+    averaging, precision and memory layout."""
     scale: float | None = None  # None: the scale the model was trained at (datasets.trained_scale)
     tile: int | None = None
     overlap: float = 0.5
     tta: bool = False
     tta_vflip: bool = False
-    amp: bool = False
+    amp: str = "auto"  # "auto", "off", "bf16" or "fp16": see precision.choose_precision; use_precision resolves it
+    channels_last: str = "auto"  # "auto", "on" or "off"
 
     def check(self):
         if self.scale is not None and not self.scale > 0:
@@ -45,8 +48,22 @@ class InferenceConfig:
 
     def options(self):
         """The keyword arguments of predict_probs."""
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp {self.amp!r} depends on the device: resolve it first with use_precision")
         return {"scale": self.scale or 1.0, "tile": self.tile, "overlap": self.overlap,
-                "flips": flip_dims(self.tta, self.tta_vflip), "amp": self.amp}
+                "flips": flip_dims(self.tta, self.tta_vflip), "amp_dtype": AMP_DTYPES[self.amp]}
+
+
+def use_precision(model, config, log=print):
+    """Choose the precision and layout that config's --amp and --channels-last select on the model's device
+    (precision.choose_precision), say which through `log`, and put the model in channels_last when chosen.
+    Returns the config with the choice spelled out (amp "off", "bf16" or "fp16"; channels_last "on" or "off"),
+    as scores and reports record it."""
+    precision = choose_precision(model_device(model), config.amp, config.channels_last)
+    log(f"precision: {precision.describe()}")
+    precision.prepare(model)
+    return replace(config, amp=precision.name if precision.dtype else "off",
+                   channels_last="on" if precision.channels_last else "off")
 
 
 def flip_dims(tta=False, vertical=False):
@@ -99,15 +116,29 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def forward_probs(model, x, flips=((),), amp=False):
+def in_channels_last(model):
+    """Whether the model's convolution weights are channels_last: the first 4-D weight whose layout tells
+    (a 1x1 kernel's fits both)."""
+    for weight in model.parameters():
+        if weight.dim() == 4 and weight.is_contiguous() != weight.is_contiguous(memory_format=torch.channels_last):
+            return not weight.is_contiguous()
+    return False
+
+
+def forward_probs(model, x, flips=((),), amp_dtype=None):
     """Probabilities of normalised images x: the mean over `flips` (dims to flip, see flip_dims). Images smaller
-    than the model's downsampling are padded (with 0, the mean colour) to that size, and the scores cropped back."""
+    than the model's downsampling are padded (with 0, the mean colour) to that size, and the scores cropped back.
+    The model runs under autocast to `amp_dtype`; None opens none, so that a caller's own autocast (training's
+    validation) applies, and fp32 otherwise."""
     height, width = x.shape[-2:]
     stride = getattr(model, "output_stride", 1)
     if height < stride or width < stride:
         x = F.pad(x, [0, max(0, stride - width), 0, max(0, stride - height)])
+    if in_channels_last(model):  # flips keep the layout
+        x = x.contiguous(memory_format=torch.channels_last)
     total = 0
-    with torch.autocast(x.device.type, enabled=amp):
+    # autocast(enabled=False) would switch a caller's autocast off: None opens no context at all.
+    with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
         for dims in flips:
             total = total + probabilities(model(x.flip(dims)).float()).flip(dims)
     return (total / len(flips))[..., :height, :width]
@@ -122,14 +153,14 @@ def resize(x, size):
 
 
 @torch.inference_mode()
-def predict_probs(model, images, normalize, scale=1.0, tile=None, overlap=0.5, flips=((),), amp=False,
+def predict_probs(model, images, normalize, scale=1.0, tile=None, overlap=0.5, flips=((),), amp_dtype=None,
                   batch_size=4):
     """uint8 images B x C x H x W -> class probabilities B x K x H x W at the input size (float32).
 
     `scale` resizes the input before the forward pass (e.g. 0.5 for a model trained on half-size images);
     the scores are resized back, so labels always have the input's size. `tile` switches to overlap-tile
-    inference (see sliding_window_probs); `flips` (flip_dims) averages flipped predictions; `amp` runs the model
-    in mixed precision.
+    inference (see sliding_window_probs); `flips` (flip_dims) averages flipped predictions; `amp_dtype` runs the
+    model under autocast (see forward_probs).
     Whole images are moved to the model's device, and so are the probabilities; tiles are accumulated on the
     images' device, so that CPU images of any size only send one batch of tiles at a time to the GPU.
     """
@@ -137,13 +168,13 @@ def predict_probs(model, images, normalize, scale=1.0, tile=None, overlap=0.5, f
     if tile is not None:
         if scale != 1.0:
             images = resize(images, scaled_size((height, width), scale))
-        probs = stack_batch([sliding_window_probs(model, image, normalize, tile, overlap, flips, amp, batch_size)
+        probs = stack_batch([sliding_window_probs(model, image, normalize, tile, overlap, flips, amp_dtype, batch_size)
                              for image in images])
     else:
         x = preprocess(images.to(model_device(model)), normalize)
         if scale != 1.0:
             x = resize(x, scaled_size((height, width), scale))
-        probs = forward_probs(model, x, flips, amp)
+        probs = forward_probs(model, x, flips, amp_dtype)
     if probs.shape[-2:] != (height, width):
         probs = resize(probs, (height, width))
     return probs
@@ -166,7 +197,7 @@ def tile_starts(size, tile, overlap, align=1):
 
 
 @torch.inference_mode()
-def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),), amp=False, batch_size=4):
+def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),), amp_dtype=None, batch_size=4):
     """Overlap-tile probabilities K x H x W of one uint8 image C x H x W, accumulated on the image's device.
 
     Each tile's probabilities, weighted by a Gaussian centred on the tile, are summed into one accumulator,
@@ -187,7 +218,7 @@ def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),)
     for first in range(0, len(windows), batch_size):
         batch = windows[first:first + batch_size]
         tiles = torch.stack([image[:, y:y + tile_h, x:x + tile_w] for y, x in batch])
-        probs = forward_probs(model, preprocess(tiles.to(model_device(model)), normalize), flips, amp).to(device)
+        probs = forward_probs(model, preprocess(tiles.to(model_device(model)), normalize), flips, amp_dtype).to(device)
         if total is None:
             total = torch.zeros(probs.shape[1], height, width, device=device)
         for (y, x), p in zip(batch, probs):
@@ -251,7 +282,7 @@ def evaluate(model, loader, num_classes, normalize, ignore_index, device, distri
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2), ignore_index, device)
     quiet = distributed and torch.distributed.get_rank() > 0
-    for images, masks in tqdm(loader, desc="val", leave=False, disable=quiet or not progress_bars()):
+    for images, masks, *_ in tqdm(loader, desc="val", leave=False, disable=quiet or not progress_bars()):
         probs = predict_probs(model, images.to(device), normalize, **options)
         confusion.update(probs_to_labels(probs), masks.to(device))
     if distributed:

@@ -24,7 +24,8 @@ from drawing import label_image, overlay_image, side_by_side, with_key
 from errors import ConfigError, ImageReadError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
-from inference import InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch
+from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
+                       use_precision)
 from utils import count, pick_device, warn
 
 OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
@@ -255,6 +256,7 @@ def main(argv=None):
         print(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
     # The model sees images at the scale it was trained at (Carvana: half size) unless -s says otherwise.
     inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
+    inference = use_precision(model, inference)
     options = {**inference.options(), "batch_size": args.batch_size}
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
     start, done = time.perf_counter(), 0

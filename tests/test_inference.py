@@ -174,7 +174,7 @@ def test_tta_is_the_mean_of_the_flipped_predictions(vertical, numpy_axes):
     """--tta averages the horizontal flip, which training shows the model; --tta-vflip all four flips."""
     model = tiny_unet(num_classes=2)
     image = random_images(2, 3, 40, 56)
-    options = InferenceConfig(tta=True, tta_vflip=vertical).options()
+    options = InferenceConfig(tta=True, tta_vflip=vertical, amp="off").options()
     got = predict_probs(model, image, IMAGENET_NORMALIZE, **options)
     assert got.shape == (2, 2, 40, 56)
     x = inference.preprocess(image, IMAGENET_NORMALIZE).numpy()
