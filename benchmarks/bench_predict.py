@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import add_threads_arg, add_unet_args, use_threads
+from precision import choose_precision
 
 SCRIPT = Path(__file__).resolve()  # each case runs this file again with --child, from any working directory
 
@@ -107,8 +108,8 @@ def main():
         model_flags = ["-m", str(tmp / "model.pth"), *common]
         tiled = ["--tile", str(args.tile), "--overlap", str(args.overlap)]
 
-        print(f"model: {model}; device {args.device}, threads {args.threads or 'default'}; tiles {args.tile} px, "
-              f"overlap {args.overlap}")
+        print(f"model: {model}; device {args.device}, threads {args.threads or 'default'}, predict.py's default "
+              f"precision {choose_precision(args.device).summary}; tiles {args.tile} px, overlap {args.overlap}")
         print(f"{'case':<36} {'images':>6} {'seconds':>8} {'images/s':>9} {'peak MB':>9} {'over start':>11}")
         figures = {}
         for case, inputs, warmup, count in [("512x512 folder", tmp / "folder", tmp / "folder" / "0000.jpg", args.count),

@@ -1,8 +1,9 @@
 """Training speed of the classic U-Net (base 64, depth 4, 2 classes) at 256x256, batch 4: images/s, and the
 fraction of this machine's matmul peak that the training step reaches (a large matmul is timed in the same
 run; the step's FLOPs are counted with FlopCounterMode). Runs train.py's own step (StepRunner).
-Example: python benchmarks/bench_train.py    (CPU: fp32, add --channels-last for NHWC too;
-                                             CUDA: fp32, bf16 AMP + NHWC + compile)
+Example: python benchmarks/bench_train.py    (fp32, then the default precision and layout of this device,
+                                             precision.choose_precision, when they differ; on CUDA with
+                                             torch.compile too; add --channels-last for fp32 + NHWC)
 """
 import argparse
 import statistics
@@ -18,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import add_threads_arg, add_unet_args, use_threads
 from losses import segmentation_loss
 from model import IMAGENET_NORMALIZE, UNet
+from precision import choose_precision
 from train import StepRunner
 from utils import pick_device
 
@@ -28,7 +30,7 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=4)
     add_unet_args(p, base_channels=64, depth=4)
     p.add_argument("--steps", type=int, default=2, help="timed training steps per configuration")
-    p.add_argument("--channels-last", action="store_true", help="CPU: also time fp32 with channels_last")
+    p.add_argument("--channels-last", action="store_true", help="also time fp32 with channels_last")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     add_threads_arg(p)
     return p.parse_args()
@@ -123,16 +125,18 @@ def main():
     print(f"UNet base {args.base_channels} depth {args.depth}, {size}x{size}, batch {batch}, device {device}"
           f"{'' if device.type == 'cuda' else f', {threads} threads'}: "
           f"{flops / 1e9:.1f} GFLOP per training step (forward + backward)")
+    configs = [("fp32", {}, torch.float32)]
+    if args.channels_last:
+        configs.append(("fp32 channels_last", {"channels_last": True}, torch.float32))
+    precision = choose_precision(device)
+    print(f"precision: {precision.describe()}")
+    default = {"amp_dtype": precision.dtype, "channels_last": precision.channels_last}
+    if precision.dtype or precision.channels_last:
+        configs.append((f"default: {precision.summary}", default, precision.dtype or torch.float32))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # as train.py: TF32 in fp32 runs
-        configs = [("fp32", {}, torch.float32),
-                   ("bf16 AMP + channels_last + compile",
-                    {"amp_dtype": torch.bfloat16, "channels_last": True, "compile": True}, torch.bfloat16)]
-    else:
-        configs = [("fp32", {}, torch.float32)]
-        if args.channels_last:
-            configs.append(("fp32 channels_last", {"channels_last": True}, torch.float32))
+        configs.append(("default + compile", {**default, "compile": True}, precision.dtype or torch.float32))
     baseline = None
     for name, options, peak_dtype in configs:
         runner = make_runner(args, device, **options)
@@ -143,7 +147,7 @@ def main():
         peak = statistics.median(peak for _, peak in results)
         gemm = conv_gemm_peak(device, peak_dtype)
         baseline = baseline or seconds
-        print(f"{name:<36} {batch / seconds:8.2f} images/s  {seconds * 1e3:8.1f} ms/step  "
+        print(f"{name:<40} {batch / seconds:8.2f} images/s  {seconds * 1e3:8.1f} ms/step  "
               f"{flops / seconds / 1e12:.3f} TFLOP/s = {fraction:.2f} of the "
               f"{str(peak_dtype).removeprefix('torch.')} matmul peak ({peak / 1e12:.3f} TFLOP/s), "
               f"{flops / seconds / gemm:.2f} of a 1x1-conv GEMM ({gemm / 1e12:.3f} TFLOP/s)  "
