@@ -45,7 +45,9 @@ def add_dataset_args(parser):
 
 def add_augment_args(parser):
     group = parser.add_argument_group("augmentation")
-    group.add_argument("--crop-size", type=int, default=256, help="side of the random training crop (0: none)")
+    group.add_argument("--crop-size", type=int, default=None,
+                       help="side of the random training crop (0: none; default: 256 on CPUs, 512 on GPUs, at most "
+                            "the typical image's shorter side)")
     group.add_argument("--zoom", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
                        help="random zoom range applied before the crop")
     group.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (0: off)")

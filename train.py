@@ -1,6 +1,11 @@
 """Train a U-Net. Example: python train.py --dataset shapes --epochs 10 --base-channels 16
 Several GPUs: torchrun --nproc_per_node=4 train.py ... (--batch-size is per process)."""
+import time
+
+STARTED = time.monotonic()  # a --time budget counts from here: the start-up is part of it
+
 import argparse
+import copy
 import csv
 import dataclasses
 import json
@@ -9,7 +14,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, save_checkpoint
-from datasets import DataConfig, build_dataset, resolve_data
+from datasets import DataConfig, build_dataset, load_scale, resolve_data
 from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
     is_distributed
 from drawing import plot_curves, sample_grid
@@ -28,6 +32,9 @@ from errors import CheckpointError, ConfigError, DatasetError, UserError, check_
 from flags import add_augment_args, add_dataset_args, add_model_args, config_from
 from inference import evaluate, predict_probs, preprocess, probs_to_labels
 from losses import segmentation_loss
+from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, choose_precision
+from recipe import CPU_BATCH, GPU_BATCH, MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, WARMUP_SHARE, Deadline, Plan, \
+    default_batch_and_crop, default_elastic, duration_text, fingerprint, parse_duration, plan_budget, plan_epochs
 from model import ModelConfig, build_model, count_parameters, input_normalization, parameter_groups, \
     set_encoder_frozen
 from transforms import AugmentConfig
@@ -48,8 +55,17 @@ def parse_args(argv=None):
     add_augment_args(p)
     add_model_args(p)
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=10, help="training epochs")
-    o.add_argument("--batch-size", type=int, default=16, help="images per step and process")
+    o.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
+                   help="wall-clock budget of the whole run (90s, 10m, 2h): the run plans its steps to end within it")
+    o.add_argument("--epochs", type=int, default=None,
+                   help=f"train for this many epochs instead of a --time budget (default without --time: "
+                        f"{DEFAULT_EPOCHS})")
+    o.add_argument("--steps-per-epoch", type=int, default=None,
+                   help=f"steps between two validations (default: a pass over the data, at least "
+                        f"{MIN_STEPS_PER_EPOCH}; with --time, up to {MAX_VALIDATIONS} validations in the budget)")
+    o.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per step and process (default: {CPU_BATCH} on CPUs; on GPUs {GPU_BATCH} at crop "
+                        f"256, fewer for larger crops)")
     o.add_argument("--accumulate", type=int, default=1, help="batches whose gradients add up to one step")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     o.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
@@ -57,7 +73,8 @@ def parse_args(argv=None):
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--scheduler", default="poly", choices=["poly", "cosine", "constant"],
                    help="learning-rate decay over the run, per step (poly: (1 - t/T)^0.9)")
-    o.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
+    o.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"linear learning-rate warm-up (default: {WARMUP_SHARE * 100:g}%% of the steps)")
     o.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     o.add_argument("--loss", default="ce", choices=["ce", "dice", "ce+dice"],
                    help="cross-entropy (BCE for a single logit), soft Dice, or their sum")
@@ -66,10 +83,12 @@ def parse_args(argv=None):
     o.add_argument("--metric", default="miou", choices=["miou", "dice"],
                    help="validation score that picks best.pth (dice: foreground Dice for two classes)")
     s = p.add_argument_group("speed")
-    s.add_argument("--amp", nargs="?", const="auto", default="off", choices=["off", "auto", "bf16", "fp16"],
-                   help="mixed precision; auto: bf16 on GPUs that support it, else fp16 with loss scaling; "
-                        "off on CPUs unless a dtype is named")
-    s.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on tensor cores)")
+    s.add_argument("--amp", nargs="?", const="auto", default="auto", choices=AMP_CHOICES,
+                   help="mixed precision; auto: bf16 on CPUs and GPUs that have it natively, fp16 with loss "
+                        "scaling on other GPUs, fp32 on other CPUs")
+    s.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
+                   help="NHWC memory format; auto: on CPUs with native bf16, and on GPUs with tensor cores under "
+                        "mixed precision")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
     r = p.add_argument_group("run")
@@ -99,9 +118,6 @@ def parse_args(argv=None):
             flags = vars(p.parse_args(argv))
         configs = [config_from(kind, flags).check()
                    for kind in (TrainConfig, DataConfig, AugmentConfig, ModelConfig)]
-        if configs[0].warmup_epochs >= configs[0].epochs:
-            raise ConfigError(f"--warmup-epochs ({configs[0].warmup_epochs:g}) must be shorter than --epochs "
-                              f"({configs[0].epochs})")
     except (ConfigError, CheckpointError) as e:
         p.error(str(e))
     return (*configs, flags)
@@ -130,24 +146,27 @@ def resume_defaults(parser, path, flag="--resume"):
 @dataclass
 class TrainConfig:
     """The optimisation, speed and run flags of train.py."""
+    # how long: a wall-clock budget in seconds, or a number of epochs (None and None: DEFAULT_EPOCHS)
+    time: float | None = None
+    epochs: int | None = None
+    steps_per_epoch: int | None = None  # None: planned (recipe.py)
     # optimisation
-    epochs: int = 10
-    batch_size: int = 16
+    batch_size: int | None = None  # None: planned
     accumulate: int = 1
     lr: float = 1e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     momentum: float = 0.9
     scheduler: str = "poly"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = None  # None: planned
     clip_grad: float = 0.0
     # what is minimised, and what picks best.pth
     loss: str = "ce"
     class_weights: list | None = None
     metric: str = "miou"
     # speed
-    amp: str = "off"
-    channels_last: bool = False
+    amp: str = "auto"
+    channels_last: str = "auto"
     compile: bool = False
     sync_bn: bool = False
     # the run: where it is saved, where it starts from, what it runs on
@@ -161,15 +180,26 @@ class TrainConfig:
     seed: int = 0
 
     def check(self):
-        check_at_least(1, epochs=self.epochs, batch_size=self.batch_size, accumulate=self.accumulate)
+        if self.time is not None and self.epochs is not None:
+            raise ConfigError(f"give --time or --epochs, not both (--time {duration_text(self.time)}, "
+                              f"--epochs {self.epochs})")
+        check_at_least(1, epochs=self.epochs or 1, steps_per_epoch=self.steps_per_epoch or 1,
+                       batch_size=self.batch_size or 1, accumulate=self.accumulate)
+        if self.warmup_epochs is not None and self.epochs is not None and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs "
+                              f"({self.epochs})")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
-        check_at_least(0, weight_decay=self.weight_decay, momentum=self.momentum, warmup_epochs=self.warmup_epochs,
-                       clip_grad=self.clip_grad, workers=self.workers, sample_every=self.sample_every)
+        check_at_least(0, weight_decay=self.weight_decay, momentum=self.momentum,
+                       warmup_epochs=self.warmup_epochs or 0, clip_grad=self.clip_grad, workers=self.workers,
+                       sample_every=self.sample_every)
         if self.class_weights and min(self.class_weights) < 0:
             raise ConfigError(f"--class-weights cannot be negative, got {self.class_weights}")
         pick_device(self.device)
         return self
+
+
+DEFAULT_EPOCHS = 10
 
 
 class NonFiniteLoss(Exception):
@@ -255,18 +285,6 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def amp_dtype_for(amp, device):
-    """--amp: None (fp32), or the autocast dtype."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":  # CPUs without native bf16 run bf16 autocast many times slower than fp32
-            print("note: --amp stays off on CPU; name a dtype (--amp bf16) to force it")
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
 def build_optimizer(model, config, encoder_lr_factor):
     groups = parameter_groups(model, config.lr, encoder_lr_factor=encoder_lr_factor)
     if config.optimizer == "sgd":
@@ -275,18 +293,17 @@ def build_optimizer(model, config, encoder_lr_factor):
     return optimizer_class(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_scheduler(optimizer, config, steps_per_epoch):
-    """Per-step factor on every group's learning rate: linear warm-up, then poly, cosine or constant."""
-    total = config.epochs * steps_per_epoch
-    warmup = round(config.warmup_epochs * steps_per_epoch)
+def build_scheduler(optimizer, schedule, plan):
+    """Per-step factor on every group's learning rate: linear warm-up, then poly, cosine or constant to the
+    plan's last step. It reads the plan at every step, so a re-planned budget moves the end of the decay."""
 
     def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if config.scheduler == "poly":
+        if step < plan.warmup_steps:
+            return (step + 1) / plan.warmup_steps
+        progress = min(1.0, (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps))
+        if schedule == "poly":
             return (1 - progress) ** 0.9
-        if config.scheduler == "cosine":
+        if schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
@@ -308,12 +325,12 @@ def build_criterion(loss, class_weights, num_logits, ignore_index, device):
     return criterion
 
 
-def prepare_model(model, config, device, world_size):
+def prepare_model(model, sync_bn, channels_last, device, world_size):
     """The model on its device, in its memory format, with synchronised BatchNorm across processes if asked."""
-    if config.sync_bn and world_size > 1:
+    if sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def wrap_for_steps(model, compile_model, device, world_size, encoder_frozen=False):
@@ -354,24 +371,32 @@ def classes_only_differ(shape, their_shape, num_logits, their_logits):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """This process's share of an epoch (a DistributedSampler, reshuffled each epoch) from a given position on,
-    as (index, seed) keys. Each item's random augmentation runs from a seed of (run seed, epoch, index), so it
-    does not depend on which worker loads it, and a resumed epoch sees exactly the items an uninterrupted one
-    would: one loader with persistent workers serves the whole run."""
+    """This process's share of an epoch of `steps` batches, from a given batch on, as (index, seed) keys.
+    An epoch runs through random passes over the dataset (each a new permutation, the same in every process)
+    and is cut at its length: a small dataset is seen several times an epoch, and no pass drops its last
+    items. The order is a pure function of (run seed, epoch), and each item's random augmentation runs from a
+    seed of (run seed, epoch, position), so a resumed epoch sees exactly the items an uninterrupted one would,
+    whichever worker loads them: one loader with persistent workers serves the whole run."""
 
-    def __init__(self, sampler, seed):
-        self.sampler, self.seed, self.epoch, self.start = sampler, seed, 0, 0
+    def __init__(self, dataset_size, batch_size, seed, rank=0, world_size=1):
+        self.size, self.batch_size, self.seed = dataset_size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.steps, self.start = 0, 0, 0
 
-    def set_epoch(self, epoch, start=0):
-        self.sampler.set_epoch(epoch)
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch, steps, start_batch=0):
+        self.epoch, self.steps, self.start = epoch, steps, start_batch * self.batch_size
 
     def __len__(self):
-        return len(self.sampler) - self.start
+        return self.steps * self.batch_size - self.start
 
     def __iter__(self):
-        for index in list(self.sampler)[self.start:]:
-            yield index, derived_seed(self.seed, self.epoch, index)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        wanted = self.steps * self.batch_size * self.world_size
+        order = torch.cat([torch.randperm(self.size, generator=generator)
+                           for _ in range(math.ceil(wanted / self.size))])
+        positions = range(self.rank, wanted, self.world_size)
+        for position in positions[self.start:]:
+            yield int(order[position]), derived_seed(self.seed, self.epoch, position)
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -390,12 +415,12 @@ class SeededItems(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
-def make_loader(dataset, sampler, config, device, drop_last=False):
+def make_loader(dataset, sampler, batch_size, config, device):
     """Persistent workers (started once, not every epoch: slow on Windows and macOS, which spawn them), pinned
     memory only with CUDA; workers ignore Ctrl-C, which the main process handles."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=config.workers > 0,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=config.workers,
+        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
         generator=torch.Generator().manual_seed(config.seed), worker_init_fn=ignore_sigint)
 
 
@@ -403,10 +428,13 @@ def ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, progress, main_process):
+def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, progress, main_process,
+                    out_of_time=lambda: False):
     """Trains on the loader's batches. `progress` ({"batch", "batches", "loss_sum", "images"}) says where in
-    the epoch the loader starts (after a resume) and is kept up to date. Returns False when a stop was
-    requested, after a whole step. Raises NonFiniteLoss, before any update, for a NaN or infinite loss."""
+    the epoch the loader starts (after a resume) and is kept up to date. Returns "stop" when a stop was
+    requested, "time" when `out_of_time()` said the budget has no room for another step (both after a whole
+    step; any process's word counts), else "done". Raises NonFiniteLoss, before any update, for a NaN or
+    infinite loss."""
     runner.model.train()
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", total=progress["batches"], initial=progress["batch"],
                leave=False, disable=not (main_process and progress_bars()))
@@ -418,9 +446,10 @@ def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, pro
         ends_step = batch + 1 == group_start + group_size
         loss = runner.forward_backward(images, masks, 1 / group_size, sync_gradients=ends_step)
         # One sync per batch: the loss summed over processes, and whether any process was asked to stop.
-        flags = torch.tensor([len(images), stop.requested], dtype=torch.float32, device=device)
+        flags = torch.tensor([len(images), stop.requested, ends_step and out_of_time()], dtype=torch.float32,
+                             device=device)
         totals = torch.cat([(loss.float() * len(images)).view(1), flags])
-        batch_loss, batch_images, stop_votes = all_reduce_sum(totals).tolist()
+        batch_loss, batch_images, stop_votes, time_votes = all_reduce_sum(totals).tolist()
         if not math.isfinite(batch_loss):
             raise NonFiniteLoss(f"the training loss is {batch_loss} at epoch {epoch}, batch {batch + 1}")
         progress.update(batch=batch + 1, loss_sum=progress["loss_sum"] + batch_loss,
@@ -428,9 +457,12 @@ def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, pro
         bar.set_postfix(loss=f"{batch_loss / batch_images:.4f}")
         if ends_step:
             runner.update()
-            if stop_votes and batch + 1 < progress["batches"]:  # at the epoch's end, finish it: validate, save
-                return False
-    return True
+            if batch + 1 < progress["batches"]:  # at the epoch's end, finish it: validate, save
+                if stop_votes:
+                    return "stop"
+                if time_votes:
+                    return "time"
+    return "done"
 
 
 def any_process(flag, device):
@@ -516,13 +548,12 @@ class RunLog:
             self.tensorboard.flush()
 
 
-def save_samples(model, dataset, normalize, amp_dtype, device, path, count=4):
-    """image | truth | prediction for the first `count` images of `dataset`."""
+def save_samples(model, dataset, normalize, scale, amp_dtype, device, path, count=4):
+    """image | truth | prediction for the first `count` images of `dataset` (whole validation images)."""
     model.eval()
-    images, truths = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
-    with autocast(device, amp_dtype):
-        predictions = [probs_to_labels(predict_probs(model, image[None].to(device), normalize))[0].cpu()
-                       for image in images]
+    images, truths, _ = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
+    predictions = [probs_to_labels(predict_probs(model, image[None].to(device), normalize, scale=scale,
+                                                 amp_dtype=amp_dtype))[0].cpu() for image in images]
     path.parent.mkdir(exist_ok=True)
     sample_grid(images, truths, predictions, dataset.classes, dataset.mask_values).save(path)
 
@@ -549,19 +580,23 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
         check_folder(Path(config.resume).parent if config.resume else config.checkpoint_dir,
                      "--resume" if config.resume else "--checkpoint-dir")
     checkpoint = load_checkpoint(config.resume or config.load) if config.resume or config.load else None
-    if config.resume and checkpoint["epoch"] >= config.epochs and not checkpoint["epoch_progress"]:
-        raise ConfigError(f"--resume {config.resume}: the run has finished its {checkpoint['epoch']} epochs; to train "
-                          f"it longer pass --epochs N with N > {checkpoint['epoch']}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
     torch.manual_seed(config.seed)
     data = resolve_data(data)
-    if data.dataset == "shapes" and augment.crop_size not in (0, AugmentConfig.crop_size) and main_process:
+    if data.dataset == "shapes" and augment.crop_size and main_process:
         print(f"note: --crop-size {augment.crop_size} does not apply to the synthetic shapes, made at --image-size "
               f"{data.image_size}", file=sys.stderr)
-    flags = {**flags, **dataclasses.asdict(data)}  # the run saves the dataset it found and its mask values
-    train_set, val_set = build_dataset(data, "train", augment), build_dataset(data, "val")
+    # Validation scores whole images at the files' resolution, as eval.py does, so best.pth follows its number.
+    val_set = build_dataset(data, "val", full_resolution=True)
+    scale = load_scale(data.dataset, data.scale)
+    fp = fingerprint(build_dataset(data, "train"), val_set, scale)
+    batch_size, augment = fit_recipe(config, augment, fp, device.type)
+    # The run saves the dataset it found, its mask values and the recipe it chose.
+    flags = {**flags, **dataclasses.asdict(data), "batch_size": batch_size, "crop_size": augment.crop_size,
+             "elastic": augment.elastic}
+    train_set = build_dataset(data, "train", augment)
     classes = list(train_set.classes)
     model_args = model_config.model_args(len(classes))
     # Pretrained encoder weights are fetched here, for training only; a failed download is one line.
@@ -571,32 +606,39 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
         load_all_weights(model, config.resume, checkpoint)
     elif config.load:
         load_weights(model, config.load, checkpoint, num_logits)
-    model = prepare_model(model, config, device, world_size)
+    precision = choose_precision(device, config.amp, config.channels_last)
+    model = prepare_model(model, config.sync_bn, precision.channels_last, device, world_size)
     normalize, ignore_index = input_normalization(model_args), train_set.ignore_index
     meta = {"model_args": model_args, "classes": classes, "mask_values": list(train_set.mask_values),
             "ignore_index": ignore_index, "normalize": normalize}
 
-    train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=config.seed)
-    drop_last = len(train_sampler) > config.batch_size
-    batches_per_epoch = len(train_sampler) // config.batch_size if drop_last else 1
     # Each process scores its own share of the validation set; the confusion matrices are summed.
-    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), config, device)
-    epoch_sampler = EpochSampler(train_sampler, config.seed)
-    train_loader = make_loader(SeededItems(train_set), epoch_sampler, config, device, drop_last)
-
+    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), 1, config, device)
+    epoch_sampler = EpochSampler(len(train_set), batch_size, config.seed, rank, world_size)
+    train_loader = make_loader(SeededItems(train_set), epoch_sampler, batch_size, config, device)
     optimizer = build_optimizer(model, config, model_config.encoder_lr_factor)
-    scheduler = build_scheduler(optimizer, config, math.ceil(batches_per_epoch / config.accumulate))
-    amp_dtype = amp_dtype_for(config.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
     criterion = build_criterion(config.loss, config.class_weights, num_logits, ignore_index, device)
-    runner = StepRunner(model, optimizer, scheduler, scaler, criterion, normalize, amp_dtype,
-                        config.channels_last, config.clip_grad)
+    runner = StepRunner(model, optimizer, None, scaler, criterion, normalize, precision.dtype,
+                        precision.channels_last, config.clip_grad)
+    if main_process:
+        print(f"precision: {precision.describe()}")
+    plan = plan_run(config, checkpoint, fp, batch_size, augment, world_size,
+                    lambda: time_training_step(runner, model, batch_size, augment.crop_size, fp, num_logits,
+                                               config.accumulate, device))
+    runner.scheduler = scheduler = build_scheduler(optimizer, config.scheduler, plan)
     # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
     run = {"epoch": 0, "best_score": -1.0, "metrics": None, "epoch_progress": None}
     resume_rng = None
     if config.resume:
-        run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank,
-                                           world_size)
+        run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, rank, world_size)
+    deadline = Deadline(plan.budget, plan.spent, STARTED) if plan.budget else None
+    margin = exit_margin(plan.budget) if plan.budget else 0.0
+    if config.resume:
+        check_unfinished(config.resume, plan, deadline, scheduler.last_epoch, run)
+    if deadline:
+        plan.replan(scheduler.last_epoch, deadline.left() - margin)
+        plan.total_steps = all_gather_objects(plan.total_steps)[0]
 
     run_dir = new_folder = log = None
     if main_process:
@@ -604,57 +646,71 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
             run_dir = Path(config.resume).parent
         else:
             run_dir = new_folder = new_run_dir(config.checkpoint_dir, config.name or data.dataset)
-        (run_dir / "args.json").write_text(json.dumps(flags, indent=2))
+        (run_dir / "args.json").write_text(json.dumps({**flags, "plan": plan.as_dict()}, indent=2))
         log = RunLog(run_dir, config.metric, run["epoch"])
         print(f"{count_parameters(model) / 1e6:.2f} M parameters, {len(train_set)} train / "
-              f"{len(val_set)} val images, device {device} x {world_size}, "
-              f"{'AMP ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else 'fp32'}, run folder {run_dir}"
+              f"{len(val_set)} val images, device {device} x {world_size}, run folder {run_dir}"
               + (f", resuming after step {scheduler.last_epoch}" if config.resume else ""))
+        print(plan.describe())
     last_good = Path(config.resume) if config.resume else None
 
     def save(name):
         """Every process calls it (the RNG states are gathered); rank 0 writes."""
         rng = all_gather_objects(rng_states())
         if main_process:
+            plan.spent = deadline.used() if deadline else 0.0
             save_checkpoint({**meta, **run, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "step": scheduler.last_epoch, "args": flags, "rng": rng}, run_dir / name)
+                             "step": scheduler.last_epoch, "args": flags, "plan": plan.as_dict(), "rng": rng},
+                            run_dir / name)
             return run_dir / name
 
+    def out_of_time():
+        """No room left in the budget for another step and the epoch's validation and saves."""
+        return deadline is not None and deadline.left() - margin < plan.step_seconds + plan.epoch_end_seconds
+
     encoder_frozen = None
+    epoch_ends = []  # seconds each validation and its saves took in this session
     with StopRequest() as stop, removed_if_unsaved(new_folder), resume_hint_on_bad_data(lambda: last_good):
-        for epoch in range(run["epoch"] + 1, config.epochs + 1):
+        while run["epoch_progress"] or scheduler.last_epoch < plan.total_steps:
+            epoch = run["epoch"] + 1
             frozen = epoch <= model_config.freeze_encoder_epochs
             frozen = set_encoder_frozen(model, frozen) and frozen  # False for models without an encoder
             if frozen != encoder_frozen:
                 runner.model, runner.ddp = wrap_for_steps(model, config.compile, device, world_size, frozen)
                 encoder_frozen = frozen
             start = time.perf_counter()
-            progress = run["epoch_progress"] or {"batch": 0, "batches": batches_per_epoch, "loss_sum": 0.0,
+            steps = min(plan.steps_per_epoch, plan.total_steps - scheduler.last_epoch)
+            progress = run["epoch_progress"] or {"batch": 0, "batches": steps * config.accumulate, "loss_sum": 0.0,
                                                  "images": 0}
             run["epoch_progress"] = progress
+            first_batch = progress["batch"]
             seed_everything(derived_seed(config.seed, epoch, rank))
             if progress["batch"] and resume_rng:
                 set_rng_states(resume_rng)  # resumed mid-epoch
-            epoch_sampler.set_epoch(epoch, progress["batch"] * config.batch_size)
+            epoch_sampler.set_epoch(epoch, progress["batches"], progress["batch"])
+            epochs = run["epoch"] + math.ceil((plan.total_steps - scheduler.last_epoch) / plan.steps_per_epoch)
             try:
-                finished = train_one_epoch(runner, train_loader, epoch, config.epochs, config.accumulate, device,
-                                           stop, progress, main_process)
+                ended = train_one_epoch(runner, train_loader, epoch, epochs, config.accumulate, device, stop,
+                                        progress, main_process, out_of_time)
             except NonFiniteLoss as e:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 raise TrainingError(f"{e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off") from None
-            if not finished:
+            if ended == "stop":
                 path = save("last.pth")
                 if main_process:
                     print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
                 raise RunInterrupted
+            if ended == "time":  # the budget ends with this epoch
+                plan.total_steps = scheduler.last_epoch
+            trained = time.perf_counter() - start
+            plan.step_seconds = trained / max(1, progress["batch"] - first_batch) * config.accumulate
             loss = progress["loss_sum"] / progress["images"]
             # BatchNorm statistics differ between processes: average them, so that every process scores,
             # and the checkpoint holds, the same model.
             average_across_processes(model.buffers())
-            with autocast(device, amp_dtype):
-                metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
-                                   distributed=world_size > 1)
+            metrics = evaluate(model, val_loader, num_logits, normalize, ignore_index, device,
+                               distributed=world_size > 1, scale=scale, amp_dtype=precision.dtype)
             score = score_of(metrics, config.metric, num_logits)
             improved = score > run["best_score"]
             run.update(epoch=epoch, metrics=metrics, epoch_progress=None,
@@ -667,19 +723,91 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
                 log.append({"epoch": epoch, "step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
                             "train_loss": loss, **{k: v for k, v in metrics.items() if not isinstance(v, list)},
                             "score": score, "seconds": seconds})
-                if config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs):
-                    save_samples(model, val_set, normalize, amp_dtype, device,
+                last_epoch = scheduler.last_epoch >= plan.total_steps
+                if config.sample_every and (epoch % config.sample_every == 0 or last_epoch):
+                    save_samples(model, val_set, normalize, scale, precision.dtype, device,
                                  run_dir / "samples" / f"epoch_{epoch:03d}.png")
                 dice = f"  dice {score:.4f}" if config.metric == "dice" else ""
-                print(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
+                print(f"epoch {epoch}/{epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
                       f"pixel acc {metrics['pixel_acc']:.4f}{dice}{'  (best)' if improved else ''}  {seconds:.1f}s")
+            epoch_ends.append(time.perf_counter() - start - trained)
+            if deadline and ended != "time":
+                plan.epoch_end_seconds = max(epoch_ends)
+                plan.replan(scheduler.last_epoch, deadline.left() - margin)
+                plan.total_steps = all_gather_objects(plan.total_steps)[0]  # rank 0's clock rules
             if any_process(stop.requested, device):
                 if main_process:
                     print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
                 raise RunInterrupted
     if main_process:
-        print(f"best {config.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}")
+        used = f" in {duration_text(deadline.used())} of the {duration_text(plan.budget)} budget" if deadline else ""
+        print(f"best {config.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}{used}")
     return run_dir
+
+
+def fit_recipe(config, augment, fp, device_type):
+    """(batch size, AugmentConfig) for this data and device: the flags given, else the recipe's choices."""
+    batch_size, crop_size = default_batch_and_crop(fp, device_type)
+    elastic = augment.elastic if augment.elastic is not None else default_elastic(fp)
+    crop_size = augment.crop_size if augment.crop_size is not None else crop_size
+    return config.batch_size or batch_size, dataclasses.replace(augment, crop_size=crop_size, elastic=elastic)
+
+
+def plan_run(config, checkpoint, fp, batch_size, augment, world_size, time_step):
+    """The run's Plan: a resumed run's own (with the --time or --epochs given now), else a new one for
+    --epochs, or for --time from the seconds a training step takes (`time_step()`, which measures it)."""
+    if config.resume and checkpoint.get("plan"):
+        plan = Plan(**checkpoint["plan"])
+        if config.time:
+            plan.budget = config.time
+        elif plan.budget is None:
+            plan.total_steps = (config.epochs or DEFAULT_EPOCHS) * plan.steps_per_epoch
+        return plan
+    recipe = (fp.train_images, batch_size, augment.crop_size, augment.elastic)
+    settings = {"warmup_epochs": config.warmup_epochs, "steps_per_epoch": config.steps_per_epoch}
+    if config.time is None:
+        return plan_epochs(config.epochs or DEFAULT_EPOCHS, *recipe, world_size * config.accumulate, **settings)
+    step = time_step()
+    # Scoring a pixel takes about a third of the time training on it takes (no backward pass).
+    pixels_per_step = config.accumulate * batch_size * (augment.crop_size or fp.median_size[0]) ** 2
+    validation = step / pixels_per_step / 3 * fp.val_pixels / world_size
+    seconds_left = config.time - (time.monotonic() - STARTED) - exit_margin(config.time)
+    return plan_budget(config.time, seconds_left, step, validation, *recipe, **settings)
+
+
+def exit_margin(budget):
+    """Seconds a budgeted run keeps for its exit (closing files and workers) and misjudged times."""
+    return 0.01 * budget + 1.0
+
+
+def time_training_step(runner, model, batch_size, crop_size, fp, num_logits, accumulate, device, repeats=2):
+    """Seconds of one optimisation step on random data (the first pass, which sets up the kernels, untimed).
+    Nothing is updated, and the weights and BatchNorm statistics are restored afterwards."""
+    saved = copy.deepcopy(model.state_dict())
+    height, width = (crop_size, crop_size) if crop_size else fp.median_size
+    images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, device=device)
+    masks = torch.randint(0, max(2, num_logits), (batch_size, height, width), device=device)
+    model.train()
+    seconds = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        runner.forward_backward(images, masks).item()  # .item() waits for the device
+        seconds.append(time.perf_counter() - start)
+    runner.optimizer.zero_grad(set_to_none=True)
+    model.load_state_dict(saved)
+    return min(seconds[1:]) * accumulate
+
+
+def check_unfinished(path, plan, deadline, done_steps, run):
+    """--resume of a run that has nothing left to do: ConfigError saying how to train it longer."""
+    if deadline and deadline.left() <= 0:
+        raise ConfigError(f"--resume {path}: the run has used its {duration_text(deadline.budget)} budget; to train "
+                          f"it longer pass --time with more than {duration_text(deadline.spent)}")
+    if not deadline and done_steps >= plan.total_steps and not run["epoch_progress"]:
+        raise ConfigError(f"--resume {path}: the run has finished its {run['epoch']} epochs; to train it longer "
+                          f"pass --epochs N with N > {run['epoch']}")
 
 
 def load_all_weights(model, path, checkpoint):
@@ -689,7 +817,7 @@ def load_all_weights(model, path, checkpoint):
         raise CheckpointError(f"--resume {path} holds another architecture ({one_line(e)})") from None
 
 
-def restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch, rank, world_size):
+def restore_training(checkpoint, optimizer, scheduler, scaler, rank, world_size):
     """--resume: the optimizer, scheduler and scaler states; returns the run's progress and this process's
     RNG states at the time of the save."""
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -699,8 +827,8 @@ def restore_training(checkpoint, optimizer, scheduler, scaler, batches_per_epoch
     elif scaler.is_enabled():  # saved by a run without fp16: the scaler starts afresh
         print("note: the checkpoint has no fp16 loss-scaler state; the loss scale starts afresh")
     run = {key: checkpoint[key] for key in ("epoch", "best_score", "metrics", "epoch_progress")}
-    if run["epoch_progress"] and run["epoch_progress"]["batches"] != batches_per_epoch:
-        print("note: the number of batches per epoch changed, so the interrupted epoch starts again")
+    if run["epoch_progress"] and "plan" not in checkpoint:
+        print("note: the checkpoint predates planned epochs, so the interrupted epoch starts again")
         run["epoch_progress"] = None
     return run, checkpoint["rng"][rank] if len(checkpoint["rng"]) == world_size else None
 

@@ -19,7 +19,7 @@ BEYOND_FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}  # v2 fill of
 @dataclass
 class AugmentConfig:
     """The random augmentation of training items; the fields are train.py's augmentation flags."""
-    crop_size: int = 256
+    crop_size: int | None = None  # None: the training recipe chooses (recipe.default_batch_and_crop)
     zoom: tuple = (0.5, 2.0)
     hflip: float = 0.5
     rotate: float = 10.0
@@ -28,7 +28,7 @@ class AugmentConfig:
     no_augment: bool = False
 
     def check(self):
-        if self.crop_size < 0 or self.rotate < 0 or self.jitter < 0 or not 0 <= self.hflip <= 1:
+        if (self.crop_size or 0) < 0 or self.rotate < 0 or self.jitter < 0 or not 0 <= self.hflip <= 1:
             raise ConfigError(f"--crop-size, --rotate and --jitter cannot be negative and --hflip must lie in "
                               f"[0, 1], got {self.crop_size}, {self.rotate:g}, {self.jitter:g}, {self.hflip:g}")
         if not 0 < self.zoom[0] <= self.zoom[1]:

@@ -21,8 +21,10 @@ from conftest import ROOT
 from images import read_image
 
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "16", "--num-val", "4", "--epochs", "1",
-        "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0", "--sample-every", "0"]
-FOLDER_RUN = ["--dataset", "folder", "--epochs", "1", "--batch-size", "4", "--base-channels", "4", "--depth", "2",
+        "--steps-per-epoch", "2", "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0",
+        "--sample-every", "0"]
+FOLDER_RUN = ["--dataset", "folder", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
+              "--base-channels", "4", "--depth", "2",
               "--workers", "0", "--sample-every", "0", "--crop-size", "16", "--val-percent", "25"]
 
 

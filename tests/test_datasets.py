@@ -323,7 +323,8 @@ def test_train_reports_bad_data_in_one_line(tmp_path):
     image, mask = striped()
     save_pair(tmp_path, "a", image, mask)
     save_pair(tmp_path, "b", image, mask[:30])
-    result = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path), "--epochs", "1", "--workers", "0",
+    result = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path), "--epochs", "1",
+                             "--steps-per-epoch", "1", "--workers", "0",
                              "--checkpoint-dir", str(tmp_path / "runs")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr

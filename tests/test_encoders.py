@@ -155,7 +155,8 @@ def test_failed_download_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
 
 
 TINY_TRAIN = ["--dataset", "shapes", "--image-size", "32", "--num-train", "16", "--num-val", "8", "--epochs", "1",
-              "--batch-size", "8", "--workers", "0", "--encoder", "resnet18", "--decoder-channels", "8", "8", "8", "8",
+              "--steps-per-epoch", "2", "--batch-size", "8", "--workers", "0", "--encoder", "resnet18",
+              "--decoder-channels", "8", "8", "8", "8",
               "8", "--lr", "0.01"]
 
 

@@ -17,7 +17,7 @@ from checkpoints import load_model
 from checkpoints import load_checkpoint
 
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", "--num-val", "8", "--epochs", "2",
-        "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0"]
+        "--steps-per-epoch", "4", "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -119,8 +119,9 @@ def voc(tmp_path_factory):
     for split, ids in [("train", train_ids), ("val", val)]:
         (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids))
     run_dir = train.main(["--dataset", "voc", "--data", str(root), "--scale", "0.5", "--crop-size", "48",
-                          "--epochs", "1", "--batch-size", "4", "--base-channels", "4", "--depth", "2",
-                          "--workers", "0", "--sample-every", "0", "--checkpoint-dir", str(root / "checkpoints")])
+                          "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--base-channels", "4",
+                          "--depth", "2", "--workers", "0", "--sample-every", "0",
+                          "--checkpoint-dir", str(root / "checkpoints")])
     return Namespace(root=root, voc=voc, val=val, checkpoint=run_dir / "best.pth")
 
 

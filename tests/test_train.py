@@ -1,5 +1,4 @@
 """train.py at scale: exact resume, Ctrl-C, the NaN stop, atomic saves, logs, curves, samples, torchrun."""
-import dataclasses
 import csv
 import math
 import os
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 import drawing
+import recipe
 import train
 from conftest import ROOT
 from synthetic import Shapes
@@ -24,8 +24,9 @@ from drawing import voc_palette
 
 # 32 training images in batches of 8: 4 steps an epoch.
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", "--num-val", "6", "--epochs", "3",
-        "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0", "--lr", "1e-2",
-        "--warmup-epochs", "0.5", "--sample-every", "2"]
+        "--steps-per-epoch", "4", "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0",
+        "--lr", "1e-2",
+        "--warmup-epochs", "0.5", "--sample-every", "2", "--amp", "off"]
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +179,15 @@ def test_torchrun_gloo_score_equals_single_process_score(tmp_path):
     assert checkpoint["metrics"]["iou"] == pytest.approx(single["iou"], rel=1e-12, nan_ok=True)
     assert checkpoint["metrics"]["pixel_acc"] == single["pixel_acc"]
     assert [row["epoch"] for row in read_log(run_dir)] == [1, 2]
-    assert checkpoint["step"] == 2 * 2  # 16 images a process, 4 batches of 4, 2 batches a step
+    assert checkpoint["step"] == 2 * 4  # --steps-per-epoch 4, 2 batches of 4 a step
 
 
 def test_schedules_scale_every_parameter_group():
-    config = train.parse_args(["--epochs", "2", "--warmup-epochs", "0.5", "--lr", "0.1", "--scheduler", "poly"])[0]
+    plan = recipe.plan_epochs(2, train_images=80, batch_size=8, crop_size=0, elastic=0.0, warmup_epochs=0.5,
+                              steps_per_epoch=10)  # 20 steps, 5 of warm-up
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.01}], lr=0.1)
-    scheduler = train.build_scheduler(optimizer, config, steps_per_epoch=10)  # 20 steps, 5 of warm-up
+    scheduler = train.build_scheduler(optimizer, "poly", plan)
     lrs = []
     for _ in range(20):
         lrs.append([group["lr"] for group in optimizer.param_groups])
@@ -195,18 +197,16 @@ def test_schedules_scale_every_parameter_group():
     assert [lr[0] for lr in lrs] == pytest.approx([0.1 * f for f in expected])
     assert [lr[1] for lr in lrs] == pytest.approx([0.01 * f for f in expected])
     optimizer = torch.optim.SGD(params, lr=0.1)
-    scheduler = train.build_scheduler(optimizer, dataclasses.replace(config, scheduler="cosine"), steps_per_epoch=10)
+    scheduler = train.build_scheduler(optimizer, "cosine", plan)
     for _ in range(10):  # 5 warm-up steps, then 5 of 15 cosine steps
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
-
-
-def test_amp_never_defaults_to_bf16_on_cpu():
-    cpu = torch.device("cpu")
-    assert train.amp_dtype_for(train.parse_args(["--amp"])[0].amp, cpu) is None
-    assert train.amp_dtype_for(train.parse_args(["--amp", "bf16"])[0].amp, cpu) is torch.bfloat16
-    assert train.amp_dtype_for(train.parse_args([])[0].amp, cpu) is None
+    # A re-planned budget moves the end of the decay: 5 of 25 steps after the warm-up.
+    plan.total_steps = 30
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 6 / 25)))
 
 
 def test_load_takes_matching_weights_for_a_new_number_of_classes(full_run, tmp_path, capsys):
@@ -264,7 +264,8 @@ def test_bad_mask_found_while_loading_is_one_line(tmp_path, shared_data, workers
     broken.write_bytes(b"GIF89a broken")
     result = subprocess.run(
         [sys.executable, "train.py", "--dataset", "carvana", "--data", str(tmp_path), "--scale", "0.05",
-         "--crop-size", "0", "--epochs", "1", "--batch-size", "32", "--base-channels", "4", "--depth", "2",
+         "--crop-size", "0", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "32", "--base-channels", "4",
+         "--depth", "2",
          "--workers", workers, "--checkpoint-dir", str(tmp_path / "runs")],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
@@ -287,7 +288,8 @@ def test_augmented_resume_is_exact_whatever_the_workers(tmp_path, monkeypatch):
         Image.fromarray(image).save(tmp_path / "data" / "imgs" / f"{i}.png")
         Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"{i}.png")
     flags = ["--dataset", "folder", "--data", str(tmp_path / "data"), "--val-percent", "25", "--crop-size", "32",
-             "--jitter", "0.2", "--epochs", "2", "--batch-size", "3", "--base-channels", "4", "--depth", "2",
+             "--jitter", "0.2", "--elastic", "0.5", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "3",
+             "--base-channels", "4", "--depth", "2",
              "--lr", "1e-2", "--sample-every", "0"]
     full = train.main(flags + ["--workers", "0", "--checkpoint-dir", str(tmp_path / "full")])
     interrupt_after(monkeypatch, train.StepRunner, "update", 4)  # in epoch 2 (3 steps an epoch)
@@ -317,7 +319,7 @@ def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_loss_scale(capsys):
     assert checkpoint["scaler"] == {}  # what an fp32 run saves
     _, optimizer, scheduler = sgd_and_schedule()
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    run, rng = train.restore_training(checkpoint, optimizer, scheduler, scaler, 4, rank=0, world_size=1)
+    run, rng = train.restore_training(checkpoint, optimizer, scheduler, scaler, rank=0, world_size=1)
     assert run == {"epoch": 2, "best_score": 0.25, "metrics": {"miou": 0.25}, "epoch_progress": None}
     assert rng == {"rank": 0}
     assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -327,7 +329,7 @@ def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_loss_scale(capsys):
     # An fp16 run's scale is restored.
     checkpoint["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    train.restore_training(checkpoint, *sgd_and_schedule()[1:], scaler, 4, rank=0, world_size=1)
+    train.restore_training(checkpoint, *sgd_and_schedule()[1:], scaler, rank=0, world_size=1)
     assert scaler.get_scale() == 1024.0
 
 
@@ -373,7 +375,8 @@ def test_ddp_searches_for_unused_parameters_only_while_the_encoder_is_frozen(tmp
 
 
 ENCODER_RUN = ["--dataset", "shapes", "--image-size", "32", "--num-train", "8", "--num-val", "2",
-               "--batch-size", "8", "--workers", "0", "--encoder", "resnet18", "--encoder-weights", "none",
+               "--steps-per-epoch", "1", "--batch-size", "8", "--workers", "0", "--encoder", "resnet18",
+               "--encoder-weights", "none",
                "--decoder-channels", "8", "8", "8", "8", "8", "--sample-every", "0"]
 
 

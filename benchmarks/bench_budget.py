@@ -1,0 +1,144 @@
+"""What a time budget buys: train.py --time on real data, scored by eval.py, and the speed of the default
+precision. Prints one line per target; each part runs alone, one at a time (timings need a quiet machine).
+
+  isbi    ISBI 2012 slices 0-24 train, 25-29 scored at full size: membrane Dice after --time (10m; target 0.85)
+  street  a street-scene folder (--street DIR holding train/ and test/, each with images/ and masks/):
+          test mIoU after --time (30m; target 0.40)
+  demo    the shapes demo with --time 60s: must end by 63 s with a usable best.pth
+  speed   training step of the classic U-Net at 256x256, batch 4: the default precision against fp32 (>= 3x on
+          CPUs with native bf16, never slower elsewhere)
+  bf16    the shapes demo trained twice for the same epochs, fp32 and the default precision: validation mIoU
+
+Example: python benchmarks/bench_budget.py --only isbi demo speed
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ISBI = ROOT.parent / "shared" / "data" / "isbi2012"  # where the tests' copy lies, if anywhere
+DEMO = ["--dataset", "shapes", "--image-size", "64", "--num-train", "2000", "--num-val", "200", "--lr", "3e-3",
+        "--base-channels", "16", "--depth", "3"]
+PARTS = ("isbi", "street", "demo", "speed", "bf16")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run, in this order")
+    p.add_argument("--isbi", default=str(ISBI), help="ISBI 2012 folder holding train/image and train/label")
+    p.add_argument("--isbi-time", default="10m")
+    p.add_argument("--street", default=None, help="street-scene folder: train/{images,masks}, test/{images,masks}")
+    p.add_argument("--street-time", default="30m")
+    p.add_argument("--ignore-index", default=None, help="void mask value of the street-scene set")
+    p.add_argument("--demo-time", default="60s")
+    p.add_argument("--bf16-epochs", type=int, default=3)
+    p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="more train.py flags for isbi and street")
+    return p.parse_args()
+
+
+def run(command):
+    """(wall seconds, stdout) of a script of this repo; its output is echoed as it comes."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    print(result.stdout, end="", flush=True)
+    if result.returncode:
+        sys.exit(f"error: {' '.join(command)} exited with status {result.returncode}")
+    return time.perf_counter() - start, result.stdout
+
+
+def train_and_score(train_flags, test_images, test_masks, work):
+    """(training wall seconds, eval.py's JSON scores of best.pth on the test folder)."""
+    seconds, _ = run(["train.py", *train_flags, "--checkpoint-dir", str(work / "runs")])
+    (best,) = (work / "runs").glob("*/best.pth")
+    scores = work / "scores.json"
+    run(["eval.py", "-m", str(best), "--images", str(test_images), "--masks", str(test_masks), "--json", str(scores)])
+    return seconds, json.loads(scores.read_text())
+
+
+def linked_folder(files, folder):
+    folder.mkdir(parents=True)
+    for file in files:
+        (folder / file.name).symlink_to(file)
+    return folder
+
+
+def isbi(args, work):
+    source = Path(args.isbi) / "train"
+    if not (source / "image").is_dir():
+        return print(f"isbi: skipped, no ISBI 2012 data in {args.isbi} (pass --isbi DIR)")
+    split = {name: [n for n in range(30) if (n < 25) == (name == "train")] for name in ("train", "test")}
+    folders = {(name, kind): linked_folder([source / kind / f"{n}.png" for n in numbers], work / name / kind)
+               for name, numbers in split.items() for kind in ("image", "label")}
+    seconds, scores = train_and_score(["--images", str(folders["train", "image"]), "--masks",
+                                       str(folders["train", "label"]), "--time", args.isbi_time, *args.flags],
+                                      folders["test", "image"], folders["test", "label"], work)
+    membrane = scores["classes"].index("0") if "0" in scores["classes"] else 0  # mask value 0: membrane
+    print(f"isbi: --time {args.isbi_time}: trained in {seconds:.0f} s; slices 25-29: membrane Dice "
+          f"{scores['dice'][membrane]:.3f} (target 0.85), mIoU {scores['miou']:.3f}")
+
+
+def street(args, work):
+    if not args.street:
+        return print("street: skipped (pass --street DIR)")
+    data = Path(args.street)
+    void = ["--ignore-index", args.ignore_index] if args.ignore_index else []
+    seconds, scores = train_and_score(["--images", str(data / "train" / "images"), "--masks",
+                                       str(data / "train" / "masks"), *void, "--time", args.street_time, *args.flags],
+                                      data / "test" / "images", data / "test" / "masks", work)
+    print(f"street: --time {args.street_time}: trained in {seconds:.0f} s; test mIoU {scores['miou']:.3f} "
+          f"(target 0.40)")
+
+
+def demo(args, work):
+    seconds, _ = run(["train.py", *DEMO, "--time", args.demo_time, "--checkpoint-dir", str(work / "runs")])
+    (best,) = (work / "runs").glob("*/best.pth")
+    _, out = run(["eval.py", "-m", str(best), "--split", "val", "--json", str(work / "scores.json")])
+    miou = json.loads((work / "scores.json").read_text())["miou"]
+    print(f"demo: --time {args.demo_time}: the command took {seconds:.1f} s (limit: the budget + 5%); best.pth "
+          f"validation mIoU {miou:.3f}")
+
+
+def speed(args, work):
+    import torch
+
+    from benchmarks.bench_train import make_runner, time_steps
+    from precision import choose_precision
+
+    device = torch.device("cpu")
+    chosen = choose_precision(device)
+    options = argparse.Namespace(image_size=256, batch_size=4, base_channels=64, depth=4, bilinear=False)
+    rates = {}
+    for name, dtype, channels_last in [("fp32", None, False), ("default", chosen.dtype, chosen.channels_last)]:
+        runner, images, masks = make_runner(options, device, dtype, channels_last)
+        rates[name] = options.batch_size / time_steps(runner, images, masks, steps=3)
+    print(f"speed: classic U-Net training step, 256x256 batch 4: fp32 {rates['fp32']:.2f} images/s, default "
+          f"({chosen.describe()}) {rates['default']:.2f} images/s: {rates['default'] / rates['fp32']:.2f}x")
+
+
+def bf16(args, work):
+    scores = {}
+    for amp in ("off", "auto"):
+        folder = work / amp
+        run(["train.py", *DEMO, "--epochs", str(args.bf16_epochs), "--amp", amp, "--checkpoint-dir", str(folder)])
+        (last,) = folder.glob("*/last.pth")
+        from checkpoints import load_checkpoint
+        scores[amp] = load_checkpoint(last)["metrics"]["miou"]
+    print(f"bf16: shapes demo, {args.bf16_epochs} epochs: validation mIoU fp32 {scores['off']:.4f}, default "
+          f"precision {scores['auto']:.4f} ({(scores['auto'] / scores['off'] - 1) * 100:+.2f}%)")
+
+
+def main():
+    args = parse_args()
+    for part in args.only:
+        with tempfile.TemporaryDirectory() as work:
+            globals()[part](args, Path(work))
+
+
+if __name__ == "__main__":
+    main()

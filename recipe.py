@@ -1,0 +1,193 @@
+"""The training recipe, fitted to the data, the machine and the time budget as nnU-Net plans from a dataset
+fingerprint: batch and crop size, the length of an epoch (the steps between two validations), the number of
+steps, the warm-up, and elastic deformation for small datasets. Every choice is printed, and each flag overrides
+its own. With a time budget (--time) the run measures its throughput, plans its steps so that training,
+validation and checkpoints end within the budget, and re-plans after every validation from what it measured.
+"""
+import argparse
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from PIL import Image
+
+MIN_STEPS_PER_EPOCH = 50  # a tiny dataset is seen several times an epoch rather than validated every few steps
+MAX_VALIDATIONS = 20  # validations a budgeted run aims for: enough to pick a good best.pth
+VALIDATION_SHARE = 0.1  # at most this share of a budget goes to validation and checkpoints
+WARMUP_SHARE = 0.03  # linear learning-rate warm-up, as a share of the planned steps
+SMALL_DATASET = 100  # fewer training images than this get elastic deformation (the U-Net paper had 30)
+ELASTIC_PROBABILITY = 0.5
+SIZE_SAMPLE = 64  # images whose headers are read to fingerprint a dataset
+CPU_BATCH, CPU_CROP = 4, 256  # CPUs: throughput per image hardly grows with the batch; small batches, more steps
+GPU_BATCH, GPU_CROP = 16, 512
+MAX_BATCH = 16
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text):
+    """'90s', '10m', '2h', '1h30m', '1.5h' -> seconds (argparse type of --time)."""
+    parts = re.findall(r"(\d+(?:\.\d*)?)([smh])", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower().replace(" ", ""):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration: write it as 90s, 10m, 2h or 1h30m")
+    seconds = sum(float(number) * UNITS[unit] for number, unit in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"the time budget must be positive, got '{text}'")
+    return seconds
+
+
+def duration_text(seconds):
+    """120 -> '2m', 5400 -> '1h30m', 95 -> '1m35s'."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{seconds}s" if seconds else "")
+    return text or "0s"
+
+
+@dataclass
+class Fingerprint:
+    """What the recipe needs to know of a dataset: its size, its typical image, the pixels one validation scores."""
+    train_images: int
+    median_size: tuple  # (height, width) of the training images at the training scale
+    val_pixels: int
+    fixed_size: bool = False  # images made at their training size (synthetic shapes): nothing to crop
+
+
+def image_sizes(dataset, limit=SIZE_SAMPLE):
+    """(height, width) at the dataset's scale of up to `limit` images spread over it, from their headers alone."""
+    if hasattr(dataset, "image_size"):  # synthetic shapes
+        return [(dataset.image_size, dataset.image_size)]
+    picks = sorted({round(i * (len(dataset) - 1) / max(1, limit - 1)) for i in range(min(limit, len(dataset)))})
+    sizes = []
+    for i in picks:
+        with Image.open(dataset.pairs[i][0]) as image:
+            width, height = image.size
+        sizes.append((max(1, round(height * dataset.scale)), max(1, round(width * dataset.scale))))
+    return sizes
+
+
+def fingerprint(train_set, val_set, val_scale=1.0):
+    """`val_set` holds images at the files' size, which validation resizes by `val_scale`."""
+    train_sizes, val_sizes = image_sizes(train_set), image_sizes(val_set)
+    median = (int(statistics.median(h for h, _ in train_sizes)), int(statistics.median(w for _, w in train_sizes)))
+    val_pixels = statistics.fmean(h * w for h, w in val_sizes) * len(val_set) * val_scale ** 2
+    return Fingerprint(len(train_set), median, round(val_pixels), hasattr(train_set, "image_size"))
+
+
+def default_batch_and_crop(fp, device_type, stride=32):
+    """A crop no larger than the typical image (a multiple of the network's downsampling), 256 on CPUs and 512
+    on GPUs at most, or none for images made at their training size (synthetic shapes); a batch of about as
+    many pixels as CPU_BATCH (or GPU_BATCH) crops of 256, 2 to MAX_BATCH images."""
+    cap = CPU_CROP if device_type == "cpu" else GPU_CROP
+    crop = 0 if fp.fixed_size else max(stride, min(cap, min(fp.median_size)) // stride * stride)
+    side = crop or min(fp.median_size)
+    batch = (CPU_BATCH if device_type == "cpu" else GPU_BATCH) * (256 / side) ** 2
+    return max(2, min(MAX_BATCH, round(batch))), crop
+
+
+def default_elastic(fp):
+    return ELASTIC_PROBABILITY if fp.train_images < SMALL_DATASET else 0.0
+
+
+def steps_per_pass(train_images, images_per_step):
+    return max(1, math.ceil(train_images / images_per_step))
+
+
+@dataclass
+class Plan:
+    """The run's steps. An epoch is `steps_per_epoch` steps followed by a validation; the last one may be
+    shorter. With a budget, `total_steps` is re-planned from the measured step, validation and save times."""
+    batch_size: int
+    crop_size: int
+    elastic: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    budget: float | None = None  # seconds of wall-clock time for the whole run, start-up included
+    spent: float = 0.0  # seconds of the budget that sessions before this one used (--resume)
+    step_seconds: float | None = None
+    epoch_end_seconds: float | None = None  # one validation and its checkpoint saves
+    epoch_seconds: float | None = None  # training time between validations; None: steps_per_epoch stays as set
+
+    @property
+    def epochs(self):
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def replan(self, done_steps, seconds_left):
+        """total_steps from now on: as many steps as fit in `seconds_left`, each epoch of them followed by a
+        validation and its saves. The epoch under way is finished, or cut short when it does not fit; the
+        next ones last about epoch_seconds."""
+        step, end = self.step_seconds, self.epoch_end_seconds
+        left_in_epoch = -done_steps % self.steps_per_epoch
+        if self.epoch_seconds and not left_in_epoch:  # validations keep their pace in seconds, not steps
+            self.steps_per_epoch = max(1, round(self.epoch_seconds / step))
+        if left_in_epoch:  # the epoch under way: its remaining steps, then its validation
+            fitting = int((seconds_left - end) // step)
+            if fitting < left_in_epoch:  # cut short: at least one more step, then the validation
+                self.total_steps = done_steps + max(1, fitting)
+                return self.total_steps
+            seconds_left -= left_in_epoch * step + end
+        epoch_cost = self.steps_per_epoch * step + end
+        whole = max(0, int(seconds_left // epoch_cost))
+        rest = seconds_left - whole * epoch_cost
+        partial = max(0, int((rest - end) // step))
+        self.total_steps = done_steps + left_in_epoch + whole * self.steps_per_epoch + partial
+        return self.total_steps
+
+    def describe(self):
+        lines = [f"plan: {self.total_steps} steps of batch {self.batch_size}, crop {self.crop_size or 'none'}, "
+                 f"{self.epochs} epoch(s) of {self.steps_per_epoch} steps, each followed by a validation, "
+                 f"warm-up {self.warmup_steps} steps, elastic deformation p={self.elastic:g}"]
+        if self.budget is not None:
+            lines.append(f"  budget {duration_text(self.budget)}"
+                         + (f" ({duration_text(self.spent)} spent before)" if self.spent else "")
+                         + f": a step takes {self.step_seconds:.3g}s, a validation with its saves about "
+                         f"{self.epoch_end_seconds:.3g}s")
+        return "\n".join(lines)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def plan_epochs(epochs, train_images, batch_size, crop_size, elastic, batches_per_step=1, warmup_epochs=None,
+                steps_per_epoch=None):
+    """--epochs: each epoch a pass over the data, but at least MIN_STEPS_PER_EPOCH steps. A step takes
+    `batches_per_step` batches: one per process, times the batches accumulated."""
+    steps = steps_per_epoch or max(MIN_STEPS_PER_EPOCH, steps_per_pass(train_images, batch_size * batches_per_step))
+    total = epochs * steps
+    warmup = round(warmup_epochs * steps) if warmup_epochs is not None else round(WARMUP_SHARE * total)
+    return Plan(batch_size, crop_size, elastic, steps, total, warmup)
+
+
+def plan_budget(budget, seconds_left, step_seconds, validation_seconds, train_images, batch_size, crop_size,
+                elastic, warmup_epochs=None, steps_per_epoch=None):
+    """--time: the steps that fit in `seconds_left`, with as many validations as VALIDATION_SHARE of the time
+    pays for (1 to MAX_VALIDATIONS), epochs of at least MIN_STEPS_PER_EPOCH steps unless the budget allows fewer
+    steps in all. A validation's saves are first guessed at a second: the run measures them."""
+    end = validation_seconds + 1.0
+    validations = max(1, min(MAX_VALIDATIONS, int(VALIDATION_SHARE * seconds_left // end)))
+    steps = max(1, int((seconds_left - validations * end) // step_seconds))
+    per_epoch = steps_per_epoch or max(min(MIN_STEPS_PER_EPOCH, steps), math.ceil(steps / validations))
+    plan = Plan(batch_size, crop_size, elastic, per_epoch, steps, 0, budget, 0.0, step_seconds, end,
+                None if steps_per_epoch else per_epoch * step_seconds)
+    plan.total_steps = max(1, plan.replan(0, seconds_left))  # a step and a validation, however short the budget
+    plan.warmup_steps = (round(warmup_epochs * per_epoch) if warmup_epochs is not None
+                         else round(WARMUP_SHARE * plan.total_steps))
+    return plan
+
+
+class Deadline:
+    """The end of a budget, on this process's monotonic clock: `started` is when the process started, `spent`
+    what earlier sessions of the run used."""
+
+    def __init__(self, budget, spent, started):
+        self.budget, self.spent, self.started = budget, spent, started
+
+    def left(self):
+        return self.budget - self.spent - (time.monotonic() - self.started)
+
+    def used(self):
+        """Seconds of the budget used so far, this session's included: what a checkpoint records."""
+        return self.spent + time.monotonic() - self.started
