@@ -13,8 +13,8 @@ install-dev:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 
 demo: install
-	$(PYTHON) train.py --dataset shapes --image-size 64 --num-train 2000 --num-val 200 --epochs 10 \
-		--batch-size 16 --lr 3e-3 --base-channels 16 --depth 3 --name demo --checkpoint-dir $(DEMO_RUN)
+	$(PYTHON) train.py --dataset shapes --image-size 64 --num-train 2000 --num-val 200 --time 1m \
+		--lr 3e-3 --base-channels 16 --depth 3 --name demo --checkpoint-dir $(DEMO_RUN)
 	$(PYTHON) eval.py -m $(DEMO_MODEL) --dataset shapes --split val --json samples/demo_scores.json
 	$(PYTHON) synthetic.py --out samples --count 2 --image-size 64
 	$(PYTHON) predict.py -m $(DEMO_MODEL) -i samples/images -o samples --overlay

@@ -115,12 +115,11 @@ class Plan:
     def epochs(self):
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
-    def replan(self, done_steps, seconds_left):
+    def replan(self, done_steps, seconds_left, left_in_epoch=0):
         """total_steps from now on: as many steps as fit in `seconds_left`, each epoch of them followed by a
-        validation and its saves. The epoch under way is finished, or cut short when it does not fit; the
-        next ones last about epoch_seconds."""
+        validation and its saves. The epoch under way (with `left_in_epoch` steps to go) is finished, or cut
+        short when it does not fit; the next ones last about epoch_seconds."""
         step, end = self.step_seconds, self.epoch_end_seconds
-        left_in_epoch = -done_steps % self.steps_per_epoch
         if self.epoch_seconds and not left_in_epoch:  # validations keep their pace in seconds, not steps
             self.steps_per_epoch = max(1, round(self.epoch_seconds / step))
         if left_in_epoch:  # the epoch under way: its remaining steps, then its validation
@@ -133,6 +132,8 @@ class Plan:
         whole = max(0, int(seconds_left // epoch_cost))
         rest = seconds_left - whole * epoch_cost
         partial = max(0, int((rest - end) // step))
+        if partial < self.steps_per_epoch // 4:  # not worth a validation of its own
+            partial = 0
         self.total_steps = done_steps + left_in_epoch + whole * self.steps_per_epoch + partial
         return self.total_steps
 

@@ -558,12 +558,13 @@ def save_samples(model, dataset, normalize, scale, amp_dtype, device, path, coun
     sample_grid(images, truths, predictions, dataset.classes, dataset.mask_values).save(path)
 
 
-def main(argv=None):
+def main(argv=None, started=STARTED):
+    """`started`: when a --time budget began (time.monotonic()); by default when the process imported train.py."""
     config, data, augment, model_config, flags = parse_args(argv)
     try:
         device, rank, world_size = init_distributed(pick_device(config.device))
         try:
-            return train(config, data, augment, model_config, flags, device, rank, world_size)
+            return train(config, data, augment, model_config, flags, device, rank, world_size, started)
         finally:
             if is_distributed():
                 torch.distributed.destroy_process_group()
@@ -573,8 +574,9 @@ def main(argv=None):
         sys.exit(130)
 
 
-def train(config, data, augment, model_config, flags, device, rank, world_size):
-    """The whole run; `flags` (every flag's value) is saved with it, so that --resume and eval.py can read it."""
+def train(config, data, augment, model_config, flags, device, rank, world_size, started):
+    """The whole run; `flags` (every flag's value) is saved with it, so that --resume and eval.py can read it.
+    A --time budget counts from `started`."""
     main_process = rank == 0
     if main_process:  # before any data is read: the run must be able to save
         check_folder(Path(config.resume).parent if config.resume else config.checkpoint_dir,
@@ -623,7 +625,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
                         precision.channels_last, config.clip_grad)
     if main_process:
         print(f"precision: {precision.describe()}")
-    plan = plan_run(config, checkpoint, fp, batch_size, augment, world_size,
+    plan = plan_run(config, checkpoint, fp, batch_size, augment, world_size, started,
                     lambda: time_training_step(runner, model, batch_size, augment.crop_size, fp, num_logits,
                                                config.accumulate, device))
     runner.scheduler = scheduler = build_scheduler(optimizer, config.scheduler, plan)
@@ -632,12 +634,14 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
     resume_rng = None
     if config.resume:
         run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, rank, world_size)
-    deadline = Deadline(plan.budget, plan.spent, STARTED) if plan.budget else None
+    deadline = Deadline(plan.budget, plan.spent, started) if plan.budget else None
     margin = exit_margin(plan.budget) if plan.budget else 0.0
     if config.resume:
         check_unfinished(config.resume, plan, deadline, scheduler.last_epoch, run)
     if deadline:
-        plan.replan(scheduler.last_epoch, deadline.left() - margin)
+        progress = run["epoch_progress"]
+        left_in_epoch = (progress["batches"] - progress["batch"]) // config.accumulate if progress else 0
+        plan.replan(scheduler.last_epoch, deadline.left() - margin, left_in_epoch)
         plan.total_steps = all_gather_objects(plan.total_steps)[0]
 
     run_dir = new_folder = log = None
@@ -731,8 +735,8 @@ def train(config, data, augment, model_config, flags, device, rank, world_size):
                 print(f"epoch {epoch}/{epochs}  loss {loss:.4f}  mIoU {metrics['miou']:.4f}  "
                       f"pixel acc {metrics['pixel_acc']:.4f}{dice}{'  (best)' if improved else ''}  {seconds:.1f}s")
             epoch_ends.append(time.perf_counter() - start - trained)
+            plan.epoch_end_seconds = max(epoch_ends)
             if deadline and ended != "time":
-                plan.epoch_end_seconds = max(epoch_ends)
                 plan.replan(scheduler.last_epoch, deadline.left() - margin)
                 plan.total_steps = all_gather_objects(plan.total_steps)[0]  # rank 0's clock rules
             if any_process(stop.requested, device):
@@ -753,11 +757,20 @@ def fit_recipe(config, augment, fp, device_type):
     return config.batch_size or batch_size, dataclasses.replace(augment, crop_size=crop_size, elastic=elastic)
 
 
-def plan_run(config, checkpoint, fp, batch_size, augment, world_size, time_step):
+def plan_run(config, checkpoint, fp, batch_size, augment, world_size, started, time_step):
     """The run's Plan: a resumed run's own (with the --time or --epochs given now), else a new one for
-    --epochs, or for --time from the seconds a training step takes (`time_step()`, which measures it)."""
+    --epochs, or for --time (counted from `started`) from the seconds a training step takes (`time_step()`,
+    which measures it)."""
+    def validation_seconds(step):
+        """Scoring a pixel takes about a third of the time training on it takes (no backward pass)."""
+        pixels_per_step = config.accumulate * batch_size * (augment.crop_size or fp.median_size[0]) ** 2
+        return step / pixels_per_step / 3 * fp.val_pixels / world_size
+
     if config.resume and checkpoint.get("plan"):
         plan = Plan(**checkpoint["plan"])
+        if config.time and plan.epoch_end_seconds is None:  # a run of epochs stopped in its first, given a budget
+            plan.step_seconds = time_step()
+            plan.epoch_end_seconds = validation_seconds(plan.step_seconds) + 1.0
         if config.time:
             plan.budget = config.time
         elif plan.budget is None:
@@ -768,11 +781,8 @@ def plan_run(config, checkpoint, fp, batch_size, augment, world_size, time_step)
     if config.time is None:
         return plan_epochs(config.epochs or DEFAULT_EPOCHS, *recipe, world_size * config.accumulate, **settings)
     step = time_step()
-    # Scoring a pixel takes about a third of the time training on it takes (no backward pass).
-    pixels_per_step = config.accumulate * batch_size * (augment.crop_size or fp.median_size[0]) ** 2
-    validation = step / pixels_per_step / 3 * fp.val_pixels / world_size
-    seconds_left = config.time - (time.monotonic() - STARTED) - exit_margin(config.time)
-    return plan_budget(config.time, seconds_left, step, validation, *recipe, **settings)
+    seconds_left = config.time - (time.monotonic() - started) - exit_margin(config.time)
+    return plan_budget(config.time, seconds_left, step, validation_seconds(step), *recipe, **settings)
 
 
 def exit_margin(budget):

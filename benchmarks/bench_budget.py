@@ -78,7 +78,7 @@ def isbi(args, work):
     seconds, scores = train_and_score(["--images", str(folders["train", "image"]), "--masks",
                                        str(folders["train", "label"]), "--time", args.isbi_time, *args.flags],
                                       folders["test", "image"], folders["test", "label"], work)
-    membrane = scores["classes"].index("0") if "0" in scores["classes"] else 0  # mask value 0: membrane
+    membrane = scores["mask_values"].index(0)  # ISBI masks: 0 membrane, 255 cell
     print(f"isbi: --time {args.isbi_time}: trained in {seconds:.0f} s; slices 25-29: membrane Dice "
           f"{scores['dice'][membrane]:.3f} (target 0.85), mIoU {scores['miou']:.3f}")
 

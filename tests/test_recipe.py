@@ -104,9 +104,13 @@ def test_replanning_follows_the_measured_times():
     remaining = total - first
     epochs_left = math.ceil(remaining / per_epoch)
     assert remaining * 2.0 + epochs_left * 5.0 <= seconds_left < (remaining + per_epoch) * 2.0 + epochs_left * 5.0
-    # Mid-epoch, the epoch under way is finished first; 10 s are left after it: a validation (5 s) and 2 steps.
-    total = plan.replan(first + 3, seconds_left=10.0 + (per_epoch - 3) * 2.0 + 5.0)
-    assert total == first + 3 + (per_epoch - 3) + 2
+    # Mid-epoch, the epoch under way is finished first; 30 s are left after it: a validation (5 s) and 12 steps.
+    total = plan.replan(first + 3, 30.0 + (per_epoch - 3) * 2.0 + 5.0, left_in_epoch=per_epoch - 3)
+    assert total == first + 3 + (per_epoch - 3) + 12
+    # 2 steps would be left: fewer than a quarter of an epoch is not worth its own validation.
+    assert plan.replan(first + 3, 10.0 + (per_epoch - 3) * 2.0 + 5.0, left_in_epoch=per_epoch - 3) == first + 25
+    # At the end of an epoch cut short, or of one re-timed, the next starts afresh whatever the step count.
+    assert plan.replan(first + 7, -1.0) == first + 7
     # A run whose epochs the user set keeps them.
     fixed = plan_budget(600, 590, 1.0, 4.0, 23, 4, 256, 0.5, steps_per_epoch=30)
     fixed.step_seconds = 2.0
@@ -118,7 +122,7 @@ def test_out_of_time_ends_at_the_epoch_boundary_or_after_one_more_step():
     plan = Plan(4, 256, 0.0, steps_per_epoch=10, total_steps=100, warmup_steps=3, budget=60, step_seconds=1.0,
                 epoch_end_seconds=5.0)
     assert plan.replan(20, seconds_left=-3.0) == 20  # at a boundary: no more steps
-    assert plan.replan(25, seconds_left=-3.0) == 26  # mid-epoch: one step, then validate
+    assert plan.replan(25, seconds_left=-3.0, left_in_epoch=5) == 26  # mid-epoch: one step, then validate
     assert plan.epochs == 3  # the third one cut short
 
 

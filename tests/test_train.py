@@ -1,10 +1,13 @@
 """train.py at scale: exact resume, Ctrl-C, the NaN stop, atomic saves, logs, curves, samples, torchrun."""
 import csv
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 from PIL import Image
 
 import drawing
+import eval as eval_py
 import recipe
 import train
 from conftest import ROOT
@@ -393,3 +397,81 @@ def test_training_rewraps_when_the_encoder_thaws(tmp_path, monkeypatch, epochs, 
     train.main(ENCODER_RUN + ["--epochs", str(epochs), "--freeze-encoder-epochs", str(freeze),
                               "--checkpoint-dir", str(tmp_path)])
     assert wraps == expected
+
+
+BUDGET_RUN = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", "--num-val", "6", "--batch-size", "8",
+              "--base-channels", "4", "--depth", "2", "--workers", "0", "--sample-every", "0", "--time", "8s"]
+
+
+def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, monkeypatch, capsys):
+    started = time.monotonic()
+    interrupt_after(monkeypatch, train.StepRunner, "update", 30)
+    with pytest.raises(SystemExit):
+        train.main(BUDGET_RUN + ["--checkpoint-dir", str(tmp_path)], started=started)
+    monkeypatch.undo()
+    (run_dir,) = tmp_path.iterdir()
+    stopped = load_checkpoint(run_dir / "last.pth")
+    plan = stopped["plan"]
+    assert plan["budget"] == 8 and 0 < plan["spent"] < 8 and stopped["step"] == 30
+    assert json.loads((run_dir / "args.json").read_text())["plan"]["steps_per_epoch"] == plan["steps_per_epoch"]
+    assert f"plan: {plan['total_steps']} steps of batch 8" in capsys.readouterr().out
+    # The resumed run continues the plan: the same budget, less what the first session used.
+    resumed_at = time.monotonic()
+    train.main(["--resume", str(run_dir / "last.pth")], started=resumed_at)
+    seconds = time.monotonic() - resumed_at
+    final = load_checkpoint(run_dir / "last.pth")
+    assert final["plan"]["budget"] == 8 and final["step"] == final["plan"]["total_steps"] > 30
+    assert seconds <= (8 - plan["spent"]) * 1.05 + 0.5 and final["plan"]["spent"] <= 8 * 1.05
+    assert (run_dir / "best.pth").is_file()
+    out = capsys.readouterr().out
+    assert "resuming after step 30" in out and "of the 8s budget" in out
+    with pytest.raises(SystemExit, match="has used its 8s budget; to train it longer pass --time with more than"):
+        train.main(["--resume", str(run_dir / "last.pth")])
+
+
+def test_budget_run_from_the_command_line_ends_in_time(tmp_path):
+    """The whole process, start-up included, ends within the budget + 5%."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "train.py", *BUDGET_RUN, "--time", "12s", "--checkpoint-dir",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert seconds <= 12 * 1.05, result.stdout
+    assert re.search(r" in \d+s of the 12s budget$", result.stdout.strip()) and list(tmp_path.glob("*/best.pth"))
+
+
+def test_validation_scores_what_eval_py_scores(tmp_path):
+    """Training validation reads whole images of varied sizes at the files' resolution, as eval.py does: the
+    checkpoint's scores are eval.py's on the same split."""
+    rng = np.random.default_rng(1)
+    for folder in ("imgs", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i in range(8):
+        height, width = (40, 48) if i % 2 else (52, 36)
+        mask = np.zeros((height, width), np.uint8)
+        top, left = rng.integers(0, 16, 2)
+        mask[top:top + 20, left:left + 18] = 1
+        image = (rng.integers(0, 90, (height, width, 3)) + mask[..., None] * 120).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "data" / "imgs" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"{i}.png")
+    run_dir = train.main(["--dataset", "folder", "--data", str(tmp_path / "data"), "--val-percent", "50",
+                          "--crop-size", "32", "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4",
+                          "--base-channels", "4", "--depth", "2", "--workers", "0", "--sample-every", "0",
+                          "--checkpoint-dir", str(tmp_path / "runs")])
+    trained = load_checkpoint(run_dir / "best.pth")["metrics"]
+    scores = tmp_path / "scores.json"
+    eval_py.main(["-m", str(run_dir / "best.pth"), "--split", "val", "--json", str(scores), "--workers", "0"])
+    scored = json.loads(scores.read_text())
+    assert trained["pixel_acc"] == scored["pixel_acc"]
+    assert trained["iou"] == pytest.approx(scored["iou"], rel=1e-12)
+
+
+def test_the_default_precision_is_chosen_for_the_machine_and_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    train.main(TINY + ["--amp", "auto", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "plain")])
+    assert "precision: fp32 (" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    run_dir = train.main(TINY + ["--amp", "auto", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "bf16")])
+    assert "precision: bf16 autocast + channels_last (this CPU has native bf16" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "last.pth")["scaler"] == {}  # no loss scaling for bf16
