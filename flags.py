@@ -48,8 +48,8 @@ def add_augment_args(parser):
     group.add_argument("--crop-size", type=int, default=None,
                        help="side of the random training crop (0: none; default: 256 on CPUs, 512 on GPUs, at most "
                             "the typical image's shorter side)")
-    group.add_argument("--zoom", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
-                       help="random zoom range applied before the crop")
+    group.add_argument("--zoom", type=float, nargs=2, default=[0.7, 1.4], metavar=("MIN", "MAX"),
+                       help="random zoom range applied before the crop (nnU-Net's)")
     group.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (0: off)")
     group.add_argument("--rotate", type=float, default=10.0, help="largest random rotation in degrees (0: off)")
     group.add_argument("--jitter", type=float, default=0.0,

@@ -76,8 +76,8 @@ def parse_args(argv=None):
     o.add_argument("--warmup-epochs", type=float, default=None,
                    help=f"linear learning-rate warm-up (default: {WARMUP_SHARE * 100:g}%% of the steps)")
     o.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    o.add_argument("--loss", default="ce", choices=["ce", "dice", "ce+dice"],
-                   help="cross-entropy (BCE for a single logit), soft Dice, or their sum")
+    o.add_argument("--loss", default="ce+dice", choices=["ce", "dice", "ce+dice"],
+                   help="cross-entropy (BCE for a single logit), soft Dice, or their sum (nnU-Net's default)")
     o.add_argument("--class-weights", type=float, nargs="+", default=None, metavar="W",
                    help="cross-entropy weight of each class, background first (two for a single logit)")
     o.add_argument("--metric", default="miou", choices=["miou", "dice"],
@@ -161,7 +161,7 @@ class TrainConfig:
     warmup_epochs: float | None = None  # None: planned
     clip_grad: float = 0.0
     # what is minimised, and what picks best.pth
-    loss: str = "ce"
+    loss: str = "ce+dice"
     class_weights: list | None = None
     metric: str = "miou"
     # speed
@@ -183,8 +183,8 @@ class TrainConfig:
         if self.time is not None and self.epochs is not None:
             raise ConfigError(f"give --time or --epochs, not both (--time {duration_text(self.time)}, "
                               f"--epochs {self.epochs})")
-        check_at_least(1, epochs=self.epochs or 1, steps_per_epoch=self.steps_per_epoch or 1,
-                       batch_size=self.batch_size or 1, accumulate=self.accumulate)
+        planned = {"epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch, "batch_size": self.batch_size}
+        check_at_least(1, accumulate=self.accumulate, **{k: v for k, v in planned.items() if v is not None})
         if self.warmup_epochs is not None and self.epochs is not None and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs "
                               f"({self.epochs})")

@@ -20,7 +20,7 @@ BEYOND_FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}  # v2 fill of
 class AugmentConfig:
     """The random augmentation of training items; the fields are train.py's augmentation flags."""
     crop_size: int | None = None  # None: the training recipe chooses (recipe.default_batch_and_crop)
-    zoom: tuple = (0.5, 2.0)
+    zoom: tuple = (0.7, 1.4)
     hflip: float = 0.5
     rotate: float = 10.0
     jitter: float = 0.0

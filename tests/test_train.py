@@ -412,7 +412,7 @@ def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, monk
     (run_dir,) = tmp_path.iterdir()
     stopped = load_checkpoint(run_dir / "last.pth")
     plan = stopped["plan"]
-    assert plan["budget"] == 8 and 0 < plan["spent"] < 8 and stopped["step"] == 30
+    assert plan["budget"] == 8 and 0 < plan["spent"] < 8 and stopped["step"] == 31  # SIGINT in step 30: 31 saved
     assert json.loads((run_dir / "args.json").read_text())["plan"]["steps_per_epoch"] == plan["steps_per_epoch"]
     assert f"plan: {plan['total_steps']} steps of batch 8" in capsys.readouterr().out
     # The resumed run continues the plan: the same budget, less what the first session used.
@@ -420,11 +420,11 @@ def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, monk
     train.main(["--resume", str(run_dir / "last.pth")], started=resumed_at)
     seconds = time.monotonic() - resumed_at
     final = load_checkpoint(run_dir / "last.pth")
-    assert final["plan"]["budget"] == 8 and final["step"] == final["plan"]["total_steps"] > 30
+    assert final["plan"]["budget"] == 8 and final["step"] == final["plan"]["total_steps"] > 31
     assert seconds <= (8 - plan["spent"]) * 1.05 + 0.5 and final["plan"]["spent"] <= 8 * 1.05
     assert (run_dir / "best.pth").is_file()
     out = capsys.readouterr().out
-    assert "resuming after step 30" in out and "of the 8s budget" in out
+    assert "resuming after step 31" in out and "of the 8s budget" in out
     with pytest.raises(SystemExit, match="has used its 8s budget; to train it longer pass --time with more than"):
         train.main(["--resume", str(run_dir / "last.pth")])
 
