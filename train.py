@@ -267,7 +267,7 @@ class StepRunner:
         with nullcontext() if sync_gradients or self.ddp is None else self.ddp.no_sync():
             with autocast(x.device, self.amp_dtype):
                 logits = self.model(x)
-            loss = self.criterion(logits, masks)
+            loss = self.criterion(logits.float(), masks)  # softmax and the Dice sums in fp32, not in bf16/fp16
             self.scaler.scale(loss * loss_scale).backward()
         return loss.detach()
 

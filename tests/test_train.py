@@ -475,3 +475,18 @@ def test_the_default_precision_is_chosen_for_the_machine_and_printed(tmp_path, m
     run_dir = train.main(TINY + ["--amp", "auto", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "bf16")])
     assert "precision: bf16 autocast + channels_last (this CPU has native bf16" in capsys.readouterr().out
     assert load_checkpoint(run_dir / "last.pth")["scaler"] == {}  # no loss scaling for bf16
+
+
+def test_the_loss_sees_fp32_logits_under_autocast():
+    """Under bf16 autocast the model's logits are bf16; the loss (softmax, and the soft Dice's sums over every
+    pixel of the batch) must not run in bf16, whose 8-bit mantissa loses the sums."""
+    seen = []
+
+    def criterion(logits, masks):
+        seen.append(logits.dtype)
+        return logits.mean()
+
+    runner = train.StepRunner(torch.nn.Conv2d(3, 2, 1), None, None, torch.amp.GradScaler("cpu", enabled=False),
+                              criterion, {"mean": [0.5] * 3, "std": [0.5] * 3}, torch.bfloat16)
+    runner.forward_backward(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, 4, 4, dtype=torch.long))
+    assert seen == [torch.float32]
