@@ -146,6 +146,10 @@ class Plan:
                          + (f" ({duration_text(self.spent)} spent before)" if self.spent else "")
                          + f": a step takes {self.step_seconds:.3g}s, a validation with its saves about "
                          f"{self.epoch_end_seconds:.3g}s")
+            if self.epoch_end_seconds > VALIDATION_SHARE * 3 * self.budget:
+                lines.append(f"  note: one validation takes about {self.epoch_end_seconds:.0f}s of the "
+                             f"{duration_text(self.budget)}: give more --time, or hold out fewer images "
+                             f"(--val-percent, for folder and Carvana data)")
         return "\n".join(lines)
 
     def as_dict(self):

@@ -133,3 +133,10 @@ def test_deadline_counts_earlier_sessions(monkeypatch):
     assert deadline.left() == 390 and deadline.used() == 210
     clock[0] += 100
     assert deadline.left() == 290 and deadline.used() == 310
+
+
+def test_the_plan_says_when_validation_eats_the_budget():
+    quick = plan_budget(600, 590, 1.0, 4.0, 23, 4, 256, 0.5).describe()
+    slow = plan_budget(600, 590, 1.0, 400.0, 1449, 4, 256, 0.0).describe()
+    assert quick.startswith("plan: ") and "budget 10m: a step takes 1s" in quick and "note" not in quick
+    assert "note: one validation takes about 401s of the 10m" in slow and "--val-percent" in slow
