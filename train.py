@@ -586,19 +586,11 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls in fp32 runs
     torch.manual_seed(config.seed)
-    data = resolve_data(data)
-    if data.dataset == "shapes" and augment.crop_size and main_process:
-        print(f"note: --crop-size {augment.crop_size} does not apply to the synthetic shapes, made at --image-size "
-              f"{data.image_size}", file=sys.stderr)
-    # Validation scores whole images at the files' resolution, as eval.py does, so best.pth follows its number.
-    val_set = build_dataset(data, "val", full_resolution=True)
+    data, train_set, val_set, fp, batch_size, augment = prepare_data(config, data, augment, device, main_process)
     scale = load_scale(data.dataset, data.scale)
-    fp = fingerprint(build_dataset(data, "train"), val_set, scale)
-    batch_size, augment = fit_recipe(config, augment, fp, device.type)
     # The run saves the dataset it found, its mask values and the recipe it chose.
     flags = {**flags, **dataclasses.asdict(data), "batch_size": batch_size, "crop_size": augment.crop_size,
              "elastic": augment.elastic}
-    train_set = build_dataset(data, "train", augment)
     classes = list(train_set.classes)
     model_args = model_config.model_args(len(classes))
     # Pretrained encoder weights are fetched here, for training only; a failed download is one line.
@@ -747,6 +739,20 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
         used = f" in {duration_text(deadline.used())} of the {duration_text(plan.budget)} budget" if deadline else ""
         print(f"best {config.metric} {run['best_score']:.4f}: {run_dir / 'best.pth'}{used}")
     return run_dir
+
+
+def prepare_data(config, data, augment, device, main_process):
+    """(resolved DataConfig, training set, validation set, Fingerprint, batch size, AugmentConfig): the data
+    found, and the batch and augmentation the recipe fits to it. Validation scores whole images at the files'
+    resolution, as eval.py does, so that best.pth follows eval.py's number."""
+    data = resolve_data(data)
+    if data.dataset == "shapes" and augment.crop_size and main_process:
+        print(f"note: --crop-size {augment.crop_size} does not apply to the synthetic shapes, made at --image-size "
+              f"{data.image_size}", file=sys.stderr)
+    val_set = build_dataset(data, "val", full_resolution=True)
+    fp = fingerprint(build_dataset(data, "train"), val_set, load_scale(data.dataset, data.scale))
+    batch_size, augment = fit_recipe(config, augment, fp, device.type)
+    return data, build_dataset(data, "train", augment), val_set, fp, batch_size, augment
 
 
 def fit_recipe(config, augment, fp, device_type):
