@@ -620,6 +620,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     plan = plan_run(config, checkpoint, fp, batch_size, augment, world_size, started,
                     lambda: time_training_step(runner, model, batch_size, augment.crop_size, fp, num_logits,
                                                config.accumulate, device))
+    plan = all_gather_objects(plan)[0]  # each process timed its own step: rank 0's plan is the run's
     runner.scheduler = scheduler = build_scheduler(optimizer, config.scheduler, plan)
     # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
     run = {"epoch": 0, "best_score": -1.0, "metrics": None, "epoch_progress": None}
@@ -634,7 +635,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
         progress = run["epoch_progress"]
         left_in_epoch = (progress["batches"] - progress["batch"]) // config.accumulate if progress else 0
         plan.replan(scheduler.last_epoch, deadline.left() - margin, left_in_epoch)
-        plan.total_steps = all_gather_objects(plan.total_steps)[0]
+        plan.total_steps, plan.steps_per_epoch = all_gather_objects((plan.total_steps, plan.steps_per_epoch))[0]
 
     run_dir = new_folder = log = None
     if main_process:
@@ -730,7 +731,9 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
             plan.epoch_end_seconds = max(epoch_ends)
             if deadline and ended != "time":
                 plan.replan(scheduler.last_epoch, deadline.left() - margin)
-                plan.total_steps = all_gather_objects(plan.total_steps)[0]  # rank 0's clock rules
+                # Rank 0's clock rules: every process must run the same steps.
+                plan.total_steps, plan.steps_per_epoch = all_gather_objects((plan.total_steps,
+                                                                             plan.steps_per_epoch))[0]
             if any_process(stop.requested, device):
                 if main_process:
                     print(f"stopped after epoch {epoch}: continue with --resume {last_good}")

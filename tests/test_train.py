@@ -490,3 +490,19 @@ def test_the_loss_sees_fp32_logits_under_autocast():
                               criterion, {"mean": [0.5] * 3, "std": [0.5] * 3}, torch.bfloat16)
     runner.forward_backward(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, 4, 4, dtype=torch.long))
     assert seen == [torch.float32]
+
+
+def test_torchrun_budgeted_run_follows_rank_0s_plan(tmp_path):
+    """A budgeted run under torchrun: one plan (rank 0's, which every process follows), printed once, carried
+    out to its last step within the budget."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               *BUDGET_RUN, "--time", "20s", "--device", "cpu", "--checkpoint-dir", str(tmp_path)]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.monotonic() - start < 20 * 1.05 + 10  # torchrun's own start-up and rendezvous on top
+    (run_dir,) = tmp_path.iterdir()
+    checkpoint = load_checkpoint(run_dir / "last.pth")
+    assert checkpoint["step"] == checkpoint["plan"]["total_steps"] > 0
+    assert result.stdout.count("plan: ") == 1
