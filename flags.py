@@ -102,10 +102,15 @@ def add_inference_args(parser, scale=True):
                        help="test-time augmentation: average with the horizontally flipped image's prediction")
     group.add_argument("--tta-vflip", action="store_true",
                        help="average all four flips (4 passes; implies --tta): for data with no up and down")
+    add_precision_args(group)
+    return group
+
+
+def add_precision_args(group):
+    """--amp and --channels-last (precision.choose_precision), the same in train.py, eval.py and predict.py."""
     group.add_argument("--amp", nargs="?", const="auto", default="auto", choices=AMP_CHOICES,
                        help="autocast dtype (default: auto, the fastest safe one: bf16 on CPUs and GPUs with native "
-                            "bf16, fp16 on other GPUs, else off, fp32)")
+                            "bf16, fp16 on other GPUs (training adds loss scaling), else off, fp32)")
     group.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
                        help="channels_last memory layout (default: auto, on where faster: CPUs with native bf16, "
                             "GPUs with tensor cores under --amp)")
-    return group

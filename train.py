@@ -29,10 +29,10 @@ from distributed import all_gather_objects, all_reduce_sum, average_across_proce
     is_distributed
 from drawing import plot_curves, sample_grid
 from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, error_line, one_line
-from flags import add_augment_args, add_dataset_args, add_model_args, config_from
+from flags import add_augment_args, add_dataset_args, add_model_args, add_precision_args, config_from
 from inference import evaluate, predict_probs, preprocess, probs_to_labels
 from losses import segmentation_loss
-from precision import AMP_CHOICES, CHANNELS_LAST_CHOICES, choose_precision
+from precision import choose_precision
 from recipe import CPU_BATCH, GPU_BATCH, MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, WARMUP_SHARE, Deadline, Plan, \
     default_batch_and_crop, default_elastic, duration_text, fingerprint, parse_duration, plan_budget, plan_epochs
 from model import ModelConfig, build_model, count_parameters, input_normalization, parameter_groups, \
@@ -83,12 +83,7 @@ def parse_args(argv=None):
     o.add_argument("--metric", default="miou", choices=["miou", "dice"],
                    help="validation score that picks best.pth (dice: foreground Dice for two classes)")
     s = p.add_argument_group("speed")
-    s.add_argument("--amp", nargs="?", const="auto", default="auto", choices=AMP_CHOICES,
-                   help="mixed precision; auto: bf16 on CPUs and GPUs that have it natively, fp16 with loss "
-                        "scaling on other GPUs, fp32 on other CPUs")
-    s.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
-                   help="NHWC memory format; auto: on CPUs with native bf16, and on GPUs with tensor cores under "
-                        "mixed precision")
+    add_precision_args(s)
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
     r = p.add_argument_group("run")
