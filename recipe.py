@@ -185,13 +185,19 @@ def plan_budget(budget, seconds_left, step_seconds, validation_seconds, train_im
 
 class Deadline:
     """The end of a budget, on this process's monotonic clock: `started` is when the process started, `spent`
-    what earlier sessions of the run used."""
+    what earlier sessions of the run used. Plans leave out the exit margin: 1% of the budget + 1 s for closing
+    files and workers, and for misjudged times."""
 
     def __init__(self, budget, spent, started):
         self.budget, self.spent, self.started = budget, spent, started
+        self.margin = 0.01 * budget + 1.0
 
     def left(self):
         return self.budget - self.spent - (time.monotonic() - self.started)
+
+    def plannable(self):
+        """Seconds left for training, validating and saving: what is left, less the exit margin."""
+        return self.left() - self.margin
 
     def used(self):
         """Seconds of the budget used so far, this session's included: what a checkpoint records."""

@@ -320,12 +320,12 @@ def build_criterion(loss, class_weights, num_logits, ignore_index, device):
     return criterion
 
 
-def prepare_model(model, sync_bn, channels_last, device, world_size):
-    """The model on its device, in its memory format, with synchronised BatchNorm across processes if asked."""
+def prepare_model(model, sync_bn, precision, device, world_size):
+    """The model on its device, in the precision's memory format, with synchronised BatchNorm across processes
+    if asked."""
     if sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return precision.prepare(model.to(device))
 
 
 def wrap_for_steps(model, compile_model, device, world_size, encoder_frozen=False):
@@ -596,7 +596,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     elif config.load:
         load_weights(model, config.load, checkpoint, num_logits)
     precision = choose_precision(device, config.amp, config.channels_last)
-    model = prepare_model(model, config.sync_bn, precision.channels_last, device, world_size)
+    model = prepare_model(model, config.sync_bn, precision, device, world_size)
     normalize, ignore_index = input_normalization(model_args), train_set.ignore_index
     meta = {"model_args": model_args, "classes": classes, "mask_values": list(train_set.mask_values),
             "ignore_index": ignore_index, "normalize": normalize}
@@ -623,14 +623,12 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     if config.resume:
         run, resume_rng = restore_training(checkpoint, optimizer, scheduler, scaler, rank, world_size)
     deadline = Deadline(plan.budget, plan.spent, started) if plan.budget else None
-    margin = exit_margin(plan.budget) if plan.budget else 0.0
     if config.resume:
         check_unfinished(config.resume, plan, deadline, scheduler.last_epoch, run)
     if deadline:
         progress = run["epoch_progress"]
         left_in_epoch = (progress["batches"] - progress["batch"]) // config.accumulate if progress else 0
-        plan.replan(scheduler.last_epoch, deadline.left() - margin, left_in_epoch)
-        plan.total_steps, plan.steps_per_epoch = all_gather_objects((plan.total_steps, plan.steps_per_epoch))[0]
+        replan(plan, scheduler.last_epoch, deadline, left_in_epoch)
 
     run_dir = new_folder = log = None
     if main_process:
@@ -659,7 +657,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
 
     def out_of_time():
         """No room left in the budget for another step and the epoch's validation and saves."""
-        return deadline is not None and deadline.left() - margin < plan.step_seconds + plan.epoch_end_seconds
+        return deadline is not None and deadline.plannable() < plan.step_seconds + plan.epoch_end_seconds
 
     encoder_frozen = None
     epoch_ends = []  # seconds each validation and its saves took in this session
@@ -725,10 +723,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
             epoch_ends.append(time.perf_counter() - start - trained)
             plan.epoch_end_seconds = max(epoch_ends)
             if deadline and ended != "time":
-                plan.replan(scheduler.last_epoch, deadline.left() - margin)
-                # Rank 0's clock rules: every process must run the same steps.
-                plan.total_steps, plan.steps_per_epoch = all_gather_objects((plan.total_steps,
-                                                                             plan.steps_per_epoch))[0]
+                replan(plan, scheduler.last_epoch, deadline)
             if any_process(stop.requested, device):
                 if main_process:
                     print(f"stopped after epoch {epoch}: continue with --resume {last_good}")
@@ -785,13 +780,14 @@ def plan_run(config, checkpoint, fp, batch_size, augment, world_size, started, t
     if config.time is None:
         return plan_epochs(config.epochs or DEFAULT_EPOCHS, *recipe, world_size * config.accumulate, **settings)
     step = time_step()
-    seconds_left = config.time - (time.monotonic() - started) - exit_margin(config.time)
+    seconds_left = Deadline(config.time, 0.0, started).plannable()
     return plan_budget(config.time, seconds_left, step, validation_seconds(step), *recipe, **settings)
 
 
-def exit_margin(budget):
-    """Seconds a budgeted run keeps for its exit (closing files and workers) and misjudged times."""
-    return 0.01 * budget + 1.0
+def replan(plan, done_steps, deadline, left_in_epoch=0):
+    """Plan.replan on rank 0's clock: every process must run the same steps, so all take rank 0's plan."""
+    plan.replan(done_steps, deadline.plannable(), left_in_epoch)
+    plan.total_steps, plan.steps_per_epoch = all_gather_objects((plan.total_steps, plan.steps_per_epoch))[0]
 
 
 def time_training_step(runner, model, batch_size, crop_size, fp, num_logits, accumulate, device, repeats=2):

@@ -130,7 +130,7 @@ def test_deadline_counts_earlier_sessions(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr("recipe.time.monotonic", lambda: clock[0])
     deadline = Deadline(budget=600, spent=200, started=990.0)
-    assert deadline.left() == 390 and deadline.used() == 210
+    assert deadline.left() == 390 and deadline.used() == 210 and deadline.plannable() == 390 - 7
     clock[0] += 100
     assert deadline.left() == 290 and deadline.used() == 310
 
