@@ -122,7 +122,7 @@ class SegmentationFiles(torch.utils.data.Dataset):
             raise size_mismatch(image_path, size, mask_path, mask.size)
         outside = None
         if self.zoom_crop is not None:
-            image, mask, outside = random_zoom_crop(image, mask, *self.zoom_crop, mask_fill=self.mask_values[0])
+            image, mask, outside = random_zoom_crop(image, mask, *self.zoom_crop)
         elif mask.size != image.size:
             mask = mask.resize(image.size, Image.NEAREST)  # masks are only ever resampled by nearest neighbour
         image, mask = to_tensor(image), torch.from_numpy(self.to_classes(np.array(mask), mask_path))
