@@ -20,7 +20,7 @@ from metrics import IGNORE_INDEX
 from pairs import check_values, existing, found_mask_values, held_out, list_files, pair_by_stem, read_ids, \
     scan_pairs, size_mismatch, unknown_values
 from synthetic import Shapes
-from transforms import fit_canvas, random_zoom_crop, train_transform
+from transforms import fit_canvas, random_zoom_crop, resample_mask, train_transform
 
 DATASETS = ["auto", "shapes", "voc", "sbd", "sbd-voc", "trainaug", "carvana", "folder"]
 
@@ -123,8 +123,8 @@ class SegmentationFiles(torch.utils.data.Dataset):
         outside = None
         if self.zoom_crop is not None:
             image, mask, outside = random_zoom_crop(image, mask, *self.zoom_crop)
-        elif mask.size != image.size:
-            mask = mask.resize(image.size, Image.NEAREST)  # masks are only ever resampled by nearest neighbour
+        elif mask.size != image.size:  # a --scale without a crop
+            mask = resample_mask(mask, (0, 0, *mask.size), lambda layer, x, y: layer.resize(image.size, Image.BILINEAR))
         image, mask = to_tensor(image), torch.from_numpy(self.to_classes(np.array(mask), mask_path))
         if outside is not None:
             mask[torch.from_numpy(outside)] = IGNORE_INDEX  # rotated in from beyond the image: no class

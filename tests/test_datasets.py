@@ -24,6 +24,7 @@ from conftest import ROOT
 from datasets import DataConfig, resolve_data
 from errors import DatasetError
 from flags import add_augment_args, add_dataset_args, config_from
+from test_transforms import agreement, thin_lines
 from transforms import AugmentConfig, random_zoom_crop
 
 
@@ -203,7 +204,7 @@ def test_augmentation_moves_mask_with_image(tmp_path):
     for _ in range(20):
         image, mask = dataset[0]
         assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
-        assert set(mask.unique().tolist()) <= {0, 1, 255}  # nearest only: no interpolated labels
+        assert set(mask.unique().tolist()) <= {0, 1, 255}  # class ids only: no interpolated labels
         red = image[0].float()
         assert (red[mask == 255] < 135).all()  # padding and rotated-in corners are black and ignored
         labelled = (mask != 255) & (mask.flip(1) != 255)
@@ -211,6 +212,17 @@ def test_augmentation_moves_mask_with_image(tmp_path):
         mirrored.append(torch.where(mask.flip(1) == 1, red > 135, red < 135)[labelled])
     assert torch.cat(aligned).float().mean() > 0.97  # only resampled edge pixels may disagree
     assert torch.cat(mirrored).float().mean() < 0.85  # while a mask out of step with its image is caught
+
+
+def test_scaled_masks_follow_their_scaled_images(tmp_path):
+    """--scale without a crop: the mask is resampled as the image is, thin lines' edges included."""
+    image, mask = thin_lines(160, 200)
+    save_pair(tmp_path, "lines", np.stack([image] * 3, axis=2), mask * 255)
+    args = data_args("--data", tmp_path, "--dataset", "folder", "--val-percent", "0", "--scale", "0.5",
+                     "--crop-size", "0", "--no-augment")
+    image, mask = build_dataset(args, "train")[0]
+    assert mask.shape == (80, 100) and set(mask.unique().tolist()) == {0, 1}
+    assert agreement(image[0].numpy().astype(int), mask.numpy(), ...) >= 0.995
 
 
 # --- bad data -----------------------------------------------------------------------------------------------
