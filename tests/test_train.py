@@ -403,13 +403,15 @@ BUDGET_RUN = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", 
               "--base-channels", "4", "--depth", "2", "--workers", "0", "--sample-every", "0", "--time", "8s"]
 
 
-def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, monkeypatch, capsys):
+def budgeted_run_stopped_and_resumed(folder, monkeypatch, capsys):
+    """An 8 s run stopped by Ctrl-C in step 30, then resumed: (seconds the resumed run took, seconds its budget
+    had left, its last checkpoint)."""
     started = time.monotonic()
     interrupt_after(monkeypatch, train.StepRunner, "update", 30)
     with pytest.raises(SystemExit):
-        train.main(BUDGET_RUN + ["--checkpoint-dir", str(tmp_path)], started=started)
+        train.main(BUDGET_RUN + ["--checkpoint-dir", str(folder)], started=started)
     monkeypatch.undo()
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = folder.iterdir()
     stopped = load_checkpoint(run_dir / "last.pth")
     plan = stopped["plan"]
     assert plan["budget"] == 8 and 0 < plan["spent"] < 8 and stopped["step"] == 31  # SIGINT in step 30: 31 saved
@@ -421,12 +423,23 @@ def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, monk
     seconds = time.monotonic() - resumed_at
     final = load_checkpoint(run_dir / "last.pth")
     assert final["plan"]["budget"] == 8 and final["step"] == final["plan"]["total_steps"] > 31
-    assert seconds <= (8 - plan["spent"]) * 1.05 + 0.5 and final["plan"]["spent"] <= 8 * 1.05
     assert (run_dir / "best.pth").is_file()
     out = capsys.readouterr().out
     assert "resuming after step 31" in out and "of the 8s budget" in out
     with pytest.raises(SystemExit, match="has used its 8s budget; to train it longer pass --time with more than"):
         train.main(["--resume", str(run_dir / "last.pth")])
+    return seconds, 8 - plan["spent"], final
+
+
+def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, monkeypatch, capsys):
+    """A second try only when the first overran: on a shared 2-core machine, the machine itself sometimes stalls
+    a process for seconds, which no plan can foresee in an 8 s budget; a run that overruns its plan does so on
+    every try."""
+    for attempt in range(2):
+        seconds, left, final = budgeted_run_stopped_and_resumed(tmp_path / str(attempt), monkeypatch, capsys)
+        if seconds <= left * 1.05 + 0.5 and final["plan"]["spent"] <= 8 * 1.05:
+            return
+    pytest.fail(f"the resumed run took {seconds:.1f} s of the {left:.1f} s left in its budget, twice")
 
 
 def test_budget_run_from_the_command_line_ends_in_time(tmp_path):
