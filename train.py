@@ -94,8 +94,9 @@ def parse_args(argv=None):
     r.add_argument("--load", default=None, metavar="PATH", help="start from these weights (fine-tuning)")
     r.add_argument("--sample-every", type=int, default=5, help="save a sample grid every N epochs (0: never)")
     r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
-    r.add_argument("--workers", type=int, default=default_workers(),
-                   help="data-loader worker processes")
+    r.add_argument("--workers", type=int, default=None,
+                   help="data-loader worker processes (default: usable CPU cores - 1, at most 4; 0 when the model "
+                        "runs on 2 CPU cores or fewer)")
     r.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     args = p.parse_args(argv)
     if args.resume and args.load:
@@ -171,7 +172,7 @@ class TrainConfig:
     load: str | None = None
     sample_every: int = 5
     device: str = "auto"
-    workers: int = 0
+    workers: int | None = None  # None: utils.default_workers for the device
     seed: int = 0
 
     def check(self):
@@ -186,7 +187,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         check_at_least(0, weight_decay=self.weight_decay, momentum=self.momentum,
-                       warmup_epochs=self.warmup_epochs or 0, clip_grad=self.clip_grad, workers=self.workers,
+                       warmup_epochs=self.warmup_epochs or 0, clip_grad=self.clip_grad, workers=self.workers or 0,
                        sample_every=self.sample_every)
         if self.class_weights and min(self.class_weights) < 0:
             raise ConfigError(f"--class-weights cannot be negative, got {self.class_weights}")
@@ -558,6 +559,8 @@ def main(argv=None, started=STARTED):
     config, data, augment, model_config, flags = parse_args(argv)
     try:
         device, rank, world_size = init_distributed(pick_device(config.device))
+        if config.workers is None:
+            config = dataclasses.replace(config, workers=default_workers(device.type))
         try:
             return train(config, data, augment, model_config, flags, device, rank, world_size, started)
         finally:

@@ -19,6 +19,7 @@ import drawing
 import eval as eval_py
 import recipe
 import train
+import utils
 from conftest import ROOT
 from synthetic import Shapes
 from checkpoints import load_model
@@ -477,6 +478,24 @@ def test_validation_scores_what_eval_py_scores(tmp_path):
     scored = json.loads(scores.read_text())
     assert trained["pixel_acc"] == scored["pixel_acc"]
     assert trained["iou"] == pytest.approx(scored["iou"], rel=1e-12)
+
+
+@pytest.mark.parametrize("cores, device, workers", [(1, "cpu", 0), (2, "cpu", 0), (4, "cpu", 3), (1, "cuda", 0),
+                                                   (2, "cuda", 1), (16, "cuda", 4)])
+def test_worker_default_follows_the_cores_and_the_device(monkeypatch, cores, device, workers):
+    """On two CPU cores the model's threads fill both: loading in the main process is faster than a worker."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert utils.default_workers(device) == workers
+
+
+def test_training_without_workers_flag_picks_them_for_its_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    loaders, make_loader = [], train.make_loader
+    monkeypatch.setattr(train, "make_loader", lambda *args: loaders.append(args[3].workers) or make_loader(*args))
+    train.main(["--dataset", "shapes", "--image-size", "32", "--num-train", "8", "--num-val", "2", "--epochs", "1",
+                "--steps-per-epoch", "1", "--base-channels", "4", "--depth", "2", "--sample-every", "0",
+                "--device", "cpu", "--checkpoint-dir", str(tmp_path)])
+    assert loaders == [0, 0]  # validation and training
 
 
 def test_the_default_precision_is_chosen_for_the_machine_and_printed(tmp_path, monkeypatch, capsys):
