@@ -83,9 +83,7 @@ def random_zoom_crop(image, mask, size, zoom, rotate=0.0):
     image = rotated_window(image, (a, b, c, d, e, f), (out_w, out_h))
     mask_affine = (a * fx, b * fx, c * fx, d * fy, e * fy, f * fy)
     mask = resample_mask(mask, pixel_region(window_bounds(mask_affine, (out_w, out_h)), (margin, margin), mask.size),
-                         lambda layer, x, y: rotated_window(layer, (*mask_affine[:2], mask_affine[2] - x,
-                                                                    *mask_affine[3:5], mask_affine[5] - y),
-                                                            (out_w, out_h)))
+                         lambda layer, x, y: rotated_window(layer, moved(mask_affine, x, y), (out_w, out_h)))
     x0, y0, x1, y1 = window_bounds((a, b, c, d, e, f), (out_w, out_h))
     if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
         return image, mask, None  # the rotated window lies inside the image
@@ -108,6 +106,12 @@ def resample_mask(mask, region, resample):
     layers = [np.asarray(resample(Image.fromarray((values == value).astype(np.uint8) * 255), *region[:2]))
               for value in present]
     return Image.fromarray(present[np.argmax(layers, axis=0)])
+
+
+def moved(affine, x, y):
+    """`affine` (output point -> image point) for the part of the image whose corner lies at (x, y)."""
+    a, b, c, d, e, f = affine
+    return a, b, c - x, d, e, f - y
 
 
 def pixel_region(bounds, margin, size):
