@@ -30,7 +30,8 @@ def default_workers(device_type="cuda"):
     """Data-loader processes: the CPU cores this process may use (containers and taskset count) minus the main
     process, at most 4, and 0 on a single core. Works with the spawn start method of Windows and macOS.
     A model computed on two CPU cores or fewer gets 0: its threads already fill the cores, and on 2 cores a worker
-    slowed the classic U-Net's training steps by 9%, more than loading in the main process costs (~5%)."""
+    never made training faster (benchmarks/bench_workers.py: the demo's steps 3-17% slower, the classic U-Net's
+    about the same)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if device_type == "cpu" and cores <= 2 else min(4, max(0, cores - 1))
 
