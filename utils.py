@@ -26,12 +26,12 @@ def pick_device(name):
     return device
 
 
-def default_workers(device_type="cuda"):
+def default_workers(device_type=None):
     """Data-loader processes: the CPU cores this process may use (containers and taskset count) minus the main
     process, at most 4, and 0 on a single core. Works with the spawn start method of Windows and macOS.
-    A model computed on two CPU cores or fewer gets 0: its threads already fill the cores, and on 2 cores a worker
-    never made training faster (benchmarks/bench_workers.py: the demo's steps 3-17% slower, the classic U-Net's
-    about the same)."""
+    `device_type` is where the model runs, when known ("cpu", "cuda"): a model computed on two CPU cores or fewer
+    gets 0, as its threads already fill the cores; on 2 cores a worker never made training faster
+    (benchmarks/bench_workers.py: the demo's steps 3-17% slower, the classic U-Net's about the same)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if device_type == "cpu" and cores <= 2 else min(4, max(0, cores - 1))
 
