@@ -498,6 +498,13 @@ def test_training_without_workers_flag_picks_them_for_its_device(tmp_path, monke
     assert loaders == [0, 0]  # validation and training
 
 
+@pytest.mark.parametrize("batch_size, warned", [(1, True), (2, False)])
+def test_a_batch_of_one_image_gets_a_batchnorm_note(batch_size, warned, tmp_path, capsys):
+    train.main(TINY + ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", str(batch_size),
+                       "--checkpoint-dir", str(tmp_path)])
+    assert ("note: with --batch-size 1 BatchNorm" in capsys.readouterr().err) == warned
+
+
 def test_the_default_precision_is_chosen_for_the_machine_and_printed(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
