@@ -87,7 +87,7 @@ def isbi(args, work):
                                        str(folders["train", "label"]), "--time", args.isbi_time, *args.flags],
                                       folders["test", "image"], folders["test", "label"], work)
     membrane = scores["mask_values"].index(0)  # ISBI masks: 0 membrane, 255 cell
-    # The annotators drew membranes of varied width along the stack: a fold's share tells how thick its are.
+    # The annotators drew membranes of varied width along the stack: a fold's share tells how thick its membranes are.
     share = {name: membrane_share([source / "label" / f"{n}.png" for n in numbers]) for name, numbers in split.items()}
     print(f"isbi: --time {args.isbi_time}: trained in {seconds:.0f} s; slices {held_out[0]}-{held_out[-1]}: "
           f"membrane Dice {scores['dice'][membrane]:.3f} (target 0.85), mIoU {scores['miou']:.3f}; membrane share "
