@@ -59,7 +59,8 @@ def image_sizes(dataset, limit=SIZE_SAMPLE):
     """(height, width) at the dataset's scale of up to `limit` images spread over it, from their headers alone."""
     if hasattr(dataset, "image_size"):  # synthetic shapes
         return [(dataset.image_size, dataset.image_size)]
-    picks = sorted({round(i * (len(dataset) - 1) / max(1, limit - 1)) for i in range(min(limit, len(dataset)))})
+    count = min(limit, len(dataset))
+    picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
     sizes = []
     for i in picks:
         with Image.open(dataset.pairs[i][0]) as image:

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from recipe import (MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, Deadline, Fingerprint, Plan, default_batch_and_crop,
-                    default_elastic, duration_text, parse_duration, plan_budget, plan_epochs)
+                    default_elastic, duration_text, image_sizes, parse_duration, plan_budget, plan_epochs)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400),
@@ -34,6 +34,22 @@ def test_duration_text():
 ])
 def test_batch_and_crop_follow_the_images_and_the_device(size, device, expected):
     assert default_batch_and_crop(Fingerprint(100, size, 0), device) == expected
+
+
+def test_image_sizes_sample_the_whole_of_a_small_dataset(tmp_path):
+    """Fewer images than the sample's limit: every one is read, the last included (not just the first part)."""
+    from PIL import Image
+
+    class Files:
+        scale = 1.0
+        pairs = []
+    for i in range(10):
+        path = tmp_path / f"{i}.png"
+        Image.new("L", (10 + i, 20 + i)).save(path)
+        Files.pairs.append((path, None))
+    Files.__len__ = lambda self: len(self.pairs)
+    assert image_sizes(Files(), limit=64) == [(20 + i, 10 + i) for i in range(10)]
+    assert image_sizes(Files(), limit=3) == [(20, 10), (24, 14), (29, 19)]
 
 
 def test_fixed_size_images_are_not_cropped():
