@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from errors import ConfigError, DatasetError, check_at_least
-from images import open_image, open_mask, scaled_size, to_tensor
+from class_tables import check_class_names, read_class_names, read_colour_table
+from errors import ColourMaskError, ConfigError, DatasetError, check_at_least
+from images import header_size, open_image, open_mask, packed_colour, scaled_size, to_tensor, unpacked_colour
 from metrics import IGNORE_INDEX
 from pairs import check_values, existing, found_mask_values, held_out, list_files, pair_by_stem, read_ids, \
-    scan_pairs, size_mismatch, unknown_values
+    scan_pairs, size_mismatch, unknown_colours, unknown_values
 from synthetic import Shapes
 from transforms import fit_canvas, random_zoom_crop, resample_mask, train_transform
 
@@ -36,8 +37,13 @@ class DataConfig:
     masks: str | None = None
     # how mask values become classes
     mask_suffix: str | None = None
-    mask_values: list | None = None
+    mask_values: list | None = None  # ints, or [R, G, B] colours for colour-coded masks
     ignore_index: int | None = None
+    mask_colors: str | None = None  # the colour table file (--mask-colors), read into mask_values and void_color
+    void_color: list | None = None  # [R, G, B] of void pixels in colour-coded masks
+    class_names: str | None = None  # the class names file (--class-names), read into names
+    names: list | None = None  # class names in class order (None: the dataset's own)
+    roi: str | None = None  # folder of region-of-interest masks: pixels outside are void
     # splits, checks and size
     val_percent: float = 10.0
     verify: bool = False
@@ -62,7 +68,18 @@ class DataConfig:
             raise ConfigError(f"--ignore-index must be a mask value in [0, 65535], got {self.ignore_index}")
         if bool(self.images) != bool(self.masks) and self.dataset in ("auto", "folder"):
             raise ConfigError("--images and --masks go together: name both folders")
+        if (self.roi or self.mask_colors) and self.dataset not in ("auto", "folder"):
+            raise ConfigError(f"--roi and --mask-colors apply to folder data (--images and --masks), not --dataset "
+                              f"{self.dataset}")
+        if (self.mask_colors or colour_coded(self.mask_values)) and self.ignore_index is not None:
+            raise ConfigError("--ignore-index names a void value, but these masks are colour-coded: name the void "
+                              "colour in the --mask-colors table instead (a line 'R G B void', as '0 0 0 Void')")
         return self
+
+
+def colour_coded(mask_values):
+    """Whether mask values are [R, G, B] colours (colour-coded masks) rather than ints."""
+    return bool(mask_values) and isinstance(mask_values[0], (list, tuple))
 
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -76,12 +93,14 @@ class SegmentationFiles(torch.utils.data.Dataset):
     """(image, mask) file pairs read as they are on disk, resized by `scale` on load, then `transform`ed
     (torchvision v2, with the mask as a tv_tensors.Mask). `canvas` (height, width) pads or crops every item to
     one size so that images of different sizes can share a batch; padded mask pixels are ignored.
-    `with_names` adds the image's file stem to each item: (image, mask, stem)."""
+    `with_names` adds the image's file stem to each item: (image, mask, stem). Mask values that are [R, G, B]
+    colours (and such a `void_value`) read the masks as colour-coded. `rois` ({image path: region-of-interest
+    mask path}, or None) makes the pixels outside each image's region void."""
 
     ignore_index = IGNORE_INDEX
 
     def __init__(self, pairs, classes, mask_values, void_value=None, scale=1.0, transform=None, canvas=None,
-                 skip_bad=False, zoom_crop=None, with_names=False):
+                 skip_bad=False, zoom_crop=None, with_names=False, rois=None):
         if len(mask_values) >= IGNORE_INDEX:
             raise DatasetError(f"the masks hold {len(mask_values)} distinct values; masks must hold class ids "
                                f"(at most {IGNORE_INDEX - 1} classes)")
@@ -89,10 +108,16 @@ class SegmentationFiles(torch.utils.data.Dataset):
         self.void_value, self.scale, self.transform, self.canvas = void_value, scale, transform, canvas
         # (crop side, (min zoom, max zoom), largest rotation) for training, cut before anything else
         self.zoom_crop = zoom_crop
-        self.table = np.full(65536, -1, dtype=np.int16)  # mask value -> class index; -1: no class has it
-        self.table[np.asarray(self.mask_values, dtype=np.int64)] = np.arange(len(self.mask_values))
-        if void_value is not None:
-            self.table[void_value] = IGNORE_INDEX
+        self.colours, self.rois = colour_coded(self.mask_values), rois
+        values, void_value = packed_values(self.mask_values, void_value)
+        # mask value -> class index, as sorted values and their classes: a look-up for any value, colours too
+        self.keys = np.asarray(values + ([void_value] if void_value is not None else []), dtype=np.int64)
+        self.codes = np.asarray(list(range(len(values))) + [IGNORE_INDEX] * (void_value is not None), np.int16)
+        order = np.argsort(self.keys, kind="stable")  # void after a class of the same value: it wins
+        self.keys, self.codes = self.keys[order], self.codes[order]
+        self.table = np.full(65536, -1, dtype=np.int16)  # the same for 8- and 16-bit masks: a direct index
+        if not self.colours:
+            self.table[self.keys] = self.codes
         self.values_are_classes = self.mask_values == list(range(len(self.mask_values)))
         self.skip_bad, self.skipped, self.with_names = skip_bad, set(), with_names
 
@@ -117,15 +142,19 @@ class SegmentationFiles(torch.utils.data.Dataset):
     def load(self, index):
         image_path, mask_path = self.pairs[index]
         image, size = open_image(image_path, self.scale)
-        mask = open_mask(mask_path)
+        mask = open_mask(mask_path, self.colours)
         if mask.size != size:
             raise size_mismatch(image_path, size, mask_path, mask.size)
+        early = self.colours or self.rois is not None  # class indices before the crop, which resamples them
+        if early:
+            mask = Image.fromarray(self.classes_in_region(np.array(mask), mask_path, image_path, size))
         outside = None
         if self.zoom_crop is not None:
             image, mask, outside = random_zoom_crop(image, mask, *self.zoom_crop)
         elif mask.size != image.size:  # a --scale without a crop
             mask = resample_mask(mask, (0, 0, *mask.size), lambda layer, x, y: layer.resize(image.size, Image.BILINEAR))
-        image, mask = to_tensor(image), torch.from_numpy(self.to_classes(np.array(mask), mask_path))
+        classes = np.array(mask) if early else self.to_classes(np.array(mask), mask_path)
+        image, mask = to_tensor(image), torch.from_numpy(classes)
         if outside is not None:
             mask[torch.from_numpy(outside)] = IGNORE_INDEX  # rotated in from beyond the image: no class
         if self.canvas is not None:
@@ -136,14 +165,44 @@ class SegmentationFiles(torch.utils.data.Dataset):
         return (*item, image_path.stem) if self.with_names else item
 
     def to_classes(self, values, mask_path):
-        """Raw mask values -> uint8 class indices (255 = ignore)."""
+        """Raw mask values (or packed colours) -> uint8 class indices (255 = ignore)."""
         if self.values_are_classes and values.dtype == np.uint8 and values.max() < len(self.mask_values):
             return values  # already class indices (VOC, SBD, Carvana): no table look-up over every pixel
-        classes = self.table[values if values.dtype in (np.uint8, np.uint16) else values.clip(0, 65535)]
+        if self.colours:
+            at = np.searchsorted(self.keys, values).clip(max=len(self.keys) - 1)
+            classes = np.where(self.keys[at] == values, self.codes[at], -1)
+        else:
+            classes = self.table[values if values.dtype in (np.uint8, np.uint16) else values.clip(0, 65535)]
         if classes.min() < 0:
-            bad = np.unique(values[classes < 0]).tolist()
-            raise unknown_values(mask_path, bad, self.mask_values, self.void_value)
+            bad, counts = np.unique(values[classes < 0], return_counts=True)
+            if self.colours:
+                raise unknown_colours(mask_path, dict(zip(bad.tolist(), counts.tolist())))
+            raise unknown_values(mask_path, bad.tolist(), self.mask_values, self.void_value)
         return classes.astype(np.uint8)
+
+    def classes_in_region(self, values, mask_path, image_path, size):
+        """Class indices of a mask's raw values, void outside the image's region of interest when there is one."""
+        classes = np.array(self.to_classes(values, mask_path))
+        if self.rois is not None:
+            roi_path = self.rois[image_path]
+            roi = open_mask(roi_path)
+            if roi.size != size:
+                raise roi_size_mismatch(image_path, size, roi_path, roi.size)
+            classes[np.asarray(roi) == 0] = IGNORE_INDEX
+        return classes
+
+
+def packed_values(mask_values, void_value):
+    """(mask values, void value) as ints: colours packed as images.pack_colours does, other values as they are."""
+    if not colour_coded(mask_values):
+        return list(mask_values), void_value
+    return [packed_colour(c) for c in mask_values], None if void_value is None else packed_colour(void_value)
+
+
+def roi_size_mismatch(image_path, image_size, roi_path, roi_size):
+    return DatasetError(f"ROI mask '{roi_path}' is {roi_size[0]}x{roi_size[1]} but its image '{image_path}' is "
+                        f"{image_size[0]}x{image_size[1]}; region-of-interest masks (--roi) must have their "
+                        f"image's size")
 
 
 
@@ -304,6 +363,8 @@ READERS = {"voc": read_voc, "sbd": read_sbd, "sbd-voc": read_sbd_voc, "trainaug"
 def class_names(mask_values):
     if len(mask_values) == 2:
         return ["background", "foreground"]
+    if colour_coded(mask_values):
+        return ["colour {} {} {}".format(*colour) for colour in mask_values]
     return [f"value {v}" for v in mask_values]
 
 
@@ -317,10 +378,38 @@ def resolve_data(config):
     resolved = dataclasses.replace(config, download=False)
     if resolved.dataset == "auto":
         resolved.dataset = detect(resolved)
+        resolved.check()  # --roi and --mask-colors need folder data
+    resolved = with_tables(resolved)
     if resolved.dataset == "folder" and resolved.mask_values is None:
-        found = scan_pairs(folder_pairs(resolved), resolved.skip_bad)
-        resolved.mask_values = found_mask_values(found, resolved.ignore_index)
+        resolved.mask_values = found_values(resolved)
+    if resolved.class_names:
+        if resolved.dataset == "shapes":
+            raise ConfigError("--class-names names the classes of your data; the synthetic shapes have their own")
+        resolved.names = read_class_names(resolved.class_names)
     return resolved
+
+
+def with_tables(config):
+    """The config with the colour table of --mask-colors read into mask_values, void_color and names."""
+    if not config.mask_colors:
+        return config
+    table = read_colour_table(config.mask_colors)
+    if config.mask_values is not None and config.mask_values != table.colours:
+        raise ConfigError("--mask-values and --mask-colors both name the classes' mask values; give only one")
+    return dataclasses.replace(config, mask_values=table.colours, void_color=table.void, names=table.names)
+
+
+def found_values(config):
+    """The mask values found in folder data's masks: values, or [R, G, B] colours when the masks hold colours."""
+    pairs = folder_pairs(config)
+    try:
+        return found_mask_values(scan_pairs(pairs, config.skip_bad), config.ignore_index)
+    except ColourMaskError:
+        if config.ignore_index is not None:
+            raise ConfigError("the masks are colour-coded, so --ignore-index (a mask value) cannot name their "
+                              "void colour: give a colour table with --mask-colors (a line 'R G B void')") from None
+        found = scan_pairs(pairs, config.skip_bad, colours=True)
+        return [unpacked_colour(value) for value in found_mask_values(found, colours=True)]
 
 
 def dataset_splits(name):
@@ -337,30 +426,12 @@ def build_dataset(config, split, augment=None, full_resolution=False):
         length = config.num_train if split == "train" else config.num_val
         return Shapes(length, config.image_size, config.data_seed, split, with_names=full_resolution)
     name, scale = config.dataset, load_scale(config.dataset, config.scale)
-    if name in ("sbd-voc", "trainaug", "carvana", "folder") and split not in dataset_splits(name):
-        splits = ", ".join(map(repr, dataset_splits(name)))
-        raise DatasetError(f"--dataset {name} has the splits {splits}, not '{split}'")
-    if name == "folder":
-        pairs = folder_pairs(config)
-        classes, mask_values, void = class_names(config.mask_values), config.mask_values, config.ignore_index
-        found = scan_pairs(pairs, config.skip_bad)
-    else:
-        pairs = READERS[name](config, split)
-        classes, mask_values = (["background", "car"], [0, 1]) if name == "carvana" else (VOC_CLASSES, range(21))
-        void = void_value(name, config.ignore_index)
-        found = scan_pairs(pairs, config.skip_bad) if config.verify and pairs else [(p, None, {}) for p in pairs]
-    check_values(found, mask_values, void)
-    if name == "folder" and split != "all":
-        val_stems = held_out({pair[0].stem for pair, _, _ in found}, config.val_percent, config.data_seed)
-        found = [entry for entry in found if (entry[0][0].stem in val_stems) == (split != "train")]
-    if not found:
-        where = f"'{config.images}'" if name == "folder" and config.images else f"under '{config.data}'"
-        fix = "; give --val-percent above 0 to hold out validation images" if config.val_percent == 0 else ""
-        raise DatasetError(f"the {split} split of --dataset {name} {where} is empty "
-                           f"(--val-percent {config.val_percent:g}){fix}")
+    found, classes, mask_values, void = found_pairs(config, split)
+    rois = region_masks(config, found) if config.roi else None
     pairs = [pair for pair, _, _ in found]
     if full_resolution:
-        return SegmentationFiles(pairs, classes, mask_values, void, skip_bad=config.skip_bad, with_names=True)
+        return SegmentationFiles(pairs, classes, mask_values, void, skip_bad=config.skip_bad, with_names=True,
+                                 rois=rois)
     zoom_crop = augment.zoom_crop() if augment is not None else None
     largest = max((max(scaled_size(size, scale)) for _, size, _ in found if size), default=None)
     if zoom_crop and largest and zoom_crop[0] > largest:  # a crop beyond every image would be mostly padding
@@ -375,7 +446,50 @@ def build_dataset(config, split, augment=None, full_resolution=False):
     else:
         canvas = None if name == "carvana" else (round(VOC_MAX_SIDE * scale),) * 2
     transform = train_transform(augment) if augment is not None else None
-    return SegmentationFiles(pairs, classes, mask_values, void, scale, transform, canvas, config.skip_bad, zoom_crop)
+    return SegmentationFiles(pairs, classes, mask_values, void, scale, transform, canvas, config.skip_bad, zoom_crop,
+                             rois=rois)
+
+
+def found_pairs(config, split):
+    """(the scanned pairs of a split, class names, mask values, void value) of a resolved config that is not
+    shapes; every mask of folder data (and of others with --verify) is checked to hold known values only."""
+    name = config.dataset
+    if name in ("sbd-voc", "trainaug", "carvana", "folder") and split not in dataset_splits(name):
+        splits = ", ".join(map(repr, dataset_splits(name)))
+        raise DatasetError(f"--dataset {name} has the splits {splits}, not '{split}'")
+    if name == "folder":
+        colours = colour_coded(config.mask_values)
+        classes, mask_values = class_names(config.mask_values), config.mask_values
+        void = config.void_color if colours else config.ignore_index
+        found = scan_pairs(folder_pairs(config), config.skip_bad, colours)
+        check_values(found, *packed_values(mask_values, void), colours)
+    else:
+        pairs = READERS[name](config, split)
+        classes, mask_values = (["background", "car"], [0, 1]) if name == "carvana" else (VOC_CLASSES, range(21))
+        void = void_value(name, config.ignore_index)
+        found = scan_pairs(pairs, config.skip_bad) if config.verify and pairs else [(p, None, {}) for p in pairs]
+        check_values(found, mask_values, void)
+    check_class_names(config.names, len(classes), config.class_names)
+    if name == "folder" and split != "all":
+        val_stems = held_out({pair[0].stem for pair, _, _ in found}, config.val_percent, config.data_seed)
+        found = [entry for entry in found if (entry[0][0].stem in val_stems) == (split != "train")]
+    if not found:
+        where = f"'{config.images}'" if name == "folder" and config.images else f"under '{config.data}'"
+        fix = "; give --val-percent above 0 to hold out validation images" if config.val_percent == 0 else ""
+        raise DatasetError(f"the {split} split of --dataset {name} {where} is empty "
+                           f"(--val-percent {config.val_percent:g}){fix}")
+    return found, config.names or classes, mask_values, void
+
+
+def region_masks(config, found):
+    """{image path: its region-of-interest mask in --roi}, named as masks are, each of its image's size."""
+    images = Path(config.images) if config.images else need_root(config, "files") / "imgs"
+    rois = dict(pair_by_stem(images, Path(config.roi), kind="ROI mask"))
+    for (image_path, _), size, _ in found:
+        roi_size = header_size(rois[image_path])
+        if roi_size != size:
+            raise roi_size_mismatch(image_path, size, rois[image_path], roi_size)
+    return rois
 
 
 def download(data, dataset):

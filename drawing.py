@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from metrics import IGNORE_INDEX
@@ -52,9 +53,11 @@ def plot_confusion_matrix(matrix, classes, path):
 
 
 def label_image(labels, mask_values):
-    """Class map (HxW ints) -> PIL image in the mask format of the data: 0/255 greyscale for two classes,
-    a VOC-palette PNG of the mask values otherwise."""
+    """Class map (HxW ints) -> PIL image in the mask format of the data: each class's colour for colour-coded
+    masks (mask values [R, G, B]), 0/255 greyscale for two classes, a VOC-palette PNG of the mask values otherwise."""
     labels = np.asarray(labels)
+    if np.ndim(mask_values) == 2:
+        return Image.fromarray(np.asarray(mask_values, dtype=np.uint8)[labels])
     values = np.asarray(mask_values, dtype=np.uint8)  # uint8 lookup: no int64 copy of a huge label map
     if len(values) <= 2:
         return Image.fromarray((labels > 0).astype(np.uint8) * 255)
@@ -175,9 +178,19 @@ def colour_table(mask_values, void_colour):
 
 
 def class_colours(mask_values):
-    """RGB colour of each class: its mask value's VOC colour, or VOC class 1 (dark red) for the binary foreground."""
+    """RGB colour of each class: its own colour in colour-coded masks, else its mask value's VOC colour, or VOC
+    class 1 (dark red) for the binary foreground."""
+    if np.ndim(mask_values) == 2:
+        return np.asarray(mask_values, dtype=np.uint8)
     values = np.asarray(mask_values) if len(mask_values) > 2 else np.arange(2)
     return voc_palette()[values]
+
+
+def greyed(image, outside):
+    """The image (uint8 3xHxW tensor) with the pixels `outside` (HxW bool) turned to a faded grey: the pixels
+    outside a region of interest, which are not scored."""
+    grey = (image.float().mean(0) * 0.5 + 64).to(torch.uint8)
+    return torch.where(outside, grey, image)
 
 
 def overlay_image(image, labels, mask_values, alpha=0.5):

@@ -19,6 +19,10 @@ class ImageReadError(DatasetError):
     """A file that is missing or that PIL cannot decode."""
 
 
+class ColourMaskError(DatasetError):
+    """A mask whose pixels hold colours where class values were expected."""
+
+
 class CheckpointError(UserError):
     """A checkpoint file that is missing, unreadable, not one of ours, or does not fit its architecture."""
 

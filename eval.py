@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import find_checkpoint, load_model
-from datasets import DataConfig, build_dataset, trained_scale, void_value
-from drawing import label_image, overlay_image, plot_confusion_matrix, with_key
+from class_tables import check_class_names, read_class_names
+from datasets import DataConfig, build_dataset, trained_scale, void_value, with_tables
+from drawing import greyed, label_image, overlay_image, plot_confusion_matrix, with_key
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
@@ -68,7 +69,7 @@ def parse_args(argv=None):
         pick_device(args.device)
     except ConfigError as e:
         p.error(str(e))
-    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(DataConfig)}
+    given = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(DataConfig)}
     return config_from(EvalConfig, vars(args)), given, inference
 
 
@@ -126,12 +127,15 @@ def choose_data(given, split, checkpoint):
         # The masks hold the checkpoint's mask values; a value is void only when --ignore-index says so, or when
         # the training data defined one (VOC's 255 borders, or the run's --ignore-index).
         void = void_value(trained_with.get("dataset"), trained_with.get("ignore_index"))
-        defaults = DataConfig(dataset="folder", mask_values=list(checkpoint["mask_values"]), ignore_index=void)
+        defaults = DataConfig(dataset="folder", mask_values=list(checkpoint["mask_values"]), ignore_index=void,
+                              void_color=trained_with.get("void_color"))
         split = split or "all"
     else:
         defaults = config_from(DataConfig, trained_with)
         split = split or "val"
     data = DataConfig(**{key: getattr(defaults, key) if value is None else value for key, value in given.items()})
+    if given["mask_colors"]:  # this data's own colour table, in place of the checkpoint's colours
+        data = with_tables(dataclasses.replace(data, mask_values=None, void_color=None))
     return data.check(), split
 
 
@@ -207,6 +211,8 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
             probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
                                                    **options)
             labels = probs_to_labels(probs)
+            if masks[0] is not None and getattr(dataset, "rois", None):  # shown greyed outside their regions
+                images = [greyed(image, mask == IGNORE_INDEX) for image, mask in zip(images, masks)]
             if masks[0] is not None:
                 confusion.update(labels, stack_batch(masks))
                 if on_image:
@@ -267,6 +273,10 @@ def evaluate_checkpoint(config, given, inference):
     checkpoint_path = find_checkpoint(config.model)
     model, checkpoint = load_model(checkpoint_path, pick_device(config.device))
     classes = list(checkpoint["classes"])
+    if given["class_names"]:  # other names for the checkpoint's classes
+        classes = read_class_names(given["class_names"])
+        check_class_names(classes, len(checkpoint["classes"]), given["class_names"])
+        checkpoint = {**checkpoint, "classes": classes}  # in the overlays' keys too
     inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
     save_labels, overlays, confusion_png = config.save_labels, config.overlays, config.confusion
     report_dir = config.report

@@ -27,6 +27,16 @@ def add_dataset_args(parser):
                        help="mask value of each class, in class order (folder; default: the values found)")
     group.add_argument("--ignore-index", type=int, default=None,
                        help="mask value of void pixels, skipped by loss and metrics (VOC and SBD: 255)")
+    group.add_argument("--mask-colors", default=None, metavar="FILE",
+                       help="colour-coded masks: their classes, a line 'R G B name' each in class order (CamVid's "
+                            "format); a line named void gives the colour to ignore (default: masks with colours "
+                            "are read as colour-coded, the colours found becoming the classes)")
+    group.add_argument("--class-names", default=None, metavar="FILE",
+                       help="the name of each class, one a line in class order (saved in the checkpoint; shown in "
+                            "eval.py's table, report and JSON)")
+    group.add_argument("--roi", default=None, metavar="DIR",
+                       help="folder of region-of-interest masks named like the masks (non-zero inside): pixels "
+                            "outside are left out of the loss and the scores")
     group.add_argument("--val-percent", type=float, default=10.0,
                        help="validation share of carvana (whole cars) and folder data")
     group.add_argument("--verify", action="store_true",

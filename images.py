@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from errors import DatasetError, ImageReadError
+from errors import ColourMaskError, DatasetError, ImageReadError
 
 EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm")
@@ -83,9 +83,11 @@ def checked_image_size(path):
         return size
 
 
-def open_mask(path):
+def open_mask(path, colours=False):
     """Mask file -> PIL image of its raw values: palette indices, grey ids, 0/255, 16-bit ids, or SBD's
-    GTcls.Segmentation from a MATLAB .mat file."""
+    GTcls.Segmentation from a MATLAB .mat file. With `colours` (colour-coded masks) every pixel's RGB colour,
+    packed as one int 0xRRGGBB (pack_colours) in a mode "I" image. Without it, a mask whose pixels hold colours
+    raises ColourMaskError."""
     try:
         if path.suffix == ".mat":
             import scipy.io  # only SBD needs it
@@ -94,10 +96,15 @@ def open_mask(path):
             return Image.fromarray(np.ascontiguousarray(segmentation, dtype=np.uint8))
         with Image.open(path) as mask:
             mask = upright(mask)
+            if colours:
+                return Image.fromarray(pack_colours(np.asarray(mask.convert("RGB"))))
             if mask.mode in ("RGB", "RGBA", "LA"):
                 channels = np.asarray(mask)[..., :3 if mask.mode != "LA" else 1]
                 if (channels != channels[..., :1]).any():
-                    raise DatasetError(f"mask '{path}' holds colours; save class ids as a palette or grey PNG")
+                    raise ColourMaskError(f"mask '{path}' holds colours, but these masks are read as class values; "
+                                          f"score colour-coded masks with a model trained on them (or give their "
+                                          f"colours with --mask-colors FILE), or save class ids as a palette or "
+                                          f"grey PNG")
                 return Image.fromarray(np.ascontiguousarray(channels[..., 0]))
             mask.load()
             return mask.convert("L") if mask.mode == "1" else mask
@@ -110,9 +117,33 @@ def open_mask(path):
                              f"({type(e).__name__}: {e})") from None
 
 
-def mask_values_of(path):
-    """(width, height) of one mask file, and {value: pixel count} of the values it holds."""
-    mask = open_mask(path)
+def pack_colours(rgb):
+    """HxWx3 uint8 colours -> HxW int32 0xRRGGBB: one value per colour, so colours are counted and looked up as
+    mask values are."""
+    rgb = rgb.astype(np.int32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def packed_colour(colour):
+    """[R, G, B] -> 0xRRGGBB."""
+    red, green, blue = (int(c) for c in colour)
+    return (red << 16) | (green << 8) | blue
+
+
+def unpacked_colour(value):
+    """0xRRGGBB -> [R, G, B]."""
+    return [(value >> 16) & 255, (value >> 8) & 255, value & 255]
+
+
+def mask_values_of(path, colours=False):
+    """(width, height) of one mask file, and {value: pixel count} of the values (or packed colours) it holds."""
+    mask = open_mask(path, colours)
     values, counts = np.unique(np.asarray(mask), return_counts=True)
     return mask.size, dict(zip(values.tolist(), counts.tolist()))
 
+
+def header_size(path):
+    """(width, height) of the upright image, from the file's header alone (nothing decoded)."""
+    with decoding(path), Image.open(path) as image:
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        return image.size[::-1] if turned else image.size

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import DatasetError, ImageReadError
-from images import IMAGE_EXTENSIONS, checked_image_size, mask_values_of
+from images import IMAGE_EXTENSIONS, checked_image_size, mask_values_of, unpacked_colour
 
 
 def size_mismatch(image_path, image_size, mask_path, mask_size):
@@ -26,6 +26,16 @@ def unknown_values(mask_path, values, mask_values, void_value):
                "or name a void value with --ignore-index")
     return DatasetError(f"mask '{mask_path}' holds {len(values)} value(s) ({listing(map(str, values), 8)}) outside "
                         f"the known mask values {list(mask_values)}{void}; {fix}")
+
+
+def unknown_colours(mask_path, counts):
+    """The error for colours of a colour-coded mask that no class has: the file, each colour and its pixels."""
+    colours = [f"({', '.join(map(str, unpacked_colour(value)))}) on {count} pixel(s)"
+               for value, count in sorted(counts.items(), key=lambda item: -item[1])]
+    example = " ".join(map(str, unpacked_colour(max(counts, key=counts.get))))
+    return DatasetError(f"mask '{mask_path}' holds {len(counts)} colour(s) outside the class colours: "
+                        f"{listing(colours, 4)}; fix the mask, or add each colour to the colour table given with "
+                        f"--mask-colors (a line '{example} <class name>', or '{example} void' to ignore it)")
 
 
 def listing(names, limit=5, separator=", "):
@@ -52,20 +62,20 @@ def list_files(folder, kind):
     return files
 
 
-def pair_by_stem(images_dir, masks_dir, suffix=None):
+def pair_by_stem(images_dir, masks_dir, suffix=None, kind="mask"):
     """Image and mask files matched by name: `<stem>.<ext>` with `<stem><suffix>.<ext>`; the suffix, when not
-    given, is '' if any names match as they are, else '_mask'."""
-    images, masks = list_files(images_dir, "image"), list_files(masks_dir, "mask")
+    given, is '' if any names match as they are, else '_mask'. `kind` names the masks in errors."""
+    images, masks = list_files(images_dir, "image"), list_files(masks_dir, kind)
     if suffix is None:
         suffix = "" if images.keys() & masks.keys() else "_mask"
     masks = {stem[:-len(suffix)] if suffix and stem.endswith(suffix) else stem: path for stem, path in masks.items()}
     no_mask = sorted(images.keys() - masks.keys())
     if no_mask:
-        raise DatasetError(f"{len(no_mask)} image(s) in '{images_dir}' have no mask named '<image name>{suffix}.*' "
+        raise DatasetError(f"{len(no_mask)} image(s) in '{images_dir}' have no {kind} named '<image name>{suffix}.*' "
                            f"in '{masks_dir}': {listing(images[s].name for s in no_mask)}")
     no_image = sorted(masks.keys() - images.keys())
     if no_image:
-        raise DatasetError(f"{len(no_image)} mask(s) in '{masks_dir}' have no image in '{images_dir}': "
+        raise DatasetError(f"{len(no_image)} {kind}(s) in '{masks_dir}' have no image in '{images_dir}': "
                            f"{listing(masks[s].name for s in no_image)}")
     return [(images[stem], masks[stem]) for stem in sorted(images)]
 
@@ -103,8 +113,9 @@ def cache_folder():
     return Path(base) / "unet-segmentation" / "scans"
 
 
-def cache_file(mask_folder):
-    key = hashlib.sha1(str(mask_folder.resolve()).encode()).hexdigest()[:16]
+def cache_file(mask_folder, colours=False):
+    name = str(mask_folder.resolve()) + (" (colours)" if colours else "")  # masks read as colours: another scan
+    key = hashlib.sha1(name.encode()).hexdigest()[:16]
     return cache_folder() / f"{key}.json"
 
 
@@ -116,8 +127,9 @@ def file_stamp(path):
     return [stat.st_mtime_ns, stat.st_size]
 
 
-def scan_pairs(pairs, skip_bad=False):
-    """Check every pair once: both files decode, the image's size equals the mask's; and count each mask's values.
+def scan_pairs(pairs, skip_bad=False, colours=False):
+    """Check every pair once: both files decode, the image's size equals the mask's; and count each mask's values
+    (with `colours`, its colours packed as images.pack_colours does).
     Results are cached per mask folder (cache_folder), keyed by file size and modification time, so later starts
     cost two stat calls per pair. Returns [(pair, (width, height), {value: pixel count})] for the readable pairs."""
     caches, changed, found, skipped = {}, set(), [], []
@@ -125,7 +137,7 @@ def scan_pairs(pairs, skip_bad=False):
         folder = mask_path.parent
         if folder not in caches:
             try:
-                caches[folder] = json.loads(cache_file(folder).read_text())
+                caches[folder] = json.loads(cache_file(folder, colours).read_text())
             except (OSError, ValueError):
                 caches[folder] = {}
         try:
@@ -133,7 +145,7 @@ def scan_pairs(pairs, skip_bad=False):
             entry = caches[folder].get(mask_path.name)
             if entry is None or entry.get("stamp") != stamp or entry.get("image") != image_path.name:
                 size = checked_image_size(image_path)
-                mask_size, counts = mask_values_of(mask_path)
+                mask_size, counts = mask_values_of(mask_path, colours)
                 if mask_size != size:
                     raise size_mismatch(image_path, size, mask_path, mask_size)
                 entry = {"image": image_path.name, "stamp": stamp, "size": list(size),
@@ -148,7 +160,7 @@ def scan_pairs(pairs, skip_bad=False):
             continue
         found.append(((image_path, mask_path), tuple(entry["size"]), dict(entry["counts"])))
     for folder in changed:
-        path = cache_file(folder)
+        path = cache_file(folder, colours)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.with_suffix(".tmp").write_text(json.dumps(caches[folder]))
@@ -167,9 +179,10 @@ MAX_CLASSES = 254  # class indices 0..253 fit in a uint8 mask tensor beside the 
 STRAY_SHARE = 1e-3  # a mask value on fewer than this share of all mask pixels, in few masks, looks like noise
 
 
-def found_mask_values(found, void_value=None):
-    """The sorted mask values of scanned pairs (void left out). A value on a tiny share of the pixels of a few
-    masks (stray pixels of an edited or JPEG-saved mask) is refused rather than made a class of its own."""
+def found_mask_values(found, void_value=None, colours=False):
+    """The sorted mask values (with `colours`, packed colours) of scanned pairs, void left out. A value on a tiny
+    share of the pixels of a few masks (stray pixels of an edited or JPEG-saved mask) is refused rather than made a
+    class of its own."""
     totals, masks_with = {}, {}
     for (_, mask_path), _, counts in found:
         for value, count in counts.items():
@@ -179,10 +192,18 @@ def found_mask_values(found, void_value=None):
     values = sorted(set(totals) - {void_value})
     if len(values) > MAX_CLASSES:
         folder = found[0][0][1].parent
-        raise DatasetError(f"the masks in '{folder}' hold {len(values)} distinct values, as photographs do: masks "
-                           f"must hold one value per class (are --images and --masks swapped?)")
+        kind = "colours" if colours else "values"
+        raise DatasetError(f"the masks in '{folder}' hold {len(values)} distinct {kind}, as photographs do: masks "
+                           f"must hold one {kind[:-1]} per class (are --images and --masks swapped?)")
     few_masks = max(1, len(found) // 100)
     stray = [v for v in values if totals[v] < STRAY_SHARE * pixels and len(masks_with[v]) <= few_masks]
+    if stray and colours:
+        colour = " ".join(map(str, unpacked_colour(stray[0])))
+        raise DatasetError(
+            f"colour ({colour}) covers only {totals[stray[0]]} pixel(s), in "
+            f"{listing(map(str, masks_with[stray[0]]), 3)}: stray pixels (an antialiased or JPEG-saved mask?) "
+            f"rather than a class? Fix those masks, or list the class colours with --mask-colors FILE (one line "
+            f"'R G B name' per class; a line '{colour} void' ignores this one)")
     if stray:
         value = stray[0]
         usual = [v for v in values if v not in stray]
@@ -194,9 +215,12 @@ def found_mask_values(found, void_value=None):
     return values
 
 
-def check_values(found, mask_values, void_value):
+def check_values(found, mask_values, void_value, colours=False):
+    """DatasetError naming the first mask that holds a value (with `colours`, a packed colour) of no class."""
     known = set(mask_values) | {void_value}
     for (_, mask_path), _, counts in found:
+        if colours and not known.issuperset(counts):
+            raise unknown_colours(mask_path, {value: n for value, n in counts.items() if value not in known})
         if not known.issuperset(counts):
             raise unknown_values(mask_path, sorted(set(counts) - known), mask_values, void_value)
 
