@@ -143,6 +143,24 @@ def test_colours_found_without_a_table(tmp_path):
     assert np.array_equal(mask.numpy(), expected)
 
 
+def test_eval_renames_classes(colour_run, tmp_path):
+    folder, _, checkpoint = colour_run
+    (tmp_path / "names.txt").write_text("cat\ngate\nrider\n")
+    evaluate_script.main(["-m", str(checkpoint), "--images", str(folder / "images"), "--masks", str(folder / "masks"),
+                          "--class-names", str(tmp_path / "names.txt"), "--json", str(tmp_path / "s.json"),
+                          "--workers", "0"])
+    assert json.loads((tmp_path / "s.json").read_text())["classes"] == ["cat", "gate", "rider"]
+
+
+def test_stray_colours_refused_without_a_table(tmp_path):
+    colour_set(tmp_path, count=3)
+    mask = np.array(Image.open(tmp_path / "masks" / "f1.png"))
+    mask[20, 3] = (9, 9, 200)  # one antialiased pixel
+    Image.fromarray(mask).save(tmp_path / "masks" / "f1.png")
+    with pytest.raises(Exception, match=r"colour \(9 9 200\) covers only 1 pixel.*f1.png.*--mask-colors"):
+        resolve_data(DataConfig(images=str(tmp_path / "images"), masks=str(tmp_path / "masks")))
+
+
 def test_class_names_file(tmp_path):
     colour_set(tmp_path, count=2)
     (tmp_path / "names.txt").write_text("animal\narch way\ncyclist\n")
@@ -218,7 +236,7 @@ def test_roi_masks_leave_the_outside_out_of_the_scores(tmp_path):
         out = tmp_path / f"eval{seed}"
         evaluate_script.main(["-m", str(run_dir / "best.pth"), *flags, "--json", str(out / "scores.json"),
                               "--save-labels", str(out / "labels"), "--overlays", str(out / "overlays"),
-                              "--workers", "0"])
+                              "--report", str(out / "report"), "--workers", "0"])
         scores.append(json.loads((out / "scores.json").read_text()))
     truths, predictions = [], []
     for i in range(8):
@@ -233,6 +251,28 @@ def test_roi_masks_leave_the_outside_out_of_the_scores(tmp_path):
     assert np.sum(scores[1]["confusion_matrix"]) == 8 * inside.sum()
     assert scores[0]["confusion_matrix"] == scores[1]["confusion_matrix"]
     assert scores[0]["miou"] == scores[1]["miou"]
+    for picture in (tmp_path / "eval1" / "report").glob("*_image.png"):  # the report's gallery: greyed outside
+        outside = np.asarray(Image.open(picture))[~inside]
+        assert (outside[:, 0] == outside[:, 1]).all() and (outside[:, 1] == outside[:, 2]).all()
+    assert list((tmp_path / "eval1" / "report").glob("*_image.png"))
+
+
+def test_checkpoint_without_the_new_data_fields_still_scores(tmp_path):
+    """A checkpoint of before colour tables, names and ROIs (their fields absent) loads and scores as before."""
+    roi_set(tmp_path, count=4)
+    run_dir = train.main(["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), *TINY,
+                          "--checkpoint-dir", str(tmp_path / "runs")])
+    state = load_checkpoint(run_dir / "best.pth")
+    for key in ("mask_colors", "void_color", "class_names", "names", "roi"):
+        del state["args"][key]
+    torch.save(state, tmp_path / "old.pth")
+    scores = []
+    for path in (run_dir / "best.pth", tmp_path / "old.pth"):
+        json_path = tmp_path / f"{path.stem}.json"
+        evaluate_script.main(["-m", str(path), "--split", "all", "--json", str(json_path), "--workers", "0"])
+        scores.append(json.loads(json_path.read_text()))
+    assert scores[1]["classes"] == ["background", "foreground"] and scores[1]["mask_values"] == [0, 255]
+    assert scores[0]["confusion_matrix"] == scores[1]["confusion_matrix"]
 
 
 def test_roi_masks_void_in_training_items(tmp_path):
