@@ -92,14 +92,16 @@ VOID_COLOUR = (224, 224, 192)  # VOC's colour for void pixels (255)
 MIN_PANEL = 160  # sample-grid panels are enlarged (whole factors, nearest) to at least this width
 
 
-def sample_grid(images, truths, predictions, classes, mask_values):
+def sample_grid(images, truths, predictions, classes, mask_values, grey_void=False):
     """One row per image under the headings image | truth | prediction, then a key of the classes shown.
-    Classes in their colours (class_colours), void truth pixels in VOC's void colour; small images enlarged so
-    that the grid can be read. Images uint8 3xHxW, label maps HxW (class indices); returns a PIL image."""
+    Classes in their colours (class_colours), void truth pixels in VOC's void colour (and, with `grey_void`, for
+    data with regions of interest, greyed in the image); small images enlarged so that the grid can be read.
+    Images uint8 3xHxW, label maps HxW (class indices); returns a PIL image."""
     colours = colour_table(mask_values, VOID_COLOUR)
     factor = max(1, -(-MIN_PANEL // max(image.shape[-1] for image in images)))
     rows, shown = [], set()
     for image, truth, prediction in zip(images, truths, predictions):
+        image = greyed(image, truth == IGNORE_INDEX) if grey_void else image
         panels = [image.permute(1, 2, 0).numpy(), colours[truth.numpy()], colours[prediction.numpy()]]
         rows.append(np.concatenate(panels, axis=1).repeat(factor, 0).repeat(factor, 1))
         shown |= set(truth.unique().tolist()) | set(prediction.unique().tolist())

@@ -551,7 +551,8 @@ def save_samples(model, dataset, normalize, scale, amp_dtype, device, path, coun
     predictions = [probs_to_labels(predict_probs(model, image[None].to(device), normalize, scale=scale,
                                                  amp_dtype=amp_dtype))[0].cpu() for image in images]
     path.parent.mkdir(exist_ok=True)
-    sample_grid(images, truths, predictions, dataset.classes, dataset.mask_values).save(path)
+    sample_grid(images, truths, predictions, dataset.classes, dataset.mask_values,
+                grey_void=getattr(dataset, "rois", None) is not None).save(path)
 
 
 def main(argv=None, started=STARTED):

@@ -12,6 +12,7 @@ import predict
 import train
 from checkpoints import load_checkpoint
 from datasets import DataConfig, build_dataset, resolve_data
+from drawing import sample_grid
 
 # CamVid's own lines for three of its classes, and its void colour.
 TABLE = "64 128 64 Animal\n192 0 128 Archway\n0 128 192 Bicyclist\n0 0 0 Void\n"
@@ -229,7 +230,8 @@ def roi_set(folder, count=8, seed=0):
 def test_roi_masks_leave_the_outside_out_of_the_scores(tmp_path):
     inside = roi_set(tmp_path)
     flags = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--roi", str(tmp_path / "roi")]
-    run_dir = train.main([*flags, *TINY, "--checkpoint-dir", str(tmp_path / "runs")])
+    run_dir = train.main([*flags, *TINY, "--sample-every", "2", "--checkpoint-dir", str(tmp_path / "runs")])
+    assert (run_dir / "samples" / "epoch_002.png").is_file()
     scores = []
     for seed in (0, 1):  # the same truth inside, other wrong labels outside
         roi_set(tmp_path, seed=seed)
@@ -273,6 +275,21 @@ def test_checkpoint_without_the_new_data_fields_still_scores(tmp_path):
         scores.append(json.loads(json_path.read_text()))
     assert scores[1]["classes"] == ["background", "foreground"] and scores[1]["mask_values"] == [0, 255]
     assert scores[0]["confusion_matrix"] == scores[1]["confusion_matrix"]
+
+
+def test_training_samples_greyed_outside_the_roi():
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8))
+    truth = torch.zeros(16, 16, dtype=torch.long)
+    truth[:, :5] = 255  # outside the region
+    args = ([image], [truth], [torch.zeros(16, 16, dtype=torch.long)], ["a", "b"], [0, 255])
+    plain, greyed = (np.asarray(sample_grid(*args, grey_void=grey)) for grey in (False, True))
+    changed = (plain != greyed).any(-1)
+    factor = 10  # 16-pixel panels are enlarged to 160 pixels
+    assert changed.sum() == 16 * 5 * factor ** 2
+    assert (greyed[changed][:, 0] == greyed[changed][:, 2]).all()
+    expected = (image.double().mean(0) * 0.5 + 64).to(torch.uint8)[:, :5].numpy()  # what greyed() makes
+    assert sorted(np.unique(greyed[changed][:, 0])) == sorted(np.unique(expected))
 
 
 def test_roi_masks_void_in_training_items(tmp_path):
