@@ -1,6 +1,7 @@
 """Masks of other kinds, train -> eval -> predict on data made here: colour-coded masks (with a colour table and a
 void colour, or their colours found), region-of-interest masks, class names; and their bad-data errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import train
 from checkpoints import load_checkpoint
 from datasets import DataConfig, build_dataset, resolve_data
 from drawing import sample_grid
+from transforms import AugmentConfig
 
 # CamVid's own lines for three of its classes, and its void colour.
 TABLE = "64 128 64 Animal\n192 0 128 Archway\n0 128 192 Bicyclist\n0 0 0 Void\n"
@@ -300,6 +302,42 @@ def test_roi_masks_void_in_training_items(tmp_path):
     _, mask, _ = dataset[0]
     truth = np.asarray(Image.open(tmp_path / "masks" / "r0.png")) // 255
     assert np.array_equal(mask.numpy(), np.where(inside, truth, 255))
+
+
+def crop_place(original, crop):
+    """(top, left) of the one place of `original` (HxWx3) that `crop` (a plain cut of it) comes from."""
+    size = crop.shape[0]
+    at = [(top, left) for top in range(original.shape[0] - size + 1) for left in range(original.shape[1] - size + 1)
+          if np.array_equal(original[top:top + size, left:left + size], crop)]
+    assert len(at) == 1
+    return at[0]
+
+
+def cropped_items_match(data, stem, expected):
+    """Training items of a 20-pixel crop (no zoom, rotation or flip) hold `expected` (HxW classes) at their place."""
+    augment = AugmentConfig(crop_size=20, zoom=(1.0, 1.0), rotate=0, hflip=0)
+    dataset = build_dataset(data, "train", augment)
+    original = np.asarray(Image.open(Path(data.images) / f"{stem}.png"))
+    for _ in range(4):
+        image, mask = dataset[0]
+        top, left = crop_place(original, image.permute(1, 2, 0).numpy())
+        assert np.array_equal(mask.numpy(), expected[top:top + 20, left:left + 20])
+
+
+def test_roi_void_in_cropped_training_items(tmp_path):
+    """The training preset crops the mask with the ROI already applied: the loss never sees the outside."""
+    inside = roi_set(tmp_path, count=2)
+    data = resolve_data(DataConfig(images=str(tmp_path / "images"), masks=str(tmp_path / "masks"),
+                                   roi=str(tmp_path / "roi"), val_percent=0))
+    expected = np.where(inside, np.asarray(Image.open(tmp_path / "masks" / "r0.png")) // 255, 255)
+    cropped_items_match(data, "r0", expected)
+
+
+def test_colour_classes_in_cropped_training_items(tmp_path):
+    maps = colour_set(tmp_path, count=2)
+    data = resolve_data(DataConfig(images=str(tmp_path / "images"), masks=str(tmp_path / "masks"),
+                                   mask_colors=str(tmp_path / "colors.txt"), val_percent=0))
+    cropped_items_match(data, "f0", np.where(maps["f0"] >= 0, maps["f0"], 255))
 
 
 def test_roi_mask_of_another_size(tmp_path):
