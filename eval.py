@@ -325,8 +325,9 @@ def evaluate_checkpoint(config, given, inference):
     print(format_table(metrics, classes))
     void = int(confusion.ignored)
     void_share = void / max(1, void + int(confusion.mat.sum()))
-    if void_share > 0.5:
-        warn(f"{void_share:.0%} of the true pixels are void (mask value {data.ignore_index}) and were not scored; "
+    if void_share > 0.5 and not data.roi:  # outside a region of interest, void is expected
+        value = f"colour {data.void_color}" if data.void_color else f"mask value {data.ignore_index}"
+        warn(f"{void_share:.0%} of the true pixels are void ({value}) and were not scored; "
              f"if that value is a class of these masks, they are not masks of this checkpoint's task")
     if confusion_png:
         plot_confusion_matrix(confusion.mat.cpu().numpy(), classes, confusion_png)
