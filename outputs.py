@@ -107,8 +107,8 @@ def file_id(path):
 def kind_of(path):
     """What a foreign file is, for the message that refuses to replace it."""
     suffix = path.suffix.lower()
-    if suffix in CHECKPOINT_SUFFIXES or zipfile.is_zipfile(path):
-        return "a checkpoint or archive"
+    if suffix in CHECKPOINT_SUFFIXES:
+        return "a checkpoint"
     return "an image or mask" if suffix in IMAGE_EXTENSIONS else "a file"
 
 
