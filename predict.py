@@ -1,8 +1,9 @@
 """Segment images with a trained checkpoint. Example: python predict.py -i img.jpg -o mask.png
 
 Inputs are image files, folders (the images directly inside) or glob patterns; outputs are written beside each
-input as <stem>_mask.png unless -o names files or a folder, and never overwrite an input. Unreadable files are
-reported and skipped; the run ends with a summary and a non-zero exit status if anything failed."""
+input as <stem>_mask.png unless -o names files or a folder, and never replace an input, a checkpoint, a true mask
+or any file this tool did not write (outputs.py). Unreadable files are reported and skipped; the run ends with a
+summary and a non-zero exit status if anything failed."""
 import argparse
 import dataclasses
 import glob
