@@ -135,16 +135,16 @@ def check_outputs(planned, inputs=(), fix="choose another output"):
                               f"{fix}, or delete the file yourself")
     folders = {Path(output.path).parent: output.flag for output in planned}
     for folder, flag in folders.items():  # made only once every output passed
-        check_folder(folder, flag or "output")
+        check_folder(folder, flag or "-o")  # no flag: predict.py's outputs beside their inputs, moved by -o
 
 
-def check_folder_outputs(folder, flag, names=None):
-    """Before any work: the files in `folder` that `flag` may write over (`names`, or every .png file there) were
+def check_folder_outputs(folder, flag, paths=None):
+    """Before any work: the files of `folder` that `flag` may write over (`paths`, or every .png file there) were
     all written by this tool. ConfigError naming the first foreign one otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    candidates = [folder / name for name in names] if names else sorted(folder.glob("*.png"))
+    candidates = paths if paths is not None else sorted(folder.glob("*.png"))
     foreign = [path for path in candidates if path.is_file() and not is_own_output(path)]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
