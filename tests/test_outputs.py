@@ -15,7 +15,7 @@ import export
 import predict
 import train
 from checkpoints import load_model
-from drawing import class_colours, label_image, sample_grid, voc_palette
+from drawing import VOID_COLOUR, class_colours, colour_table, label_image, sample_grid, voc_palette
 from images import open_mask
 from model import IMAGENET_NORMALIZE
 from outputs import MARK, MARK_KEY, Planned, check_outputs, is_own_output, save_png
@@ -212,11 +212,13 @@ def test_label_images_and_colours_of_16_bit_values(tmp_path):
     colours = class_colours(WIDE_VALUES)
     assert len({tuple(c) for c in colours}) == len(WIDE_VALUES)
     assert tuple(colours[1]) == (voc_bits(300)) and tuple(voc_palette()[20]) == voc_bits(20)
+    table = colour_table(WIDE_VALUES)  # the sample grid's and the report's: class index -> colour, void white
+    assert np.array_equal(table[:4], colours) and tuple(table[255]) == VOID_COLOUR == (255, 255, 255)
     truth = torch.from_numpy(labels).long()
     truth[0, 0] = 255  # void
     grid = np.asarray(sample_grid([torch.zeros(3, 9, 13, dtype=torch.uint8)], [truth], [truth.flip(0)],
                                   ["a", "b", "c", "d"], WIDE_VALUES))
-    assert (grid == colours[2]).all(-1).any() and (grid == 255).all(-1).any()
+    assert all((grid == colour).all(-1).any() for colour in colours)
 
 
 def voc_bits(value):
