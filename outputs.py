@@ -23,6 +23,8 @@ PNG_KEY = "Software"  # PNG's keyword for the program that wrote the file
 MARK_KEY = "written_by"  # the JSON key, ONNX metadata key and TorchScript extra file that hold MARK
 HTML_MARK = f'<meta name="generator" content="{MARK}">'
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+# eval.py --json files written before the mark are recognised by these keys (as older ONNX exports by theirs)
+EVAL_JSON_KEYS = {"checkpoint", "classes", "mask_values", "confusion_matrix", "miou"}
 
 
 def png_info():
@@ -54,7 +56,7 @@ def is_own_output(path):
         if start.startswith(b"{"):
             with open(path, encoding="utf-8") as f:
                 value = json.load(f)
-            return isinstance(value, dict) and value.get(MARK_KEY) == MARK
+            return isinstance(value, dict) and (value.get(MARK_KEY) == MARK or EVAL_JSON_KEYS <= value.keys())
         if start.lower().startswith(b"<!doctype html"):
             with open(path, encoding="utf-8", errors="replace") as f:
                 return HTML_MARK in f.read(4096)

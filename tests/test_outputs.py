@@ -65,6 +65,8 @@ def test_marks_tell_our_files_from_others(tmp_path):
     (tmp_path / "ours.json").write_text(json.dumps({MARK_KEY: MARK, "miou": 0.5}))
     (tmp_path / "theirs.json").write_text(json.dumps({"miou": 0.5}))
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "older.json").write_text(json.dumps({"checkpoint": "best.pth", "classes": [], "mask_values": [],
+                                                     "miou": 0.5, "confusion_matrix": []}))  # eval.py's, unmarked
     torch.save({"model": {}}, tmp_path / "checkpoint.pth")
     torch.jit.save(torch.jit.script(torch.nn.Identity()), tmp_path / "theirs.pt")
     torch.jit.save(torch.jit.script(torch.nn.Identity()), tmp_path / "ours.pt", _extra_files={MARK_KEY: MARK})
@@ -75,7 +77,7 @@ def test_marks_tell_our_files_from_others(tmp_path):
     (tmp_path / "theirs.html").write_text("<!DOCTYPE html>\n<html></html>")
     (tmp_path / "notes.txt").write_text("mine")
     ours = sorted(path.name for path in tmp_path.iterdir() if is_own_output(path))
-    assert ours == ["ours.html", "ours.json", "ours.npy", "ours.png", "ours.pt"]
+    assert ours == ["older.json", "ours.html", "ours.json", "ours.npy", "ours.png", "ours.pt"]
 
 
 def test_onnx_of_an_older_export_is_ours(tmp_path):
