@@ -7,19 +7,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from metrics import IGNORE_INDEX
+from outputs import MARK, PNG_KEY, save_png
 
 
 def voc_palette(num_colors=256):
-    """The Pascal VOC colour map: class i gets the colour made from the bits of i."""
+    """The Pascal VOC colour map: class i gets the colour made from the bits of i (three bits a round, the first
+    round in the high bits), so that any number of classes (up to 2^24) get distinct colours."""
+    index = np.arange(num_colors)
     palette = np.zeros((num_colors, 3), dtype=np.uint8)
-    for i in range(num_colors):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette[i] = (r, g, b)
+    for bit in range(8):
+        for channel in range(3):
+            palette[:, channel] |= (((index >> (3 * bit + channel)) & 1) << (7 - bit)).astype(np.uint8)
     return palette
 
 
@@ -48,22 +46,44 @@ def plot_confusion_matrix(matrix, classes, path):
                     ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if normalised[i, j] > 0.5 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={PNG_KEY: MARK})
     plt.close(fig)
 
 
 def label_image(labels, mask_values):
-    """Class map (HxW ints) -> PIL image in the mask format of the data: each class's colour for colour-coded
-    masks (mask values [R, G, B]), 0/255 greyscale for two classes, a VOC-palette PNG of the mask values otherwise."""
+    """Class map (HxW ints) -> PIL image in the mask format of the data, which images.open_mask reads back as the
+    mask values: each class's colour for colour-coded masks (mask values [R, G, B]), 0/255 greyscale for two
+    classes, a VOC-palette PNG of the mask values up to 255, a 16-bit grey PNG of them when a value is larger
+    (16-bit id masks). The one place where labels become mask pixels."""
     labels = np.asarray(labels)
     if np.ndim(mask_values) == 2:
         return Image.fromarray(np.asarray(mask_values, dtype=np.uint8)[labels])
-    values = np.asarray(mask_values, dtype=np.uint8)  # uint8 lookup: no int64 copy of a huge label map
-    if len(values) <= 2:
+    if len(mask_values) <= 2:
         return Image.fromarray((labels > 0).astype(np.uint8) * 255)
-    image = Image.fromarray(values[labels].astype(np.uint8))
+    values = np.asarray(mask_values)
+    if values.max() > 255:
+        return Image.fromarray(values.astype(np.uint16)[labels])  # mode I;16: a 16-bit grey PNG
+    image = Image.fromarray(values.astype(np.uint8)[labels])  # uint8 lookup: no int64 copy of a huge label map
     image.putpalette(voc_palette().flatten().tolist())  # turns the greyscale image into mode P
     return image
+
+
+def write_pictures(image, labels, classes, mask_values, label_path=None, overlay_path=None, viz_path=None):
+    """eval.py's and predict.py's pictures of one prediction, each written (with the mark, outputs.save_png) when
+    its path is given: the label image, the overlay with its key, and image | labels with its key. `image` uint8
+    3xHxW tensor, `labels` HxW class indices (numpy)."""
+    if label_path:
+        save_png(label_image(labels, mask_values), label_path)
+    photo = image.permute(1, 2, 0).numpy()
+    if overlay_path:
+        save_png(with_key(overlay_image(photo, labels, mask_values), labels, classes, mask_values), overlay_path)
+    if viz_path:
+        save_png(viz_picture(photo, labels, classes, mask_values), viz_path)
+
+
+def viz_picture(photo, labels, classes, mask_values):
+    """Image (HxWx3 uint8) | its labels in their class colours, with the key of the classes below."""
+    return with_key(side_by_side(photo, labels, mask_values), labels, classes, mask_values)
 
 
 def plot_curves(history, path, metric="miou"):
@@ -83,21 +103,22 @@ def plot_curves(history, path, metric="miou"):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
+    figure.savefig(tmp, dpi=100, metadata={PNG_KEY: MARK})
     plt.close(figure)
     os.replace(tmp, path)
 
 
-VOID_COLOUR = (224, 224, 192)  # VOC's colour for void pixels (255)
+VOID_COLOUR = (255, 255, 255)  # void truth pixels: white, which no class colour is (voc_palette's channels <= 252
+# for mask values below 65536)
 MIN_PANEL = 160  # sample-grid panels are enlarged (whole factors, nearest) to at least this width
 
 
 def sample_grid(images, truths, predictions, classes, mask_values, grey_void=False):
     """One row per image under the headings image | truth | prediction, then a key of the classes shown.
-    Classes in their colours (class_colours), void truth pixels in VOC's void colour (and, with `grey_void`, for
+    Classes in their colours (class_colours), void truth pixels in VOID_COLOUR (and, with `grey_void`, for
     data with regions of interest, greyed in the image); small images enlarged so that the grid can be read.
     Images uint8 3xHxW, label maps HxW (class indices); returns a PIL image."""
-    colours = colour_table(mask_values, VOID_COLOUR)
+    colours = colour_table(mask_values)
     factor = max(1, -(-MIN_PANEL // max(image.shape[-1] for image in images)))
     rows, shown = [], set()
     for image, truth, prediction in zip(images, truths, predictions):
@@ -170,22 +191,22 @@ def with_key(picture, labels, classes, mask_values):
                                                                picture.width))
 
 
-def colour_table(mask_values, void_colour):
-    """Class index (0..255) -> RGB: each class's colour (class_colours), void pixels in `void_colour`."""
+def colour_table(mask_values):
+    """Class index (0..255) -> RGB: each class's colour (class_colours), void pixels in VOID_COLOUR."""
     table = np.zeros((256, 3), dtype=np.uint8)
     colours = class_colours(mask_values)
     table[:len(colours)] = colours
-    table[IGNORE_INDEX] = void_colour
+    table[IGNORE_INDEX] = VOID_COLOUR
     return table
 
 
 def class_colours(mask_values):
-    """RGB colour of each class: its own colour in colour-coded masks, else its mask value's VOC colour, or VOC
-    class 1 (dark red) for the binary foreground."""
+    """RGB colour of each class: its own colour in colour-coded masks, else its mask value's VOC colour (any
+    value), or VOC class 1 (dark red) for the binary foreground."""
     if np.ndim(mask_values) == 2:
         return np.asarray(mask_values, dtype=np.uint8)
     values = np.asarray(mask_values) if len(mask_values) > 2 else np.arange(2)
-    return voc_palette()[values]
+    return voc_palette(int(values.max()) + 1)[values]
 
 
 def greyed(image, outside):

@@ -23,16 +23,17 @@ from tqdm import tqdm
 from checkpoints import find_checkpoint, load_model
 from class_tables import check_class_names, read_class_names
 from datasets import DataConfig, build_dataset, trained_scale, void_value, with_tables
-from drawing import greyed, label_image, overlay_image, plot_confusion_matrix, with_key
+from drawing import greyed, plot_confusion_matrix, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
 from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
                        use_precision)
 from metrics import IGNORE_INDEX, SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
+from outputs import MARK, MARK_KEY, Planned, check_folder_outputs, check_outputs
 from pairs import list_files, listing
-from report import Gallery, write_report
-from utils import check_folder, check_output, count, default_workers, pick_device, warn
+from report import Gallery, report_files, write_report
+from utils import check_folder, count, default_workers, pick_device, warn
 
 EVAL_DIR = Path("eval")  # no-argument mode: eval/images, eval/masks -> eval/labels, eval/confusion.png, eval/report
 
@@ -139,20 +140,21 @@ def choose_data(given, split, checkpoint):
     return data.check(), split
 
 
-def check_outputs(dataset, checkpoint_path, files, folders):
-    """Before any work: every output can be written and replaces no input. `files` and `folders` map flags to
-    output files and folders (None: not asked for). Label images, overlays and the report go to folders that
-    hold no input (they would replace masks), each its own."""
+def check_output_paths(dataset, checkpoint_path, files, folders):
+    """Before any work: every output can be written and replaces no input nor any file this tool did not write
+    (outputs.check_outputs). `files` and `folders` map flags to output files and folders (None: not asked for).
+    Label images, overlays and the report go to folders that hold no input (they would replace masks), each its
+    own."""
     inputs = [path for pair in getattr(dataset, "pairs", []) for path in pair] + getattr(dataset, "paths", [])
-    for flag, path in files.items():
-        if path:
-            check_output(path, flag, [checkpoint_path, *inputs])
+    check_outputs([Planned(Path(path), flag) for flag, path in files.items() if path], [checkpoint_path, *inputs],
+                  fix="choose another file")
     input_folders = {folder.resolve() for folder in {path.parent for path in inputs}}
     chosen = {flag: Path(folder).resolve() for flag, folder in folders.items() if folder}
     for flag, folder in chosen.items():
         if folder in input_folders:
             raise ConfigError(f"{flag} '{folder}' holds input images or masks; write label images, overlays and "
                               f"reports elsewhere")
+        check_folder_outputs(folder, flag, report_files(folder) if flag == "--report" else None)
         check_folder(folder, flag)
     for flag, folder in chosen.items():
         same = [other for other, elsewhere in chosen.items() if elsewhere == folder]
@@ -219,23 +221,13 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
                     for image, mask, label, name in zip(images, masks, labels, names):
                         on_image(image, mask, label, name)
             if save_labels or overlays:
-                labels = labels.to(torch.uint8).cpu().numpy()
-                save_outputs(images, labels, names, checkpoint["classes"], checkpoint["mask_values"], save_labels,
-                             overlays)
+                for image, label, name in zip(images, labels.to(torch.uint8).cpu().numpy(), names):
+                    write_pictures(image, label, checkpoint["classes"], checkpoint["mask_values"],
+                                   label_path=save_labels and Path(save_labels) / f"{name}.png",
+                                   overlay_path=overlays and Path(overlays) / f"{name}.png")
             done += len(batch)
             bar.update(len(batch))
     return done, failures
-
-
-def save_outputs(images, labels, names, classes, mask_values, save_labels=None, overlays=None):
-    """Label images (VOC palette PNGs holding the mask values, 0/255 PNGs for two classes) and overlays with a
-    key of their classes, into the folders given."""
-    for image, label, name in zip(images, labels, names):
-        if save_labels:
-            label_image(label, mask_values).save(Path(save_labels) / f"{name}.png")
-        if overlays:
-            overlay = overlay_image(image.permute(1, 2, 0).numpy(), label, mask_values)
-            with_key(overlay, label, classes, mask_values).save(Path(overlays) / f"{name}.png")
 
 
 def format_table(metrics, classes):
@@ -301,7 +293,7 @@ def evaluate_checkpoint(config, given, inference):
         where = f"{data.images} + {data.masks}" if data.dataset == "folder" and data.images else data.dataset
         what = f"{where} {split}"
         check_classes(dataset, checkpoint)
-    check_outputs(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
+    check_output_paths(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
                   {"--save-labels": save_labels, "--overlays": overlays, "--report": report_dir})
     inference = use_precision(model, inference)
     device = next(model.parameters()).device
@@ -333,8 +325,8 @@ def evaluate_checkpoint(config, given, inference):
         plot_confusion_matrix(confusion.mat.cpu().numpy(), classes, confusion_png)
         print(f"wrote {confusion_png}")
     if config.json:
-        scores = {"checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset, "split": split,
-                  "images": done, "classes": classes, "mask_values": list(checkpoint["mask_values"]),
+        scores = {MARK_KEY: MARK, "checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset,
+                  "split": split, "images": done, "classes": classes, "mask_values": list(checkpoint["mask_values"]),
                   "options": dataclasses.asdict(inference), **metrics,
                   "absent_classes": absent_classes(metrics, classes), "left_out": failures,
                   "confusion_matrix": confusion.mat.cpu().tolist()}

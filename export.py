@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,7 @@ import torch.nn as nn
 from checkpoints import find_checkpoint, load_model
 from errors import UserError
 from inference import preprocess
-from utils import check_output
+from outputs import MARK, MARK_KEY, Planned, check_outputs
 
 
 class WithPreprocessing(nn.Module):
@@ -61,7 +62,7 @@ def export_torchscript(model, path):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example_images())
-    traced.save(str(path))
+    traced.save(str(path), _extra_files={MARK_KEY: MARK})  # the mark that lets a later export replace it
 
 
 def parse_args(argv=None):
@@ -83,14 +84,14 @@ def main(argv=None):
     try:
         checkpoint_path = find_checkpoint(args.model)
         output = args.output or str(checkpoint_path).rsplit(".", 1)[0] + ".onnx"
-        check_output(output, "-o", [checkpoint_path])
-        if args.torchscript:
-            check_output(args.torchscript, "--torchscript", [checkpoint_path, output])
+        planned = [Planned(Path(output), "-o")] + ([Planned(Path(args.torchscript), "--torchscript")]
+                                                    if args.torchscript else [])
+        check_outputs(planned, [checkpoint_path], fix="choose another file")
         model, checkpoint = load_model(checkpoint_path)
     except UserError as e:
         sys.exit(f"error: {e}")
     deployable = WithPreprocessing(model, checkpoint["normalize"]).eval()
-    metadata = {key: checkpoint[key] for key in ("classes", "mask_values", "normalize")}
+    metadata = {MARK_KEY: MARK, **{key: checkpoint[key] for key in ("classes", "mask_values", "normalize")}}
     export_onnx(deployable, output, metadata, args.opset)
     print(f"wrote {output}: uint8 images B x 3 x H x W -> logits B x {checkpoint['model_args']['num_classes']} x H x W")
     check = example_images(67, 93, batch=2, seed=1)

@@ -1,8 +1,9 @@
 """Segment images with a trained checkpoint. Example: python predict.py -i img.jpg -o mask.png
 
 Inputs are image files, folders (the images directly inside) or glob patterns; outputs are written beside each
-input as <stem>_mask.png unless -o names files or a folder, and never overwrite an input. Unreadable files are
-reported and skipped; the run ends with a summary and a non-zero exit status if anything failed."""
+input as <stem>_mask.png unless -o names files or a folder, and never replace an input, a checkpoint, a true mask
+or any file this tool did not write (outputs.py). Unreadable files are reported and skipped; the run ends with a
+summary and a non-zero exit status if anything failed."""
 import argparse
 import dataclasses
 import glob
@@ -20,12 +21,13 @@ from PIL import Image
 
 from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
-from drawing import label_image, overlay_image, side_by_side, with_key
+from drawing import viz_picture, write_pictures
 from errors import ConfigError, ImageReadError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
 from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
                        use_precision)
+from outputs import Planned, check_outputs, is_own_output
 from utils import count, pick_device, warn
 
 OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
@@ -79,27 +81,41 @@ class Outputs:
 
 
 def is_image_file(path):
-    """An image by its name that is not one of our own outputs (so a second run skips the first one's masks)."""
+    """An image by its name that is not named as one of our outputs (<stem>_mask.png and friends)."""
     return (path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
             and not path.stem.endswith(tuple(f"_{kind}" for kind in OUTPUT_KINDS)))
 
 
+def true_masks(paths):
+    """The files among `paths` named <stem>_mask beside an image <stem> that this tool did not write: the true
+    masks of a folder of pairs (as pairs.pair_by_stem matches them), not images to segment."""
+    stems = {(path.parent, path.stem) for path in paths if is_image_file(path)}
+    return [path for path in paths if path.suffix.lower() in IMAGE_EXTENSIONS and path.stem.endswith("_mask")
+            and (path.parent, path.stem.removesuffix("_mask")) in stems and not is_own_output(path)]
+
+
 def expand_inputs(names):
     """-i arguments -> (image paths, problems). Folders give the images directly inside them and patterns the
-    images they match, both sorted; other names are taken as files, to be read (or reported) later."""
-    paths, problems = [], []
+    images they match, both sorted, less our outputs and the true masks beside their images (said in a note);
+    other names are taken as files, to be read (or reported) later."""
+    paths, problems, masks = [], [], []
     for name in names:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if is_image_file(p))
+            candidates = sorted(path.iterdir())
         elif any(c in name for c in "*?[") and not path.exists():
-            found = sorted(p for p in map(Path, glob.glob(name)) if is_image_file(p))
+            candidates = sorted(map(Path, glob.glob(name)))
         else:
             paths.append(path)
             continue
+        found = [p for p in candidates if is_image_file(p)]
+        masks += true_masks(candidates)
         if not found:
             problems.append(f"'{name}' holds or matches no image file ({' '.join(IMAGE_EXTENSIONS)})")
         paths += found
+    if masks:
+        print(f"note: skipped {count(len(masks), 'true mask')} ('{masks[0]}' and others named <image>_mask beside "
+              f"their image): they are masks, not images to segment")
     return list(dict.fromkeys(paths)), problems
 
 
@@ -134,20 +150,10 @@ def outputs_of(mask_path, outputs):
     return [mask_path] + [extra_path(mask_path, kind, suffix) for on, kind, suffix in wanted if on]
 
 
-def check_outputs(inputs, masks, outputs):
-    """No output may overwrite an input, and no two inputs may share an output."""
-    sources = {p.resolve(): p for p in inputs}
-    owner = {}
-    for image, mask in zip(inputs, masks):
-        for out in outputs_of(mask, outputs):
-            key = out.resolve()
-            if key in sources:
-                raise ConfigError(f"'{out}' (the output of '{image}') would overwrite the input '{sources[key]}'; "
-                                 f"choose another -o")
-            if key in owner:
-                raise ConfigError(f"'{owner[key]}' and '{image}' would both be written to '{out}'; "
-                                 f"give -o one file per image")
-            owner[key] = image
+def planned_outputs(inputs, masks, outputs, output_flag):
+    """Every file to be written (outputs.Planned), in input order."""
+    return [Planned(out, output_flag, image) for image, mask in zip(inputs, masks)
+            for out in outputs_of(mask, outputs)]
 
 
 def try_read(path):
@@ -194,19 +200,14 @@ def readable(read, failures):
 def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
     """Write (or show) what `outputs` asks for; returns the paths written."""
     classes, mask_values = checkpoint["classes"], checkpoint["mask_values"]
-    photo = image.permute(1, 2, 0).numpy()
-    viz = with_key(side_by_side(photo, labels, mask_values), labels, classes, mask_values) if outputs.viz else None
     if outputs.no_save:
-        if viz:
-            show(viz, mask_path.stem)
+        if outputs.viz:
+            show(viz_picture(image.permute(1, 2, 0).numpy(), labels, classes, mask_values), mask_path.stem)
         return []
     mask_path.parent.mkdir(parents=True, exist_ok=True)
-    label_image(labels, mask_values).save(mask_path)
-    if outputs.overlay:
-        overlay = overlay_image(photo, labels, mask_values)
-        with_key(overlay, labels, classes, mask_values).save(extra_path(mask_path, "overlay"))
-    if viz:
-        viz.save(extra_path(mask_path, "viz"))
+    write_pictures(image, labels, classes, mask_values, label_path=mask_path,
+                   overlay_path=outputs.overlay and extra_path(mask_path, "overlay"),
+                   viz_path=outputs.viz and extra_path(mask_path, "viz"))
     if outputs.probs:
         save_probabilities(probs, extra_path(mask_path, "probs", ".npy"))
     return outputs_of(mask_path, outputs)
@@ -246,7 +247,8 @@ def main(argv=None):
     inputs, failures = expand_inputs(args.input)
     try:
         masks = mask_paths(inputs, args.output)
-        check_outputs(inputs, masks, outputs)
+        check_outputs(planned_outputs(inputs, masks, outputs, "-o" if args.output else None), inputs,
+                      fix="choose another -o (a .png file per image, or a folder)")
         check_display(outputs)
         model, checkpoint = load_model(find_checkpoint(args.model), pick_device(args.device))
     except UserError as e:

@@ -19,13 +19,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from drawing import colour_table, plot_confusion_matrix
+from drawing import VOID_COLOUR, colour_table, plot_confusion_matrix
 from metrics import SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
+from outputs import HTML_MARK, is_own_output, save_png
 
 GALLERY_SIZE = 8  # worst and best images shown, each
 THUMBNAIL = 256  # long side of the gallery's pictures, in pixels (smaller images are kept as they are)
-VOID_COLOUR = (255, 255, 255)  # void truth pixels: white, which no VOC palette colour is (their channels <= 224)
 PICTURE_NAMES = ("worst_", "best_")  # the gallery's PNG files start so: removed before a report is rewritten
+
+
+def gallery_pictures(folder):
+    """The gallery pictures of an earlier report in `folder`."""
+    return sorted(path for path in Path(folder).glob("*.png") if path.name.startswith(PICTURE_NAMES))
+
+
+def report_files(folder):
+    """The files of `folder` that a report writes over or removes: eval.py checks that they are all its own."""
+    return [Path(folder) / "index.html", Path(folder) / "confusion.png", *gallery_pictures(folder)]
 
 
 def image_iou(label, truth, num_classes, ignore_index):
@@ -165,14 +175,14 @@ def write_report(folder, *, checkpoint, data, count, metrics, matrix, classes, m
     Returns the path of index.html."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.png"):  # the pictures of an earlier, possibly larger, report
-        if stale.name.startswith(PICTURE_NAMES):
+    for stale in gallery_pictures(folder):  # the pictures of an earlier, possibly larger, report
+        if is_own_output(stale):
             stale.unlink()
     plot_confusion_matrix(np.asarray(matrix), classes, folder / "confusion.png")
-    colours = colour_table(mask_values, VOID_COLOUR)
+    colours = colour_table(mask_values)
     worst, best = gallery.galleries()
     e = html.escape
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n{HTML_MARK}\n"
              f"<title>Evaluation of {e(str(checkpoint))}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
              f"<h1>Evaluation report</h1>\n<p id=\"broken\"></p>\n<table class=\"meta\">\n"]
     meta = [("checkpoint", str(checkpoint)), ("data", str(data)), ("images", str(count)),
@@ -245,7 +255,7 @@ def gallery_html(folder, title, kind, entries, colours):
         for part, picture, label in [("image", entry.image, False), ("truth", colours[entry.truth], True),
                                      ("prediction", colours[entry.prediction], True)]:
             name = f"{kind}_{rank:02d}_{part}.png"
-            Image.fromarray(np.ascontiguousarray(picture)).save(folder / name)
+            save_png(Image.fromarray(np.ascontiguousarray(picture)), folder / name)
             css = " class=\"labels\"" if label else ""
             cells.append(f"<td><img src=\"{name}\"{css} {size} alt=\"{e(part)} of {e(entry.name)}\"></td>")
         rows.append(f"<tr data-name=\"{e(entry.name)}\" data-iou=\"{e(repr(entry.iou))}\"><td>{rank}<br>"

@@ -50,20 +50,6 @@ def check_folder(folder, flag):
     return folder
 
 
-def check_output(path, flag, inputs=()):
-    """Check, before the work that fills it, that the file `path` can be written and replaces none of `inputs`
-    (checkpoints, images, masks); its folder is made if needed."""
-    path = Path(path)
-    target = path.resolve()
-    for source in inputs:
-        if target == Path(source).resolve():
-            raise ConfigError(f"{flag} '{path}' would overwrite the input '{source}'; choose another file")
-    if path.is_dir():
-        raise ConfigError(f"{flag} '{path}' is a folder; name a file")
-    check_folder(path.parent, flag)
-    return path
-
-
 def progress_bars():
     """Progress bars on a terminal only: in a log file or a pipe they become thousands of carriage returns, and the
     scripts print one line per epoch or image there anyway."""

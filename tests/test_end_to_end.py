@@ -84,20 +84,37 @@ def test_eval_matches_training_validation(run_dir, tmp_path, capsys):
     assert "mIoU" in out and "triangle" in out
 
 
+def network_probabilities(checkpoint, image):
+    """Class probabilities K x H x W of the network alone on an HxWx3 uint8 image normalised with numpy, softmax in
+    numpy: the independent oracle."""
+    model, state = load_model(checkpoint)
+    mean, std = (np.array(state["normalize"][key])[:, None, None] for key in ("mean", "std"))
+    pixels = (image.transpose(2, 0, 1) / 255 - mean) / std
+    with torch.no_grad():
+        logits = model(torch.from_numpy(pixels).float()[None])[0].double().numpy()
+    exp = np.exp(logits - logits.max(0))
+    return exp / exp.sum(0)
+
+
 def test_predict_writes_masks_of_input_size(run_dir, tmp_path):
-    inputs = []
-    for i, size in enumerate([(45, 61), (32, 32)]):
+    inputs, pictures = [], []
+    for i, (height, width) in enumerate([(44, 60), (32, 32)]):  # multiples of 4: the network sees them unpadded
         path = tmp_path / f"in{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        shapes = Shapes(1, 64, seed=i, split="test")[0][0].permute(1, 2, 0).numpy()
+        pictures.append(np.ascontiguousarray(shapes[:height, :width]))
+        Image.fromarray(pictures[-1]).save(path)
         inputs.append(str(path))
-    predict.main(["-m", str(run_dir / "best.pth"), "-i", *inputs])
-    for i, size in enumerate([(45, 61), (32, 32)]):
+    predict.main(["-m", str(run_dir / "best.pth"), "-i", *inputs, "--amp", "off", "--probs"])
+    for i, size in enumerate([(44, 60), (32, 32)]):
         mask = Image.open(tmp_path / f"in{i}_mask.png")
         assert mask.size == size[::-1] and mask.mode == "P"
-        assert set(np.unique(np.asarray(mask))) <= {0, 1, 2, 3}
+        expected = network_probabilities(run_dir / "best.pth", pictures[i])
+        # The probabilities vary from pixel to pixel even where the tiny model's argmax does not.
+        np.testing.assert_allclose(np.load(tmp_path / f"in{i}_probs.npy"), expected, atol=2e-3)
+        assert np.array_equal(np.asarray(mask), expected.argmax(0))  # shapes: mask values = class indices
     out = tmp_path / "named.png"
     predict.main(["-m", str(run_dir / "best.pth"), "-i", inputs[0], "-o", str(out)])
-    assert Image.open(out).size == (61, 45)
+    assert Image.open(out).size == (60, 44)
 
 
 def test_predict_bad_inputs(run_dir, tmp_path):

@@ -16,7 +16,7 @@ from datasets import DataConfig, build_dataset
 from flags import config_from
 from metrics import ConfusionMatrix
 from checkpoints import load_checkpoint
-from drawing import voc_palette
+from drawing import voc_palette, write_pictures
 
 
 def accumulate(num_classes, batches):
@@ -84,7 +84,12 @@ def test_label_images_read_back(tmp_path):
     folders = tmp_path / "labels", tmp_path / "overlays"
     folders[0].mkdir(), folders[1].mkdir()
     classes = [f"class {i}" for i in range(21)]
-    evaluate_script.save_outputs(images, labels, ["a", "b"], classes, list(range(21)), *folders)
+
+    def write(images, labels, names, classes, mask_values):
+        for image, label, name in zip(images, labels, names):
+            write_pictures(image, label, classes, mask_values, *(folder / f"{name}.png" for folder in folders))
+
+    write(images, labels, ["a", "b"], classes, list(range(21)))
     for name, label in zip("ab", labels):
         written = Image.open(tmp_path / "labels" / f"{name}.png")
         assert written.mode == "P"
@@ -95,7 +100,7 @@ def test_label_images_read_back(tmp_path):
         picture, key = overlay[:23], overlay[23:]  # the overlay, then the key of its classes below it
         assert picture.shape == (23, 31, 3) and (picture[label == 0] == 0).all() and picture[label > 0].any()
         assert key.shape[0] > 0 and (key == voc_palette()[label.max()]).all(-1).any()
-    evaluate_script.save_outputs(images[:1], labels[:1] % 2, ["bin"], classes[:2], [0, 1], *folders)
+    write(images[:1], labels[:1] % 2, ["bin"], classes[:2], [0, 1])
     binary = Image.open(tmp_path / "labels" / "bin.png")
     assert binary.mode == "L" and np.array_equal(np.asarray(binary), (labels[0] % 2) * 255)
 
