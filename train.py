@@ -261,6 +261,7 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     new_folder = None if config.resume else session.run_dir
     with StopRequest() as stop, removed_if_unsaved(new_folder), resume_hint_on_bad_data(lambda: session.last_good):
         train_epochs(session, model_config.freeze_encoder_epochs, train_loader, epoch_sampler, resume_rng, stop)
+        check_made_a_model(session)
     if main_process:
         deadline = session.deadline
         used = f" in {duration_text(deadline.used())} of the {duration_text(plan.budget)} budget" if deadline else ""
@@ -366,6 +367,20 @@ def start_session(s, train_images):
     print(plan.describe())
 
 
+def check_made_a_model(s):
+    """TrainingError, and the run's new folder removed, when it ends without a model to score: a --time budget
+    that the start-up used up, or no validation score to pick best.pth by."""
+    plan = s.plan
+    if s.run["epoch"] == 0:
+        raise TrainingError(f"--time {duration_text(plan.budget)} left no time to train: the start-up took "
+                            f"{s.deadline.used():.1f}s, and a step with the validation and save after it needs "
+                            f"about {plan.step_seconds + plan.epoch_end_seconds:.1f}s more; give a longer --time")
+    if s.run["best_score"] < 0:
+        raise TrainingError(f"no validation score to pick best.pth by ({s.config.metric} was n/a at every epoch): "
+                            f"--metric {s.config.metric} needs its class in the validation masks; last.pth is "
+                            f"{s.last_good}")
+
+
 def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_rng, stop):
     """Trains, validates and saves epoch after epoch to the plan's last step (re-planned after each epoch with
     a --time budget). Raises RunInterrupted once a stop request is honoured (a resumable last.pth saved)."""
@@ -434,6 +449,9 @@ def validate_and_save(s, epoch, epochs, loss, start):
     average_across_processes(s.model.buffers())
     metrics = evaluate(s.model, s.val_loader, num_logits, meta["normalize"], meta["ignore_index"], s.device,
                        distributed=s.world_size > 1, scale=s.scale, amp_dtype=s.precision.dtype)
+    if math.isnan(metrics["miou"]):
+        raise TrainingError(f"validation scored no pixel: every pixel of the {len(s.val_set)} validation mask(s) is "
+                            f"void, so no best.pth can be chosen; give validation masks that label some pixels")
     score = score_of(metrics, config.metric, num_logits)
     improved = score > s.run["best_score"]
     s.run.update(epoch=epoch, metrics=metrics, epoch_progress=None, best_score=max(s.run["best_score"], score))

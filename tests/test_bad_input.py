@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import train
 from checkpoints import load_checkpoint, save_checkpoint
 from conftest import ROOT
 from images import read_image
+from pairs import held_out
 
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "16", "--num-val", "4", "--epochs", "1",
         "--steps-per-epoch", "2", "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0",
@@ -128,6 +130,29 @@ def test_masks_without_zero_train_with_rotation(tmp_path):
     data = make_folder(tmp_path / "data", values=(1, 2))
     run_dir = train.main(FOLDER_RUN + ["--data", str(data), "--rotate", "30", "--checkpoint-dir", str(tmp_path)])
     assert load_checkpoint(run_dir / "best.pth")["mask_values"] == [1, 2]
+
+
+def test_a_budget_the_start_up_used_up_fails_and_points_at_no_model(tmp_path, capsys):
+    """The start-up took 29.8 s of --time 30s (`started` set back): no step fits; the run says so, exits non-zero,
+    prints no best.pth and leaves no run folder for eval.py to take for a model."""
+    budget_run = TINY[:8] + TINY[12:]  # without --epochs and --steps-per-epoch
+    with pytest.raises(SystemExit) as stopped:
+        train.main(budget_run + ["--time", "30s", "--checkpoint-dir", str(tmp_path)], started=time.monotonic() - 29.8)
+    message = str(stopped.value.code)
+    assert message.startswith("error: --time 30s left no time to train") and "\n" not in message, message
+    assert "best.pth" not in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+def test_validation_masks_all_void_fail_before_any_best_pth(tmp_path, capsys):
+    """The one validation mask of this folder is void everywhere (--ignore-index 255): nothing can be scored,
+    so no best.pth can be chosen; the run stops at its first validation with one line."""
+    data = make_folder(tmp_path / "data", values=(0, 1))
+    (val_stem,) = held_out({str(i) for i in range(4)}, 25, 0)
+    Image.fromarray(np.full((24, 32), 255, np.uint8)).save(data / "masks" / f"{val_stem}.png")
+    code, line = exits(train, FOLDER_RUN + ["--data", str(data), "--ignore-index", "255", "--checkpoint-dir",
+                                            str(tmp_path / "runs")], capsys)
+    assert code == 1 and "validation scored no pixel: every pixel of the 1 validation mask(s) is void" in line
+    assert not any((tmp_path / "runs").glob("*/*.pth"))
 
 
 def test_resume_keeps_its_data_and_its_finished_run(shapes_run, tmp_path, capsys):
