@@ -1,12 +1,14 @@
 """A training run's folder: its name, its removal when the run saved nothing, metrics.csv, curves.png,
 TensorBoard events and sample grids."""
 import csv
+import itertools
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from drawing import plot_curves, sample_grid
+from errors import ConfigError
 from inference import predict_probs, probs_to_labels
 
 try:
@@ -26,14 +28,25 @@ def removed_if_unsaved(run_dir):
         raise
 
 
+def check_run_name(name):
+    """--name names one folder inside --checkpoint-dir: a path ('/abs', '..', 'a/b') would put the run elsewhere."""
+    if name is not None and (Path(name).name != name or name in ("", ".", "..")):
+        raise ConfigError(f"--name {name!r} is not a folder name: the run goes to --checkpoint-dir/<name>-<timestamp>; "
+                          f"give a name without '/' (and pick the folder with --checkpoint-dir)")
+
+
 def new_run_dir(checkpoint_dir, name):
-    run_dir = Path(checkpoint_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 1
-    while run_dir.exists():  # two runs started in the same second never share a folder
-        run_dir = run_dir.with_name(f"{run_dir.name.rsplit('.', 1)[0]}.{suffix}")
-        suffix += 1
-    run_dir.mkdir(parents=True)
-    return run_dir
+    """<checkpoint_dir>/<name>-<timestamp>, created; runs started in the same second (even at the same moment,
+    in two processes) get .1, .2, ... after the timestamp, never the same folder."""
+    first = Path(checkpoint_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    first.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in itertools.count():
+        run_dir = first.with_name(f"{first.name}.{suffix}") if suffix else first
+        try:
+            run_dir.mkdir()  # atomic: of two runs making the same folder, one fails and takes the next suffix
+            return run_dir
+        except FileExistsError:
+            continue
 
 
 def number(text):

@@ -30,7 +30,7 @@ from precision import Precision, choose_precision
 from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, WARMUP_SHARE, \
     Deadline, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, plan_run, replan
 from model import ModelConfig, build_model, count_parameters, input_normalization, set_encoder_frozen
-from rundir import RunLog, new_run_dir, removed_if_unsaved, save_samples
+from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
 from utils import check_folder, default_workers, derived_seed, pick_device, progress_bars, rng_states, \
@@ -187,6 +187,7 @@ class TrainConfig:
         if self.class_weights and min(self.class_weights) < 0:
             raise ConfigError(f"--class-weights cannot be negative, got {self.class_weights}")
         pick_device(self.device)
+        check_run_name(self.name)
         return self
 
 

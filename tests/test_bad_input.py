@@ -16,6 +16,7 @@ from PIL import Image
 import eval as eval_script
 import export
 import predict
+import rundir
 import train
 from checkpoints import load_checkpoint, save_checkpoint
 from conftest import ROOT
@@ -86,6 +87,23 @@ def fingerprint(path):
 def test_impossible_flags(script, argv, message, capsys):
     code, line = exits(script, argv, capsys)
     assert code == 2 and message in line
+
+
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "..", "../up", "a/b", "."])
+def test_a_run_name_that_is_a_path_is_refused(name, tmp_path, capsys):
+    code, line = exits(train, TINY + ["--name", name, "--checkpoint-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and f"--name {name!r} is not a folder name" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Same --name (with a dot), same second: each run its own folder, the timestamp kept; a folder that another
+    process makes between a check and the mkdir (Path.exists says no) is no traceback either."""
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-120000")
+    monkeypatch.setattr(rundir.Path, "exists", lambda self: False)
+    made = [rundir.new_run_dir(tmp_path, "v1.5") for _ in range(3)]
+    assert [p.name for p in made] == ["v1.5-20260101-120000", "v1.5-20260101-120000.1", "v1.5-20260101-120000.2"]
+    assert all(p.is_dir() for p in made)
 
 
 def test_training_refuses_bad_places_and_data_before_the_work(tmp_path, capsys):
