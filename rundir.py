@@ -9,7 +9,8 @@ from pathlib import Path
 
 from drawing import plot_curves, sample_grid
 from errors import ConfigError
-from inference import predict_probs, probs_to_labels
+from inference import predict_probs_or_tile, probs_to_labels
+from utils import warn
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -93,7 +94,8 @@ def save_samples(model, dataset, normalize, scale, amp_dtype, device, path, coun
     """image | truth | prediction for the first `count` images of `dataset` (whole validation images)."""
     model.eval()
     images, truths, _ = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
-    predictions = [probs_to_labels(predict_probs(model, image[None].to(device), normalize, scale=scale,
-                                                 amp_dtype=amp_dtype))[0].cpu() for image in images]
+    predictions = [probs_to_labels(predict_probs_or_tile(model, image[None].to(device), normalize, log=warn,
+                                                         scale=scale, amp_dtype=amp_dtype)[0])[0].cpu()
+                   for image in images]
     path.parent.mkdir(exist_ok=True)
     sample_grid(images, truths, predictions, dataset.classes, dataset.mask_values).save(path)

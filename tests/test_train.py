@@ -18,7 +18,9 @@ from PIL import Image
 import drawing
 import engine
 import eval as eval_py
+import inference
 import recipe
+import rundir
 import sampling
 import train
 import utils
@@ -483,6 +485,46 @@ def test_validation_scores_what_eval_py_scores(tmp_path):
     scored = json.loads(scores.read_text())
     assert trained["pixel_acc"] == scored["pixel_acc"]
     assert trained["iou"] == pytest.approx(scored["iou"], rel=1e-12)
+
+
+def test_validation_out_of_memory_falls_back_to_tiles_as_eval_py_does(tmp_path, monkeypatch, capsys):
+    """A whole validation image that does not fit (torch.OutOfMemoryError, mocked for untiled passes over the
+    160-pixel images) is scored in tiles, as eval.py scores it: the run ends with its checkpoints and sample
+    grid, and its scores are eval.py's with --tile 128, the first fallback tile."""
+    real_predict_probs = inference.predict_probs
+
+    def no_room_for_whole_images(model, images, normalize, **options):
+        if not options.get("tile") and images.shape[-1] > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_predict_probs(model, images, normalize, **options)
+
+    monkeypatch.setattr(inference, "predict_probs", no_room_for_whole_images)
+    run_dir = train.main(["--dataset", "shapes", "--image-size", "160", "--num-train", "4", "--num-val", "2",
+                          "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--base-channels", "4",
+                          "--depth", "2", "--workers", "0", "--sample-every", "1", "--amp", "off",
+                          "--checkpoint-dir", str(tmp_path / "runs")])
+    assert "out of memory on a 160x160 input with no tiles; falling back to --tile 128" in capsys.readouterr().err
+    assert (run_dir / "samples" / "epoch_001.png").is_file()
+    monkeypatch.undo()
+    scores = tmp_path / "scores.json"
+    eval_py.main(["-m", str(run_dir / "best.pth"), "--split", "val", "--tile", "128", "--json", str(scores),
+                  "--workers", "0", "--amp", "off"])
+    scored, trained = json.loads(scores.read_text()), load_checkpoint(run_dir / "best.pth")["metrics"]
+    assert trained["pixel_acc"] == scored["pixel_acc"]
+    assert trained["iou"] == pytest.approx(scored["iou"], rel=1e-12, nan_ok=True)
+
+
+def test_a_failed_run_keeps_its_folder_once_it_holds_a_checkpoint(tmp_path):
+    """A run that fails removes the folder it made only while no checkpoint is in it."""
+    for name, saved in (("unsaved", []), ("saved", ["last.pth"]), ("best only", ["best.pth"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "args.json").write_text("{}")
+        for checkpoint in saved:
+            (folder / checkpoint).write_bytes(b"")
+        with pytest.raises(torch.OutOfMemoryError), rundir.removed_if_unsaved(folder):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        assert folder.exists() == bool(saved)
 
 
 @pytest.mark.parametrize("cores, device, workers", [(1, "cpu", 0), (2, "cpu", 0), (4, "cpu", 3), (1, "cuda", 0),
