@@ -19,7 +19,7 @@ from errors import ConfigError
 from images import scaled_size
 from metrics import ConfusionMatrix
 from precision import AMP_DTYPES, choose_precision
-from utils import progress_bars
+from utils import progress_bars, warn
 
 FALLBACK_TILES = (1024, 512, 256, 128)  # tried in turn after running out of memory
 LABEL_ROWS = 1024  # rows turned into labels (or normalised) at a time, to bound temporary memory
@@ -276,14 +276,16 @@ def probs_to_labels(probs, threshold=0.5, dtype=torch.long):
 
 
 def evaluate(model, loader, num_classes, normalize, ignore_index, device, distributed=False, **options):
-    """Scores over the whole loader from one confusion matrix; `options` go to predict_probs.
+    """Scores over the whole loader from one confusion matrix; `options` go to predict_probs (through
+    predict_probs_or_tile: out of memory, the images are tiled).
     distributed=True: each process holds a shard of the set; the matrices are summed over the processes and
     only rank 0 draws a progress bar."""
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2), ignore_index, device)
     quiet = distributed and torch.distributed.get_rank() > 0
     for images, masks, *_ in tqdm(loader, desc="val", leave=False, disable=quiet or not progress_bars()):
-        probs = predict_probs(model, images.to(device), normalize, **options)
+        # An image too large for the device's memory falls back to tiles, as in eval.py; later images keep them.
+        probs, options = predict_probs_or_tile(model, images.to(device), normalize, log=warn, **options)
         confusion.update(probs_to_labels(probs), masks.to(device))
     if distributed:
         confusion.reduce_from_all_processes()

@@ -3,8 +3,10 @@ fingerprint: batch and crop size, the length of an epoch (the steps between two 
 steps, the warm-up, and elastic deformation for small datasets. Every choice is printed, and each flag overrides
 its own. With a time budget (--time) the run measures its throughput, plans its steps so that training,
 validation and checkpoints end within the budget, and re-plans after every validation from what it measured.
+plan_run makes train.py's plan from its flags (or takes a resumed run's own).
 """
 import argparse
+import dataclasses
 import math
 import re
 import statistics
@@ -12,6 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 
 from PIL import Image
+
+from distributed import all_gather_objects
+from errors import ConfigError
 
 MIN_STEPS_PER_EPOCH = 50  # a tiny dataset is seen several times an epoch rather than validated every few steps
 MAX_VALIDATIONS = 20  # validations a budgeted run aims for: enough to pick a good best.pth
@@ -23,6 +28,7 @@ SIZE_SAMPLE = 64  # images whose headers are read to fingerprint a dataset
 CPU_BATCH, CPU_CROP = 4, 256  # CPUs: throughput per image hardly grows with the batch; small batches, more steps
 GPU_BATCH, GPU_CROP = 16, 512
 MAX_BATCH = 16
+DEFAULT_EPOCHS = 10  # train.py without --time or --epochs
 UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -203,3 +209,55 @@ class Deadline:
     def used(self):
         """Seconds of the budget used so far, this session's included: what a checkpoint records."""
         return self.spent + time.monotonic() - self.started
+
+
+def fit_recipe(config, augment, fp, device_type):
+    """(batch size, AugmentConfig) for this data and device: the flags given, else the recipe's choices."""
+    batch_size, crop_size = default_batch_and_crop(fp, device_type)
+    elastic = augment.elastic if augment.elastic is not None else default_elastic(fp)
+    crop_size = augment.crop_size if augment.crop_size is not None else crop_size
+    return config.batch_size or batch_size, dataclasses.replace(augment, crop_size=crop_size, elastic=elastic)
+
+
+def plan_run(config, checkpoint, fp, batch_size, augment, world_size, started, time_step):
+    """The run's Plan: a resumed run's own (with the --time or --epochs given now), else a new one for
+    --epochs, or for --time (counted from `started`) from the seconds a training step takes (`time_step()`,
+    which measures it)."""
+    def validation_seconds(step):
+        """Scoring a pixel takes about a third of the time training on it takes (no backward pass)."""
+        pixels_per_step = config.accumulate * batch_size * (augment.crop_size or fp.median_size[0]) ** 2
+        return step / pixels_per_step / 3 * fp.val_pixels / world_size
+
+    if config.resume and checkpoint.get("plan"):
+        plan = Plan(**checkpoint["plan"])
+        if config.time and plan.epoch_end_seconds is None:  # a run of epochs stopped in its first, given a budget
+            plan.step_seconds = time_step()
+            plan.epoch_end_seconds = validation_seconds(plan.step_seconds) + 1.0
+        if config.time:
+            plan.budget = config.time
+        elif plan.budget is None:
+            plan.total_steps = (config.epochs or DEFAULT_EPOCHS) * plan.steps_per_epoch
+        return plan
+    recipe = (fp.train_images, batch_size, augment.crop_size, augment.elastic)
+    settings = {"warmup_epochs": config.warmup_epochs, "steps_per_epoch": config.steps_per_epoch}
+    if config.time is None:
+        return plan_epochs(config.epochs or DEFAULT_EPOCHS, *recipe, world_size * config.accumulate, **settings)
+    step = time_step()
+    seconds_left = Deadline(config.time, 0.0, started).plannable()
+    return plan_budget(config.time, seconds_left, step, validation_seconds(step), *recipe, **settings)
+
+
+def replan(plan, done_steps, deadline, left_in_epoch=0):
+    """Plan.replan on rank 0's clock: every process must run the same steps, so all take rank 0's plan."""
+    plan.replan(done_steps, deadline.plannable(), left_in_epoch)
+    plan.total_steps, plan.steps_per_epoch = all_gather_objects((plan.total_steps, plan.steps_per_epoch))[0]
+
+
+def check_unfinished(path, plan, deadline, done_steps, run):
+    """--resume of a run that has nothing left to do: ConfigError saying how to train it longer."""
+    if deadline and deadline.left() <= 0:
+        raise ConfigError(f"--resume {path}: the run has used its {duration_text(deadline.budget)} budget; to train "
+                          f"it longer pass --time with more than {duration_text(deadline.spent)}")
+    if not deadline and done_steps >= plan.total_steps and not run["epoch_progress"]:
+        raise ConfigError(f"--resume {path}: the run has finished its {run['epoch']} epochs; to train it longer "
+                          f"pass --epochs N with N > {run['epoch']}")

@@ -1,6 +1,6 @@
 """Training speed of the classic U-Net (base 64, depth 4, 2 classes) at 256x256, batch 4: images/s, and the
 fraction of this machine's matmul peak that the training step reaches (a large matmul is timed in the same
-run; the step's FLOPs are counted with FlopCounterMode). Runs train.py's own step (StepRunner).
+run; the step's FLOPs are counted with FlopCounterMode). Runs train.py's own step (engine.StepRunner).
 Example: python benchmarks/bench_train.py    (fp32, then the default precision and layout of this device,
                                              precision.choose_precision, when they differ; on CUDA with
                                              torch.compile too; add --channels-last for fp32 + NHWC)
@@ -19,8 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import add_threads_arg, add_unet_args, use_threads
 from losses import segmentation_loss
 from model import IMAGENET_NORMALIZE, UNet
-from precision import choose_precision
-from train import StepRunner
+from engine import StepRunner
+from precision import Precision, choose_precision
 from utils import pick_device
 
 
@@ -81,8 +81,8 @@ def make_runner(args, device, amp_dtype=None, channels_last=False, compile=False
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = torch.compile(model) if compile else model
     return StepRunner(model=step_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                      criterion=segmentation_loss, normalize=IMAGENET_NORMALIZE, amp_dtype=amp_dtype,
-                      channels_last=channels_last)
+                      criterion=segmentation_loss, normalize=IMAGENET_NORMALIZE,
+                      precision=Precision(amp_dtype, channels_last, "bench_train.py's choice"))
 
 
 def step_flops(args):

@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import engine  # noqa: E402
 import train  # noqa: E402
 
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012" / "train"
@@ -21,20 +22,20 @@ ISBI = ROOT.parent / "shared" / "data" / "isbi2012" / "train"
 
 def step_seconds(images, masks, workers, steps, skip=5):
     """Median seconds between optimizer steps of a `steps`-step run, leaving out the first `skip`."""
-    stamps, update = [], train.StepRunner.update
+    stamps, update = [], engine.StepRunner.update
 
     def timed_update(runner, *args, **kwargs):
         result = update(runner, *args, **kwargs)
         stamps.append(time.perf_counter())
         return result
 
-    train.StepRunner.update = timed_update
+    engine.StepRunner.update = timed_update
     try:
         with tempfile.TemporaryDirectory() as runs:
             train.main(["--images", str(images), "--masks", str(masks), "--epochs", "1", "--steps-per-epoch",
                         str(steps), "--workers", str(workers), "--sample-every", "0", "--checkpoint-dir", runs])
     finally:
-        train.StepRunner.update = update
+        engine.StepRunner.update = update
     return statistics.median(b - a for a, b in zip(stamps[skip:], stamps[skip + 1:]))
 
 

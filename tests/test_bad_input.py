@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,10 +16,12 @@ from PIL import Image
 import eval as eval_script
 import export
 import predict
+import rundir
 import train
 from checkpoints import load_checkpoint, save_checkpoint
 from conftest import ROOT
 from images import read_image
+from pairs import held_out
 
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "16", "--num-val", "4", "--epochs", "1",
         "--steps-per-epoch", "2", "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0",
@@ -86,6 +89,23 @@ def test_impossible_flags(script, argv, message, capsys):
     assert code == 2 and message in line
 
 
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "..", "../up", "a/b", "."])
+def test_a_run_name_that_is_a_path_is_refused(name, tmp_path, capsys):
+    code, line = exits(train, TINY + ["--name", name, "--checkpoint-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and f"--name {name!r} is not a folder name" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Same --name (with a dot), same second: each run its own folder, the timestamp kept; a folder that another
+    process makes between a check and the mkdir (Path.exists says no) is no traceback either."""
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-120000")
+    monkeypatch.setattr(rundir.Path, "exists", lambda self: False)
+    made = [rundir.new_run_dir(tmp_path, "v1.5") for _ in range(3)]
+    assert [p.name for p in made] == ["v1.5-20260101-120000", "v1.5-20260101-120000.1", "v1.5-20260101-120000.2"]
+    assert all(p.is_dir() for p in made)
+
+
 def test_training_refuses_bad_places_and_data_before_the_work(tmp_path, capsys):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
@@ -128,6 +148,29 @@ def test_masks_without_zero_train_with_rotation(tmp_path):
     data = make_folder(tmp_path / "data", values=(1, 2))
     run_dir = train.main(FOLDER_RUN + ["--data", str(data), "--rotate", "30", "--checkpoint-dir", str(tmp_path)])
     assert load_checkpoint(run_dir / "best.pth")["mask_values"] == [1, 2]
+
+
+def test_a_budget_the_start_up_used_up_fails_and_points_at_no_model(tmp_path, capsys):
+    """The start-up took 29.8 s of --time 30s (`started` set back): no step fits; the run says so, exits non-zero,
+    prints no best.pth and leaves no run folder for eval.py to take for a model."""
+    budget_run = TINY[:8] + TINY[12:]  # without --epochs and --steps-per-epoch
+    with pytest.raises(SystemExit) as stopped:
+        train.main(budget_run + ["--time", "30s", "--checkpoint-dir", str(tmp_path)], started=time.monotonic() - 29.8)
+    message = str(stopped.value.code)
+    assert message.startswith("error: --time 30s left no time to train") and "\n" not in message, message
+    assert "best.pth" not in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+def test_validation_masks_all_void_fail_before_any_best_pth(tmp_path, capsys):
+    """The one validation mask of this folder is void everywhere (--ignore-index 255): nothing can be scored,
+    so no best.pth can be chosen; the run stops at its first validation with one line."""
+    data = make_folder(tmp_path / "data", values=(0, 1))
+    (val_stem,) = held_out({str(i) for i in range(4)}, 25, 0)
+    Image.fromarray(np.full((24, 32), 255, np.uint8)).save(data / "masks" / f"{val_stem}.png")
+    code, line = exits(train, FOLDER_RUN + ["--data", str(data), "--ignore-index", "255", "--checkpoint-dir",
+                                            str(tmp_path / "runs")], capsys)
+    assert code == 1 and "validation scored no pixel: every pixel of the 1 validation mask(s) is void" in line
+    assert not any((tmp_path / "runs").glob("*/*.pth"))
 
 
 def test_resume_keeps_its_data_and_its_finished_run(shapes_run, tmp_path, capsys):

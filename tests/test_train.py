@@ -16,8 +16,12 @@ import torch
 from PIL import Image
 
 import drawing
+import engine
 import eval as eval_py
+import inference
 import recipe
+import rundir
+import sampling
 import train
 import utils
 from conftest import ROOT
@@ -26,6 +30,9 @@ from checkpoints import load_model
 from inference import evaluate, predict_probs, probs_to_labels
 from checkpoints import load_checkpoint, save_checkpoint
 from drawing import voc_palette
+from errors import CheckpointError
+from model import build_model
+from precision import Precision
 
 # 32 training images in batches of 8: 4 steps an epoch.
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", "--num-val", "6", "--epochs", "3",
@@ -76,7 +83,7 @@ def interrupted_run(argv):
 
 def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(full_run, tmp_path, monkeypatch, capsys):
     # SIGINT during step 6 (epoch 2): the run finishes step 7, saves, and returns instead of dying.
-    interrupt_after(monkeypatch, train.StepRunner, "update", 6)
+    interrupt_after(monkeypatch, engine.StepRunner, "update", 6)
     run_dir = interrupted_run(TINY + ["--checkpoint-dir", str(tmp_path)])
     monkeypatch.undo()
     state = load_checkpoint(run_dir / "last.pth")  # weights_only=True
@@ -103,14 +110,14 @@ def test_stop_during_validation_saves_the_epoch_then_resume_is_exact(full_run, t
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = [0]
-    real_loss = train.segmentation_loss
+    real_loss = engine.segmentation_loss
 
     def loss_turning_nan(*args, **kwargs):
         calls[0] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls[0] == 6 else loss  # batch 2 of epoch 2
 
-    monkeypatch.setattr(train, "segmentation_loss", loss_turning_nan)
+    monkeypatch.setattr(engine, "segmentation_loss", loss_turning_nan)
     with pytest.raises(SystemExit) as stopped:
         train.main(TINY + ["--checkpoint-dir", str(tmp_path)])
     last = next(tmp_path.glob("*/last.pth"))
@@ -192,7 +199,7 @@ def test_schedules_scale_every_parameter_group():
                               steps_per_epoch=10)  # 20 steps, 5 of warm-up
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.01}], lr=0.1)
-    scheduler = train.build_scheduler(optimizer, "poly", plan)
+    scheduler = engine.build_scheduler(optimizer, "poly", plan)
     lrs = []
     for _ in range(20):
         lrs.append([group["lr"] for group in optimizer.param_groups])
@@ -202,7 +209,7 @@ def test_schedules_scale_every_parameter_group():
     assert [lr[0] for lr in lrs] == pytest.approx([0.1 * f for f in expected])
     assert [lr[1] for lr in lrs] == pytest.approx([0.01 * f for f in expected])
     optimizer = torch.optim.SGD(params, lr=0.1)
-    scheduler = train.build_scheduler(optimizer, "cosine", plan)
+    scheduler = engine.build_scheduler(optimizer, "cosine", plan)
     for _ in range(10):  # 5 warm-up steps, then 5 of 15 cosine steps
         optimizer.step()
         scheduler.step()
@@ -218,15 +225,15 @@ def test_load_takes_matching_weights_for_a_new_number_of_classes(full_run, tmp_p
     checkpoint = load_checkpoint(full_run / "best.pth")
     source = checkpoint["model"]
     model_config = train.parse_args(TINY + ["--single-logit"])[3]  # 1 logit instead of 4: the last layer differs
-    model = train.build_model(model_config.model_args(2))
-    train.load_weights(model, "best.pth", checkpoint, num_logits=1)
+    model = build_model(model_config.model_args(2))
+    engine.load_weights(model, "best.pth", checkpoint, num_logits=1)
     state = model.state_dict()
     assert torch.equal(state["inc.0.weight"], source["inc.0.weight"])
     assert state["outc.weight"].shape == (1, 4, 1, 1)
     assert f"loaded {len(state) - 2} of {len(state)} tensors" in capsys.readouterr().out  # all but outc's 2
-    wider = train.build_model({**checkpoint["model_args"], "base_channels": 8})
-    with pytest.raises(train.CheckpointError, match=r"holds another architecture \(\d+ tensor\(s\) differ"):
-        train.load_weights(wider, "best.pth", checkpoint, num_logits=4)
+    wider = build_model({**checkpoint["model_args"], "base_channels": 8})
+    with pytest.raises(CheckpointError, match=r"holds another architecture \(\d+ tensor\(s\) differ"):
+        engine.load_weights(wider, "best.pth", checkpoint, num_logits=4)
 
 
 def test_load_takes_the_architecture_from_the_checkpoint(full_run):
@@ -297,7 +304,7 @@ def test_augmented_resume_is_exact_whatever_the_workers(tmp_path, monkeypatch):
              "--base-channels", "4", "--depth", "2",
              "--lr", "1e-2", "--sample-every", "0"]
     full = train.main(flags + ["--workers", "0", "--checkpoint-dir", str(tmp_path / "full")])
-    interrupt_after(monkeypatch, train.StepRunner, "update", 4)  # in epoch 2 (3 steps an epoch)
+    interrupt_after(monkeypatch, engine.StepRunner, "update", 4)  # in epoch 2 (3 steps an epoch)
     stopped = interrupted_run(flags + ["--workers", "1", "--checkpoint-dir", str(tmp_path / "stopped")])
     monkeypatch.undo()
     assert load_checkpoint(stopped / "last.pth")["epoch"] == 1
@@ -324,7 +331,7 @@ def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_loss_scale(capsys):
     assert checkpoint["scaler"] == {}  # what an fp32 run saves
     _, optimizer, scheduler = sgd_and_schedule()
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    run, rng = train.restore_training(checkpoint, optimizer, scheduler, scaler, rank=0, world_size=1)
+    run, rng = engine.restore_training(checkpoint, optimizer, scheduler, scaler, rank=0, world_size=1)
     assert run == {"epoch": 2, "best_score": 0.25, "metrics": {"miou": 0.25}, "epoch_progress": None}
     assert rng == {"rank": 0}
     assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -334,7 +341,7 @@ def test_fp16_resume_of_an_fp32_checkpoint_starts_a_fresh_loss_scale(capsys):
     # An fp16 run's scale is restored.
     checkpoint["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    train.restore_training(checkpoint, *sgd_and_schedule()[1:], scaler, rank=0, world_size=1)
+    engine.restore_training(checkpoint, *sgd_and_schedule()[1:], scaler, rank=0, world_size=1)
     assert scaler.get_scale() == 1024.0
 
 
@@ -351,7 +358,7 @@ class RandomItems(torch.utils.data.Dataset):
 def test_seeded_items_reseed_the_cpu_generator_alone(monkeypatch):
     """SeededItems seeds each item's draws; reseeding the CUDA generators too (torch.manual_seed) would reset
     the caller's CUDA random state, which fork_rng(devices=[]) does not restore."""
-    items = train.SeededItems(RandomItems())
+    items = sampling.SeededItems(RandomItems())
     caller_state = torch.get_rng_state()
     seeded = []
     for name in ("manual_seed", "manual_seed_all"):
@@ -370,11 +377,11 @@ def test_ddp_searches_for_unused_parameters_only_while_the_encoder_is_frozen(tmp
     try:
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))
         for frozen in (True, False):
-            step_model, ddp = train.wrap_for_steps(model, False, torch.device("cpu"), 2, encoder_frozen=frozen)
+            step_model, ddp = engine.wrap_for_steps(model, False, torch.device("cpu"), 2, encoder_frozen=frozen)
             assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and step_model is ddp
             assert ddp.find_unused_parameters is frozen
-        assert train.wrap_for_steps(model, False, torch.device("cpu"), 2)[1].find_unused_parameters is False
-        assert train.wrap_for_steps(model, False, torch.device("cpu"), 1) == (model, None)
+        assert engine.wrap_for_steps(model, False, torch.device("cpu"), 2)[1].find_unused_parameters is False
+        assert engine.wrap_for_steps(model, False, torch.device("cpu"), 1) == (model, None)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -408,7 +415,7 @@ def budgeted_run_stopped_and_resumed(folder, monkeypatch, capsys):
     """An 8 s run stopped by Ctrl-C in step 30, then resumed: (seconds the resumed run took, seconds its budget
     had left, its last checkpoint)."""
     started = time.monotonic()
-    interrupt_after(monkeypatch, train.StepRunner, "update", 30)
+    interrupt_after(monkeypatch, engine.StepRunner, "update", 30)
     with pytest.raises(SystemExit):
         train.main(BUDGET_RUN + ["--checkpoint-dir", str(folder)], started=started)
     monkeypatch.undo()
@@ -480,6 +487,46 @@ def test_validation_scores_what_eval_py_scores(tmp_path):
     assert trained["iou"] == pytest.approx(scored["iou"], rel=1e-12)
 
 
+def test_validation_out_of_memory_falls_back_to_tiles_as_eval_py_does(tmp_path, monkeypatch, capsys):
+    """A whole validation image that does not fit (torch.OutOfMemoryError, mocked for untiled passes over the
+    160-pixel images) is scored in tiles, as eval.py scores it: the run ends with its checkpoints and sample
+    grid, and its scores are eval.py's with --tile 128, the first fallback tile."""
+    real_predict_probs = inference.predict_probs
+
+    def no_room_for_whole_images(model, images, normalize, **options):
+        if not options.get("tile") and images.shape[-1] > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_predict_probs(model, images, normalize, **options)
+
+    monkeypatch.setattr(inference, "predict_probs", no_room_for_whole_images)
+    run_dir = train.main(["--dataset", "shapes", "--image-size", "160", "--num-train", "4", "--num-val", "2",
+                          "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--base-channels", "4",
+                          "--depth", "2", "--workers", "0", "--sample-every", "1", "--amp", "off",
+                          "--checkpoint-dir", str(tmp_path / "runs")])
+    assert "out of memory on a 160x160 input with no tiles; falling back to --tile 128" in capsys.readouterr().err
+    assert (run_dir / "samples" / "epoch_001.png").is_file()
+    monkeypatch.undo()
+    scores = tmp_path / "scores.json"
+    eval_py.main(["-m", str(run_dir / "best.pth"), "--split", "val", "--tile", "128", "--json", str(scores),
+                  "--workers", "0", "--amp", "off"])
+    scored, trained = json.loads(scores.read_text()), load_checkpoint(run_dir / "best.pth")["metrics"]
+    assert trained["pixel_acc"] == scored["pixel_acc"]
+    assert trained["iou"] == pytest.approx(scored["iou"], rel=1e-12, nan_ok=True)
+
+
+def test_a_failed_run_keeps_its_folder_once_it_holds_a_checkpoint(tmp_path):
+    """A run that fails removes the folder it made only while no checkpoint is in it."""
+    for name, saved in (("unsaved", []), ("saved", ["last.pth"]), ("best only", ["best.pth"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "args.json").write_text("{}")
+        for checkpoint in saved:
+            (folder / checkpoint).write_bytes(b"")
+        with pytest.raises(torch.OutOfMemoryError), rundir.removed_if_unsaved(folder):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        assert folder.exists() == bool(saved)
+
+
 @pytest.mark.parametrize("cores, device, workers", [(1, "cpu", 0), (2, "cpu", 0), (4, "cpu", 3), (1, "cuda", 0),
                                                    (2, "cuda", 1), (16, "cuda", 4)])
 def test_worker_default_follows_the_cores_and_the_device(monkeypatch, cores, device, workers):
@@ -525,8 +572,8 @@ def test_the_loss_sees_fp32_logits_under_autocast():
         seen.append(logits.dtype)
         return logits.mean()
 
-    runner = train.StepRunner(torch.nn.Conv2d(3, 2, 1), None, None, torch.amp.GradScaler("cpu", enabled=False),
-                              criterion, {"mean": [0.5] * 3, "std": [0.5] * 3}, torch.bfloat16)
+    runner = engine.StepRunner(torch.nn.Conv2d(3, 2, 1), None, None, torch.amp.GradScaler("cpu", enabled=False),
+                               criterion, {"mean": [0.5] * 3, "std": [0.5] * 3}, Precision(torch.bfloat16, False, ""))
     runner.forward_backward(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, 4, 4, dtype=torch.long))
     assert seen == [torch.float32]
 
