@@ -397,7 +397,9 @@ def torchrun(args, processes=2):
 def worker(argv):
     """One torchrun process: `train ARGS...` runs train.py with ARGS, `syncbn DEVICE` the SyncBatchNorm check.
     distributed.init_distributed takes GPU LOCAL_RANK: with fewer GPUs than processes, LOCAL_RANK wraps around."""
-    os.environ["LOCAL_RANK"] = str(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    gpus = torch.cuda.device_count()
+    if gpus:
+        os.environ["LOCAL_RANK"] = str(int(os.environ["LOCAL_RANK"]) % gpus)
     kind, *args = argv
     if kind == "train":
         sys.argv = [str(ROOT / "train.py"), *args]
@@ -424,7 +426,7 @@ def check_ddp(options):
     device = torch.device(options.device)
     with tempfile.TemporaryDirectory() as work:
         result = torchrun(["train", *TINY_RUN, "--num-val", "7", "--epochs", "2", "--steps-per-epoch", "4",
-                           "--device", "cuda", "--checkpoint-dir", work])
+                           "--device", device.type, "--checkpoint-dir", work])
         expect(len(re.findall(r"device \S+ x 2,", result.stdout)) == 1, "not one 'device ... x 2' line from rank 0")
         (last,) = Path(work).glob("*/last.pth")
         model, checkpoint = load_model(last, device)
@@ -483,13 +485,14 @@ def syncbn_worker(device_name):
 
 def check_syncbn(options):
     """SyncBatchNorm under torchrun: the numbers of syncbn_worker, then a short train.py --sync-bn run."""
+    device = torch.device(options.device)
     found = reported(torchrun(["syncbn", options.device]).stdout, WORKER_RESULT)
     expect(found["converted"] > 0, "train.prepare_model made no SyncBatchNorm layer")
     expect(found["difference"] <= 1e-4, f"SyncBatchNorm in DDP differs from BatchNorm on the whole batch by "
                                         f"{found['difference']:.2e} (relative)")
     with tempfile.TemporaryDirectory() as work:
         torchrun(["train", *TINY_RUN, "--num-val", "4", "--sync-bn", "--epochs", "1", "--steps-per-epoch", "2",
-                  "--device", "cuda", "--checkpoint-dir", work])
+                  "--device", device.type, "--checkpoint-dir", work])
     return (f"{sharing()}: {found['converted']} SyncBatchNorm layers; outputs, statistics and DDP gradients "
             f"= one BatchNorm over the whole batch (largest relative difference {found['difference']:.1e}); "
             f"train.py --sync-bn ran")
