@@ -99,9 +99,16 @@ def run_script(args, timeout=None, env=None):
                             env={**os.environ, **(env or {})})
     print(f"$ python {' '.join(args)}\n{result.stdout}{result.stderr}", flush=True)
     if result.returncode != 0:
-        name = args[2] if args[0] == "-m" else Path(args[0]).name
+        name = args[1] if args[0] == "-m" else Path(args[0]).name
         raise CheckFailed(f"{name} exited with status {result.returncode}: {error_of(result.stderr)}")
     return result
+
+
+def only_file(folder, pattern, what):
+    """The one file of `folder` that matches `pattern`; CheckFailed saying that `what` made none (or several)."""
+    found = sorted(Path(folder).glob(pattern))
+    expect(len(found) == 1, f"{what} left {len(found)} {pattern} files in {folder}, not one")
+    return found[0]
 
 
 def reported(stdout, prefix=RESULT):
@@ -237,8 +244,7 @@ def check_compile(options):
     with tempfile.TemporaryDirectory() as work:
         run_script(["train.py", *TINY_RUN, "--num-val", "8", "--compile", "--epochs", "1", "--steps-per-epoch", "5",
                     "--device", options.device, "--checkpoint-dir", work])
-        (last,) = Path(work).glob("*/last.pth")
-        load_model(last)  # the plain model's keys, not the compiled wrapper's
+        load_model(only_file(work, "*/last.pth", "train.py --compile"))  # the plain model's keys, not the compiled wrapper's
     return (f"{precision.summary}: first step {seconds[0]:.1f} s (compiling), then {milliseconds(seconds):.1f} "
             f"ms/step against {milliseconds(eager_seconds):.1f} eager, losses within {LOSS_TOLERANCE:.0%} of "
             f"eager's; train.py --compile: 5 steps, its last.pth loads")
@@ -268,7 +274,7 @@ def check_budget(options):
                     work / "runs"])
         seconds = time.monotonic() - start
         expect(seconds <= budget * 1.05, f"train.py --time {budget}s took {seconds:.0f} s")
-        (best,) = (work / "runs").glob("*/best.pth")
+        best = only_file(work / "runs", "*/best.pth", f"train.py --time {budget}s")
         trained = load_checkpoint(best)
         run_script(["eval.py", "-m", best, "--dataset", "shapes", "--split", "val", "--json", work / "scores.json",
                     *device])
@@ -428,8 +434,7 @@ def check_ddp(options):
         result = torchrun(["train", *TINY_RUN, "--num-val", "7", "--epochs", "2", "--steps-per-epoch", "4",
                            "--device", device.type, "--checkpoint-dir", work])
         expect(len(re.findall(r"device \S+ x 2,", result.stdout)) == 1, "not one 'device ... x 2' line from rank 0")
-        (last,) = Path(work).glob("*/last.pth")
-        model, checkpoint = load_model(last, device)
+        model, checkpoint = load_model(only_file(work, "*/last.pth", "train.py under torchrun"), device)
     precision = choose_precision(device)
     precision.prepare(model)
     loader = torch.utils.data.DataLoader(Shapes(7, 32, 0, "val"), batch_size=1)
