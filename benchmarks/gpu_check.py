@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from errors import one_line
+from utils import count
 
 SCRIPT = Path(__file__).resolve()
 RESULT = "gpu_check result: "  # starts the line of a check's process that carries its result, as JSON
@@ -285,7 +286,7 @@ def check_budget(options):
         run_script(["predict.py", "-m", best, "-i", work / "samples" / "images", "-o", work / "predicted", *device])
         accuracy = mask_agreement(work / "predicted", work / "samples" / "masks")
         expect(accuracy >= 0.8, f"predict.py's masks match the truth on only {accuracy:.1%} of the pixels")
-    return (f"train.py --time {budget}s: {seconds:.0f} s, {trained['step']} steps, validation mIoU "
+    return (f"train.py --time {budget}s: {seconds:.0f} s, {count(trained['step'], 'step')}, validation mIoU "
             f"{validation:.4f}; eval.py mIoU {miou:.4f}; predict.py on 4 new images: pixel accuracy {accuracy:.3f}")
 
 

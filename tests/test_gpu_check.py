@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -215,28 +216,54 @@ def test_the_reason_of_a_failed_script_is_its_error_line():
     assert gpu_check.error_of("Killed\n") == "Killed"
 
 
-def test_the_matmul_check_reads_every_row_that_bench_train_prints():
-    """bench_train.py's own output (a tiny CPU run): every configuration row is read, with its printed figures."""
-    result = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--image-size", "32", "--batch-size", "1",
-                             "--base-channels", "4", "--depth", "2", "--steps", "1", "--threads", "1",
-                             "--channels-last", "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    printed = [line for line in result.stdout.splitlines() if " images/s " in line]
-    rows = [gpu_check.BENCH_ROW.match(line) for line in printed]
-    assert len(rows) >= 2 and all(rows)
-    assert [row["name"] for row in rows[:2]] == ["fp32", "fp32 channels_last"]
-    for line, row in zip(printed, rows):
-        assert f"= {row['fraction']} of the {row['dtype']} matmul peak ({row['peak']} TFLOP/s)" in line
-        assert line.split()[len(row["name"].split())] == row["speed"]
+@pytest.fixture
+def bench_train_prints(monkeypatch, capsys):
+    """bench_train.main's output for steps of `seconds` against a matmul peak of 2 TFLOP/s, a step of 1 TFLOP and
+    a bf16 default precision: its own print statements, with the timings mocked."""
+    from benchmarks import bench_train
+    from precision import Precision
+
+    def output(seconds):
+        monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--channels-last"])
+        monkeypatch.setattr(bench_train, "choose_precision", lambda device: Precision(torch.bfloat16, True, "mocked"))
+        monkeypatch.setattr(bench_train, "make_runner", lambda *args, **kwargs: None)
+        monkeypatch.setattr(bench_train, "step_flops", lambda args: 1e12)
+        monkeypatch.setattr(bench_train, "timed_steps", lambda *args: [(seconds, 2e12)])
+        monkeypatch.setattr(bench_train, "conv_gemm_peak", lambda device, dtype: 4e12)
+        bench_train.main()
+        return capsys.readouterr().out
+
+    return output
 
 
-def test_the_step_check_passes_on_a_cpu():
-    """The fp32 check itself, run on the CPU (quick: 10 steps of train.py's StepRunner on a fixed batch)."""
+def test_the_matmul_check_reads_every_row_that_bench_train_prints(bench_train_prints, monkeypatch):
+    output = bench_train_prints(2.0)  # 4 images in 2 s: 2 images/s, 0.5 TFLOP/s = 0.25 of the peak
+    rows = [gpu_check.BENCH_ROW.match(line) for line in output.splitlines() if " images/s " in line]
+    assert len(rows) == 3 and all(rows)
+    assert [(row["name"], row["speed"], row["fraction"], row["dtype"], row["peak"]) for row in rows] == [
+        ("fp32", "2.00", "0.25", "float32", "2.000"), ("fp32 channels_last", "2.00", "0.25", "float32", "2.000"),
+        ("default: bf16 autocast + channels_last", "2.00", "0.25", "bfloat16", "2.000")]
+    monkeypatch.setattr(gpu_check, "run_script", lambda args: SimpleNamespace(stdout=output))
+    assert gpu_check.check_matmul(Options()) == (
+        "fp32: 2.00 images/s, 0.25 of the fp32 (TF32) matmul peak (2 TFLOP/s); fp32 channels_last: 2.00 images/s, "
+        "0.25 of the fp32 (TF32) matmul peak (2 TFLOP/s); default: bf16 autocast + channels_last: 2.00 images/s, "
+        "0.25 of the bf16 matmul peak (2 TFLOP/s)")
+
+
+def test_the_matmul_check_fails_above_the_peak(bench_train_prints, monkeypatch):
+    output = bench_train_prints(0.25)  # 4 TFLOP/s: twice the peak, which a mismeasured peak would give
+    monkeypatch.setattr(gpu_check, "run_script", lambda args: SimpleNamespace(stdout=output))
+    with pytest.raises(CheckFailed, match="fp32: 2.00 of the matmul peak is impossible"):
+        gpu_check.check_matmul(Options())
+
+
+def test_the_step_check_passes_on_a_cpu(monkeypatch):
+    """The fp32 check itself, run on the CPU: 4 steps of train.py's StepRunner on a fixed batch."""
+    monkeypatch.setattr(gpu_check, "step_count", lambda options: 4)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         figure = gpu_check.check_precision(Options("cpu", quick=True), "fp32")
     finally:
         torch.set_num_threads(threads)
-    assert figure.startswith("loss ") and " in 10 steps, " in figure
+    assert figure.startswith("loss ") and " in 4 steps, " in figure
