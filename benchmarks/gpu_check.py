@@ -609,18 +609,43 @@ def run_checks(checks, run_one, out=print):
     return results
 
 
+def process_tree(pid):
+    """`pid` and every process below it, from Linux's /proc: torchrun starts its workers in sessions of their own,
+    out of reach of a kill of the process group."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_tree(pid):
+    for process in process_tree(pid):  # listed before any is killed: orphans would leave the tree
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def in_child(options, logs=None):
-    """run_one for run_checks: the check in a fresh process of this script, killed with its own children (the
-    scripts it runs, torchrun's workers) after the check's time limit. Its output goes to LOGS/NAME.log."""
+    """run_one for run_checks: the check in a fresh process of this script, killed with every process below it
+    (the scripts it runs, torchrun's workers) after the check's time limit. Its output goes to LOGS/NAME.log."""
 
     def run_one(check):
         child = subprocess.Popen([sys.executable, str(SCRIPT), "--child", check.name, options.device,
                                   str(int(options.quick))], cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                 stderr=subprocess.STDOUT, text=True)
         try:
             output, _ = child.communicate(timeout=check.limit)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            kill_tree(child.pid)
             output, _ = child.communicate()
             output += f"\n{RESULT}{json.dumps({'passed': False, 'text': f'timed out after {check.limit} s'})}"
         if logs:

@@ -153,13 +153,14 @@ elif name == "die":
     print("RuntimeError: CUDA error: an illegal memory access was encountered", file=sys.stderr)
     sys.exit(3)
 elif name == "hang":
-    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     print(grandchild.pid, flush=True)
     time.sleep(60)
 """
 
 
 def test_each_check_runs_in_its_own_process_killed_with_its_children_after_its_limit(tmp_path, monkeypatch):
+    """The 'hang' check starts a process in a session of its own, as torchrun starts its workers."""
     fake = tmp_path / "fake_child.py"
     fake.write_text(FAKE_CHILD.format(result=RESULT))
     monkeypatch.setattr(gpu_check, "SCRIPT", fake)
