@@ -1,5 +1,5 @@
-"""GPU check: one command that runs every CUDA path of the project on a GPU machine, in under 8 minutes, and
-prints one line per check: PASS with its figures, or FAIL with the reason in one line.
+"""GPU check: one command that runs every CUDA path of the project on a GPU machine, meant to take under 8
+minutes (not yet timed on one), and prints one line per check: PASS with its figures, or FAIL with the reason.
 
     python benchmarks/gpu_check.py                    # every check, in order
     python benchmarks/gpu_check.py --only oom ddp     # these checks only (--list names them all)
@@ -126,11 +126,11 @@ LEARNING_PER_STEP = 0.003  # the fixed batch's loss must fall by this share a st
 LOSS_TOLERANCE = 0.02  # bf16 and fp16 first losses, compiled and channels_last ones, against the reference
 
 
-def shapes_batch(device, count=16, size=64):
+def shapes_batch(device, batch=16, size=64):
     """A fixed batch of synthetic shapes: uint8 images, masks of shape (1) against background (0), on `device`."""
     from synthetic import Shapes
 
-    images, masks = zip(*(Shapes(count, size, 0, "train")[i] for i in range(count)))
+    images, masks = zip(*(Shapes(batch, size, 0, "train")[i] for i in range(batch)))
     return torch.stack(images).to(device), (torch.stack(masks) > 0).long().to(device)
 
 
@@ -211,7 +211,8 @@ def check_channels_last(options):
     steps = step_count(options)
     plain_losses, plain_seconds, _, _ = train_steps(options, steps, torch.bfloat16)
     losses, seconds, runner, seen = train_steps(options, steps, torch.bfloat16, channels_last=True)
-    expect(seen == {(torch.bfloat16, True)}, f"the model's inputs were not channels_last (dtype, channels_last: {seen})")
+    expect(seen == {(torch.bfloat16, True)},
+           f"the model's inputs were not channels_last under bf16 (dtype, channels_last: {seen})")
     kernels = [p for p in runner.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     expect(all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels),
            "convolution weights left channels_last during the steps")
@@ -245,7 +246,8 @@ def check_compile(options):
     with tempfile.TemporaryDirectory() as work:
         run_script(["train.py", *TINY_RUN, "--num-val", "8", "--compile", "--epochs", "1", "--steps-per-epoch", "5",
                     "--device", options.device, "--checkpoint-dir", work])
-        load_model(only_file(work, "*/last.pth", "train.py --compile"))  # the plain model's keys, not the compiled wrapper's
+        # the plain model's keys, not those of the compiled wrapper (_orig_mod.*)
+        load_model(only_file(work, "*/last.pth", "train.py --compile"))
     return (f"{precision.summary}: first step {seconds[0]:.1f} s (compiling), then {milliseconds(seconds):.1f} "
             f"ms/step against {milliseconds(eager_seconds):.1f} eager, losses within {LOSS_TOLERANCE:.0%} of "
             f"eager's; train.py --compile: 5 steps, its last.pth loads")
@@ -476,7 +478,7 @@ def syncbn_worker(device_name):
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     device, rank, world_size = init_distributed(pick_device(device_name))
-    images, masks = shapes_batch(device, count=4 * world_size, size=32)
+    images, masks = shapes_batch(device, batch=4 * world_size, size=32)
     x, mine = preprocess(images, IMAGENET_NORMALIZE), slice(4 * rank, 4 * rank + 4)
     torch.manual_seed(0)
     single = UNet(3, 2, 8, 2).to(device)
@@ -492,7 +494,8 @@ def syncbn_worker(device_name):
     converted = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     found = all_gather_objects((converted, max(relative_difference(a, b) for a, b in pairs if a.is_floating_point())))
     if rank == 0:
-        print(WORKER_RESULT + json.dumps({"converted": min(c for c, _ in found), "difference": max(d for _, d in found)}))
+        result = {"converted": min(c for c, _ in found), "difference": max(d for _, d in found)}
+        print(WORKER_RESULT + json.dumps(result))
     torch.distributed.destroy_process_group()
 
 
@@ -556,7 +559,8 @@ def check_matmul(options):
     result = run_script(["benchmarks/bench_train.py", "--device", options.device, "--batch-size", GPU_BATCH,
                          "--steps", 1 if options.quick else 2])
     rows = [match.groupdict() for match in map(BENCH_ROW.match, result.stdout.splitlines()) if match]
-    expect(any(row["dtype"] == "bfloat16" for row in rows), f"no bf16 row in bench_train.py's output ({len(rows)} rows)")
+    expect(any(row["dtype"] == "bfloat16" for row in rows),
+           f"no bf16 row in bench_train.py's output ({len(rows)} rows)")
     for row in rows:
         expect(0 <= float(row["fraction"]) <= 1, f"{row['name']}: {row['fraction']} of the matmul peak is impossible")
     return "; ".join(f"{row['name']}: {row['speed']} images/s, {row['fraction']} of the "
@@ -707,7 +711,7 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=NAMES, default=None, metavar="NAME",
                    help=f"run only these checks: {', '.join(NAMES)}")
     p.add_argument("--quick", action="store_true",
-                   help="shorter checks: --time 1m, a 4,000 x 4,000 image, fewer steps (about half the time)")
+                   help="shorter checks: --time 1m, 4,000 x 4,000 images, fewer steps")
     p.add_argument("--device", default="cuda", help="the GPU to check: cuda or cuda:N (torchrun checks: GPUs 0, 1)")
     p.add_argument("--logs", default=None, metavar="DIR", help="write each check's full output to DIR/NAME.log")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
