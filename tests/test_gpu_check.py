@@ -1,6 +1,8 @@
 """benchmarks/gpu_check.py without a GPU: the CPU path (no GPU: exit 0; bad arguments: one line, status 2), the
 runner with mocked checks (a failing check is one FAIL line and the others still run; the exit status), the
 process that runs each check (results, crashes, time limits), and the figures it reads from bench_train.py."""
+import ast
+import importlib
 import json
 import os
 import subprocess
@@ -269,3 +271,16 @@ def test_the_step_check_passes_on_a_cpu(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert figure.startswith("loss ") and " in 4 steps, " in figure
+
+
+def test_every_name_the_checks_import_exists():
+    """The checks import the project's functions when they run, which only a GPU machine does: each name must
+    exist, so that one moved to another module (train.py's split) shows here, in CI, not on the next GPU."""
+    tree = ast.parse(Path(gpu_check.__file__).read_text())
+    names = [(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             for alias in node.names]
+    names += [(alias.name, None) for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert ("train", "make_loader") in names and ("benchmarks.bench_train", "make_runner") in names
+    missing = [f"{module}.{name}" for module, name in names
+               if name and not hasattr(importlib.import_module(module), name)]
+    assert missing == []
