@@ -459,8 +459,14 @@ def check_ddp(options):
             f"{trained['pixel_acc']:.4f} = one process's {single['miou']:.4f}, {single['pixel_acc']:.4f}")
 
 
-def relative_difference(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+def relative_difference(pairs):
+    """||a - b|| / ||b|| over all the (a, b) tensor pairs taken as one vector each (the floating-point ones): a
+    tensor that is nearly zero on both sides cannot blow it up."""
+    pairs = [(a.flatten().double(), b.flatten().double()) for a, b in pairs if b.is_floating_point()]
+    if not pairs:
+        return 0.0
+    a, b = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def syncbn_worker(device_name):
@@ -489,10 +495,11 @@ def syncbn_worker(device_name):
     segmentation_loss(outputs, masks[mine]).backward()
     reference = single(x)
     segmentation_loss(reference, masks).backward()
-    pairs = [(outputs, reference[mine])] + [(a.grad, b.grad) for a, b in zip(synced.parameters(), single.parameters())]
-    pairs += list(zip(synced.buffers(), single.buffers()))
+    gradients = [(a.grad, b.grad) for a, b in zip(synced.parameters(), single.parameters())]
+    difference = max(relative_difference(pairs) for pairs in ([(outputs, reference[mine])], gradients,
+                                                              list(zip(synced.buffers(), single.buffers()))))
     converted = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
-    found = all_gather_objects((converted, max(relative_difference(a, b) for a, b in pairs if a.is_floating_point())))
+    found = all_gather_objects((converted, difference))
     if rank == 0:
         result = {"converted": min(c for c, _ in found), "difference": max(d for _, d in found)}
         print(WORKER_RESULT + json.dumps(result))
