@@ -119,7 +119,7 @@ def reported(stdout, prefix=RESULT):
     return json.loads(lines[-1][len(prefix):])
 
 
-# --- training steps: train.py's StepRunner, through bench_train.make_runner --------------------------------------
+# --- training steps: engine.StepRunner (train.py's step), through bench_train.make_runner -------------------------
 
 STEP_MODEL = SimpleNamespace(base_channels=16, depth=3)  # a small U-Net: the checks test paths, not speed
 LEARNING_PER_STEP = 0.003  # the fixed batch's loss must fall by this share a step (about 0.0075 measured on a CPU)
@@ -135,9 +135,10 @@ def shapes_batch(device, batch=16, size=64):
 
 
 def train_steps(options, steps, amp_dtype=None, channels_last=False, compile=False):
-    """`steps` optimisation steps of train.py's StepRunner (bench_train.make_runner builds it) on one fixed batch,
-    from the same initial weights whatever the options. Returns (losses, seconds of each step, runner, the dtypes
-    of the model's outputs and whether its inputs were channels_last: seen through a hook, without compile)."""
+    """`steps` optimisation steps of train.py's StepRunner (engine.py; bench_train.make_runner builds it) on one
+    fixed batch, from the same initial weights whatever the options. Returns (losses, seconds of each step, runner,
+    the dtypes of the model's outputs and whether its inputs were channels_last: seen through a hook, without
+    compile)."""
     from benchmarks.bench_train import make_runner, sync
 
     device = torch.device(options.device)
@@ -470,7 +471,7 @@ def relative_difference(pairs):
 
 
 def syncbn_worker(device_name):
-    """Each process runs its half of a batch through train.prepare_model's SyncBatchNorm U-Net in DDP; outputs,
+    """Each process runs its half of a batch through engine.prepare_model's SyncBatchNorm U-Net in DDP; outputs,
     BatchNorm statistics and gradients must equal those of one plain U-Net on the whole batch (fp32, no TF32)."""
     import copy
 
@@ -479,7 +480,7 @@ def syncbn_worker(device_name):
     from losses import segmentation_loss
     from model import IMAGENET_NORMALIZE, UNet
     from precision import choose_precision
-    from train import prepare_model, wrap_for_steps
+    from engine import prepare_model, wrap_for_steps
     from utils import pick_device
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -509,7 +510,7 @@ def syncbn_worker(device_name):
 def check_syncbn(options):
     """SyncBatchNorm under torchrun: the numbers of syncbn_worker (the ddp check runs train.py --sync-bn)."""
     found = reported(torchrun(["syncbn", options.device]).stdout, WORKER_RESULT)
-    expect(found["converted"] > 0, "train.prepare_model made no SyncBatchNorm layer")
+    expect(found["converted"] > 0, "engine.prepare_model made no SyncBatchNorm layer")
     expect(found["difference"] <= 1e-4, f"SyncBatchNorm in DDP differs from BatchNorm on the whole batch by "
                                         f"{found['difference']:.2e} (relative)")
     return (f"{sharing()}: {found['converted']} SyncBatchNorm layers; outputs, statistics and DDP gradients "
@@ -531,10 +532,11 @@ def copy_bandwidth(tensor, device, repeats=5):
 
 
 def check_pinned(options):
-    """train.make_loader's batches are in pinned memory and arrive whole after a non_blocking copy; the pinned
-    and pageable copy speeds."""
+    """sampling.make_loader's batches (train.py's loader) are in pinned memory and arrive whole after a
+    non_blocking copy; the pinned and pageable copy speeds."""
+    from sampling import EpochSampler, SeededItems, make_loader
     from synthetic import Shapes
-    from train import EpochSampler, SeededItems, TrainConfig, make_loader
+    from train import TrainConfig
 
     device, batches = torch.device(options.device), 8
     dataset = Shapes(64, 64, 0, "train")
