@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from class_tables import check_class_names, read_class_names, read_colour_table
-from errors import ColourMaskError, ConfigError, DatasetError, check_at_least
+from errors import ColourMaskError, ConfigError, DatasetError, check_at_least, check_seeds
 from images import header_size, open_image, open_mask, packed_colour, scaled_size, to_tensor, unpacked_colour
 from metrics import IGNORE_INDEX
 from pairs import check_values, existing, found_mask_values, held_out, list_files, pair_by_stem, read_ids, \
@@ -66,6 +66,8 @@ class DataConfig:
             raise ConfigError(f"--scale must lie in (0, 4], got {self.scale:g}")
         if self.ignore_index is not None and not 0 <= self.ignore_index < 65536:
             raise ConfigError(f"--ignore-index must be a mask value in [0, 65535], got {self.ignore_index}")
+        self.check_mask_values()
+        check_seeds(data_seed=self.data_seed)
         if bool(self.images) != bool(self.masks) and self.dataset in ("auto", "folder"):
             raise ConfigError("--images and --masks go together: name both folders")
         if (self.roi or self.mask_colors) and self.dataset not in ("auto", "folder"):
@@ -75,6 +77,19 @@ class DataConfig:
             raise ConfigError("--ignore-index names a void value, but these masks are colour-coded: name the void "
                               "colour in the --mask-colors table instead (a line 'R G B void', as '0 0 0 Void')")
         return self
+
+    def check_mask_values(self):
+        """--mask-values: mask pixels are 8- or 16-bit (or colours, saved by a run on colour-coded masks), and each
+        value names one class."""
+        values = [tuple(value) for value in self.mask_values] if colour_coded(self.mask_values) else \
+            self.mask_values or []
+        outside = [value for value in values if not isinstance(value, tuple) and not 0 <= value < 65536]
+        if outside:
+            raise ConfigError(f"--mask-values must be mask values in [0, 65535], got {outside[0]}")
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            raise ConfigError(f"--mask-values names {', '.join(map(str, repeated))} more than once; give each "
+                              f"class's value once, in class order")
 
 
 def colour_coded(mask_values):

@@ -39,6 +39,17 @@ def check_at_least(minimum, **values):
             raise ConfigError(f"--{name.replace('_', '-')} {need}, got {value:g}")
 
 
+MAX_SEED = 2 ** 63 - 1  # seeds are mixed into 63-bit ones (utils.derived_seed); torch takes at most 2^64 - 1
+
+
+def check_seeds(**values):
+    """ConfigError naming the first seed flag (given as dest=value) outside [0, MAX_SEED]."""
+    for name, value in values.items():
+        if not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number from 0 to 2^63 - 1 "
+                              f"({MAX_SEED}), got {value}")
+
+
 def one_line(error, limit=200):
     """An exception's message on one line (its lines joined), cut to `limit` characters; its type if empty."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__

@@ -1,6 +1,8 @@
 """The command-line flags the scripts share, one argparse group per config they fill (DataConfig,
 AugmentConfig, ModelConfig, InferenceConfig), and config_from to build a config from the parsed values."""
+import argparse
 import dataclasses
+import math
 
 from datasets import DATASETS
 from model import ENCODERS
@@ -11,6 +13,18 @@ def config_from(config_class, values):
     """A config dataclass from a dict of parsed flags (vars(args)): the fields it has, the rest left out."""
     names = {field.name for field in dataclasses.fields(config_class)}
     return config_class(**{key: value for key, value in values.items() if key in names})
+
+
+def finite_float(text):
+    """argparse type of every float flag: a number, never NaN or infinite, which would slip past every range
+    check (NaN compares false with everything) and surface later as a NaN loss or a traceback."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"needs a finite number, got '{text}'")
+    return value
 
 
 def add_dataset_args(parser):
@@ -37,14 +51,14 @@ def add_dataset_args(parser):
     group.add_argument("--roi", default=None, metavar="DIR",
                        help="folder of region-of-interest masks named like the masks (non-zero inside): pixels "
                             "outside are left out of the loss and the scores")
-    group.add_argument("--val-percent", type=float, default=10.0,
+    group.add_argument("--val-percent", type=finite_float, default=10.0,
                        help="validation share of carvana (whole cars) and folder data")
     group.add_argument("--verify", action="store_true",
                        help="check every pair before training (readable, same size, known values); cached; "
                             "always on for folder")
     group.add_argument("--skip-bad", action="store_true",
                        help="leave out unreadable files, naming them with a count, instead of stopping")
-    group.add_argument("--scale", type=float, default=None,
+    group.add_argument("--scale", type=finite_float, default=None,
                        help="resize factor applied when loading (default: 0.5 for carvana, 1 otherwise)")
     group.add_argument("--image-size", type=int, default=64, help="side of the synthetic shapes images")
     group.add_argument("--num-train", type=int, default=2000, help="synthetic training images")
@@ -58,13 +72,13 @@ def add_augment_args(parser):
     group.add_argument("--crop-size", type=int, default=None,
                        help="side of the random training crop (0: none; default: 256 on CPUs, 512 on GPUs, at most "
                             "the typical image's shorter side)")
-    group.add_argument("--zoom", type=float, nargs=2, default=[0.7, 1.4], metavar=("MIN", "MAX"),
+    group.add_argument("--zoom", type=finite_float, nargs=2, default=[0.7, 1.4], metavar=("MIN", "MAX"),
                        help="random zoom range applied before the crop (nnU-Net's)")
-    group.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (0: off)")
-    group.add_argument("--rotate", type=float, default=10.0, help="largest random rotation in degrees (0: off)")
-    group.add_argument("--jitter", type=float, default=0.0,
+    group.add_argument("--hflip", type=finite_float, default=0.5, help="probability of a horizontal flip (0: off)")
+    group.add_argument("--rotate", type=finite_float, default=10.0, help="largest random rotation in degrees (0: off)")
+    group.add_argument("--jitter", type=finite_float, default=0.0,
                        help="brightness, contrast and saturation jitter (0: off)")
-    group.add_argument("--elastic", type=float, default=None, metavar="PROB",
+    group.add_argument("--elastic", type=finite_float, default=None, metavar="PROB",
                        help="probability of a smooth random elastic deformation (U-Net paper; 0: off; default: on "
                             "for small datasets, chosen by the training recipe)")
     group.add_argument("--no-augment", action="store_true", help="no random augmentation at all")
@@ -83,7 +97,7 @@ def add_model_args(parser):
     group.add_argument("--decoder-channels", type=int, nargs="+", default=None, metavar="N",
                        help="encoder U-Net: decoder widths, deepest first (None: 256 128 64 32, then 16 for "
                             "ResNet and DenseNet)")
-    group.add_argument("--encoder-lr-factor", type=float, default=0.1,
+    group.add_argument("--encoder-lr-factor", type=finite_float, default=0.1,
                        help="the encoder's learning rate is --lr times this")
     group.add_argument("--freeze-encoder-epochs", type=int, default=0,
                        help="train only the decoder (encoder weights and BatchNorm statistics fixed) for this "
@@ -101,12 +115,12 @@ def add_inference_args(parser, scale=True):
     parser that has its own --scale (eval.py's data flags)."""
     group = parser.add_argument_group("inference")
     if scale:
-        group.add_argument("-s", "--scale", type=float, default=None,
+        group.add_argument("-s", "--scale", type=finite_float, default=None,
                            help="resize factor applied before the model (default: the one it was trained with, "
                                 "saved in the checkpoint); outputs have the input's size")
     group.add_argument("--tile", type=int, default=None, metavar="SIZE",
                        help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
-    group.add_argument("--overlap", type=float, default=0.5,
+    group.add_argument("--overlap", type=finite_float, default=0.5,
                        help="fraction of a tile shared with its neighbour (default: 0.5)")
     group.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average with the horizontally flipped image's prediction")

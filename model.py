@@ -323,6 +323,21 @@ class ModelConfig:
             decoder_widths(encoder, self.decoder_channels)
         return self
 
+    def output_stride(self):
+        """Input pixels per pixel of the deepest features (the built model's output_stride), from the flags."""
+        encoder = self.encoder_name()
+        if encoder == "none":
+            return 2 ** self.depth
+        return 16 if self.arch == "unet" and encoder_family(encoder) == "vgg" else 32
+
+    def check_training_side(self, side, flag, zero=""):
+        """ConfigError when training images of `side` pixels are too small for the model: its max-pool layers
+        would halve them to nothing. `zero` says what 0 means for the flag, when it is allowed."""
+        stride = self.output_stride()
+        if (side or not zero) and side < stride:
+            raise ConfigError(f"{flag} must be {zero + 'or ' if zero else ''}at least {stride}, the model's output "
+                              f"stride (it halves the image {stride.bit_length() - 1} times), got {side}")
+
     def encoder_name(self):
         return "vgg13" if self.arch == "fcn" and self.encoder == "none" else self.encoder
 

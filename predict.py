@@ -23,7 +23,7 @@ from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
 from drawing import viz_picture, write_pictures
 from errors import ConfigError, ImageReadError, UserError, check_at_least, one_line
-from flags import add_inference_args, config_from
+from flags import add_inference_args, config_from, finite_float
 from images import IMAGE_EXTENSIONS, read_image
 from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
                        use_precision)
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("-o", "--output", nargs="+", default=None,
                    help="one .png mask file per input image, or one folder (default: <stem>_mask.png beside "
                         "each input)")
-    p.add_argument("-t", "--mask-threshold", type=float, default=None,
+    p.add_argument("-t", "--mask-threshold", type=finite_float, default=None,
                    help="foreground probability threshold of single-logit models (default: 0.5)")
     p.add_argument("-v", "--viz", action="store_true",
                    help="also write <stem>_viz.png, the image and its mask side by side (with -n: show them)")

@@ -30,6 +30,9 @@ GPU_BATCH, GPU_CROP = 16, 512
 MAX_BATCH = 16
 DEFAULT_EPOCHS = 10  # train.py without --time or --epochs
 UNITS = {"s": 1, "m": 60, "h": 3600}
+# The least --time: start-up (importing PyTorch, reading the data: 2-3 s on a small CPU), one timed step, one
+# validation and one checkpoint save, and the 1 s exit margin (Deadline) must fit in it.
+MIN_BUDGET = 5.0
 
 
 def parse_duration(text):
@@ -40,6 +43,12 @@ def parse_duration(text):
     seconds = sum(float(number) * UNITS[unit] for number, unit in parts)
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"the time budget must be positive, got '{text}'")
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"the time budget must be a finite duration, got '{text}'")
+    if seconds < MIN_BUDGET:
+        raise argparse.ArgumentTypeError(
+            f"the least time budget is {MIN_BUDGET:g}s, got '{text}': start-up, one timed training step, one "
+            f"validation, one checkpoint save and a 1 s exit margin must fit in it")
     return seconds
 
 

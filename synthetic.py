@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from drawing import label_image
+from errors import ConfigError, check_at_least, check_seeds
 from metrics import IGNORE_INDEX
 from utils import count
 
@@ -73,7 +74,7 @@ class Shapes(torch.utils.data.Dataset):
 
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Write synthetic shapes images to OUT/images and their true masks "
                                                  "(class ids in a palette PNG) to OUT/masks: a folder that eval.py "
                                                  "scores as it is (python eval.py --images OUT/images --masks "
@@ -82,7 +83,12 @@ def main():
     parser.add_argument("--count", type=int, default=2, help="number of images")
     parser.add_argument("--image-size", type=int, default=256, help="side of each image")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        check_at_least(1, count=args.count, image_size=args.image_size)
+        check_seeds(seed=args.seed)
+    except ConfigError as e:
+        parser.error(str(e))
     images, masks = Path(args.out) / "images", Path(args.out) / "masks"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(exist_ok=True)

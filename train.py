@@ -22,8 +22,8 @@ from distributed import all_gather_objects, all_reduce_sum, average_across_proce
     is_distributed
 from engine import StepRunner, build_runner, build_scheduler, load_all_weights, load_weights, \
     prepare_model, restore_training, time_training_step, wrap_for_steps
-from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, error_line
-from flags import add_augment_args, add_dataset_args, add_model_args, add_precision_args, config_from
+from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, check_seeds, error_line
+from flags import add_augment_args, add_dataset_args, add_model_args, add_precision_args, config_from, finite_float
 from inference import evaluate
 from interrupts import RunInterrupted, StopRequest
 from precision import Precision, choose_precision
@@ -55,18 +55,18 @@ def get_args_parser():
                    help=f"images per step and process (default: {CPU_BATCH} on CPUs; on GPUs {GPU_BATCH} at crop "
                         f"256, fewer for larger crops)")
     o.add_argument("--accumulate", type=int, default=1, help="batches whose gradients add up to one step")
-    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    o.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    o.add_argument("--lr", type=finite_float, default=1e-3, help="peak learning rate")
+    o.add_argument("--weight-decay", type=finite_float, default=1e-4, help="weight decay")
     o.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"], help="optimizer")
-    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum")
     o.add_argument("--scheduler", default="poly", choices=["poly", "cosine", "constant"],
                    help="learning-rate decay over the run, per step (poly: (1 - t/T)^0.9)")
-    o.add_argument("--warmup-epochs", type=float, default=None,
+    o.add_argument("--warmup-epochs", type=finite_float, default=None,
                    help=f"linear learning-rate warm-up (default: {WARMUP_SHARE * 100:g}%% of the steps)")
-    o.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    o.add_argument("--clip-grad", type=finite_float, default=0.0, help="clip the gradient norm to this (0: off)")
     o.add_argument("--loss", default="ce+dice", choices=["ce", "dice", "ce+dice"],
                    help="cross-entropy (BCE for a single logit), soft Dice, or their sum (nnU-Net's default)")
-    o.add_argument("--class-weights", type=float, nargs="+", default=None, metavar="W",
+    o.add_argument("--class-weights", type=finite_float, nargs="+", default=None, metavar="W",
                    help="cross-entropy weight of each class, background first (two for a single logit)")
     o.add_argument("--metric", default="miou", choices=["miou", "dice"],
                    help="validation score that picks best.pth (dice: foreground Dice for two classes)")
@@ -109,6 +109,11 @@ def parse_args(argv=None):
             flags = vars(p.parse_args(argv))
         configs = [config_from(kind, flags).check()
                    for kind in (TrainConfig, DataConfig, AugmentConfig, ModelConfig)]
+        _, data, augment, model_config = configs
+        if augment.crop_size is not None:
+            model_config.check_training_side(augment.crop_size, "--crop-size", zero="0 (no crop) ")
+        if data.dataset == "shapes":
+            model_config.check_training_side(data.image_size, "--image-size")
     except (ConfigError, CheckpointError) as e:
         p.error(str(e))
     return (*configs, flags)
@@ -186,6 +191,7 @@ class TrainConfig:
                        sample_every=self.sample_every)
         if self.class_weights and min(self.class_weights) < 0:
             raise ConfigError(f"--class-weights cannot be negative, got {self.class_weights}")
+        check_seeds(seed=self.seed)
         pick_device(self.device)
         check_run_name(self.name)
         return self

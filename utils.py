@@ -12,18 +12,35 @@ from errors import ConfigError
 
 
 def pick_device(name):
-    """--device: 'auto' (CUDA when available), or a torch device name ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    """--device: 'auto' (CUDA when available), or a device of this machine ('cpu', 'cuda', 'cuda:1', 'mps');
+    ConfigError naming the devices there are otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"--device '{name}' is not a device; this machine has {', '.join(available_devices())}") \
+            from None
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"--device {name}: the CPU is one device, 'cpu'; this machine has "
+                          f"{', '.join(available_devices())}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"--device {name}: there is no such GPU; this machine has {', '.join(available_devices())}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: this machine has no Apple GPU (MPS); it has "
+                          f"{', '.join(available_devices())}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: the scripts run on cpu, cuda or mps devices; this machine has "
+                          f"{', '.join(available_devices())}")
     return device
+
+
+def available_devices():
+    """The --device names this machine offers: 'cpu', 'cuda:0'..., 'mps'."""
+    cuda = [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ["cpu", *cuda] + (["mps"] if torch.backends.mps.is_available() else [])
 
 
 def default_workers(device_type=None):

@@ -106,6 +106,84 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert all(p.is_dir() for p in made)
 
 
+NOT_FINITE = "needs a finite number, got"
+
+
+# Every float flag of the scripts: NaN and infinities slip past range checks (NaN compares false with everything).
+@pytest.mark.parametrize("script, argv", [
+    *[(train, TINY + [flag, value]) for flag in ("--rotate", "--jitter", "--weight-decay", "--warmup-epochs",
+                                                 "--clip-grad", "--lr", "--momentum", "--hflip", "--elastic",
+                                                 "--val-percent", "--scale", "--encoder-lr-factor")
+      for value in ("nan", "inf")],
+    (train, TINY + ["--zoom", "0.7", "inf"]),
+    (train, TINY + ["--zoom", "nan", "1"]),
+    (train, TINY + ["--class-weights", "1", "nan", "1", "1"]),
+    (train, TINY + ["--class-weights", "1", "1", "inf", "1"]),
+    (eval_script, ["--overlap", "nan"]),
+    (eval_script, ["--scale", "inf"]),
+    (predict, ["-i", "x.png", "-s", "nan"]),
+    (predict, ["-i", "x.png", "--overlap=-inf"]),
+    (predict, ["-i", "x.png", "-t", "nan"]),
+])
+def test_float_flags_must_be_finite(script, argv, capsys):
+    code, line = exits(script, argv, capsys)
+    assert code == 2 and NOT_FINITE in line
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (train, TINY + ["--time", "1s"], "the least time budget is 5s, got '1s': start-up, one timed training step"),
+    (train, TINY + ["--time", "0.5s"], "the least time budget is 5s, got '0.5s'"),
+    (train, ["--dataset", "shapes", "--time", "9" * 400 + "s"], "must be a finite duration"),
+    (train, TINY + ["--crop-size", "1"], "--crop-size must be 0 (no crop) or at least 4, the model's output stride"),
+    (train, TINY + ["--crop-size", "3"], "--crop-size must be 0 (no crop) or at least 4"),
+    (train, ["--dataset", "shapes", "--crop-size", "15"], "--crop-size must be 0 (no crop) or at least 16"),
+    (train, ["--dataset", "shapes", "--encoder", "resnet18", "--crop-size", "31"], "or at least 32"),
+    (train, TINY + ["--image-size", "1"], "--image-size must be at least 4, the model's output stride (it halves the "
+                                          "image 2 times), got 1"),
+    (train, TINY + ["--seed", "-1"], "--seed must be a whole number from 0 to 2^63 - 1"),
+    (train, TINY + ["--seed", str(2 ** 64)], f"--seed must be a whole number from 0 to 2^63 - 1 (9223372036854775807), "
+                                             f"got {2 ** 64}"),
+    (train, TINY + ["--data-seed", "-5"], "--data-seed must be a whole number from 0 to 2^63 - 1"),
+    (train, TINY + ["--mask-values", "70000"], "--mask-values must be mask values in [0, 65535], got 70000"),
+    (train, TINY + ["--mask-values", "-1", "0", "255"], "--mask-values must be mask values in [0, 65535], got -1"),
+    (train, TINY + ["--mask-values", "0", "1", "1"], "--mask-values names 1 more than once"),
+    (train, TINY + ["--device", "mps"], "--device mps: this machine has no Apple GPU (MPS); it has cpu"),
+    (train, TINY + ["--device", "meta"], "--device meta: the scripts run on cpu, cuda or mps devices; this machine "
+                                         "has cpu"),
+    (train, TINY + ["--device", "cpu:5"], "--device cpu:5: the CPU is one device, 'cpu'; this machine has cpu"),
+    (predict, ["-i", "x.png", "--device", "meta"], "the scripts run on cpu, cuda or mps devices"),
+])
+def test_impossible_values_name_the_least_or_the_range(script, argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "this machine has cpu" on a GPU box too
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code, line = exits(script, argv, capsys)
+    assert code == 2 and message in line
+
+
+def test_eval_refuses_repeated_mask_values(shapes_run, capsys):
+    code, line = exits(eval_script, ["-m", str(shapes_run / "best.pth"), "--split", "val", "--mask-values", "0", "0",
+                                     "1", "2", "--workers", "0"], capsys)
+    assert code == 1 and "--mask-values names 0 more than once" in line
+
+
+def test_synthetic_refuses_a_seed_out_of_range(capsys):
+    import synthetic
+    code, line = exits(synthetic, ["--seed", "-1", "--out", "unused"], capsys)
+    assert code == 2 and "--seed must be a whole number from 0 to 2^63 - 1" in line
+
+
+def test_a_gpu_beyond_those_present_names_the_ones_there(monkeypatch):
+    from errors import ConfigError
+    from utils import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"^--device cuda:2: there is no such GPU; this machine has cpu, cuda:0, "
+                                          r"cuda:1$"):
+        pick_device("cuda:2")
+
+
 def test_training_refuses_bad_places_and_data_before_the_work(tmp_path, capsys):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
