@@ -1,4 +1,6 @@
 """Checkpoints: written atomically, read safely (weights_only=True), and the model one describes rebuilt."""
+import dataclasses
+import math
 import os
 import pickle
 import tempfile
@@ -7,6 +9,7 @@ from pathlib import Path
 import torch
 
 from errors import CheckpointError, one_line
+from recipe import Plan
 
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "mask_values", "normalize")
 
@@ -55,7 +58,59 @@ def load_checkpoint(path, map_location="cpu"):
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"'{path}' is not a checkpoint written by train.py (missing: {', '.join(missing)})")
+    check_contents(state, path)
     return state
+
+
+def check_contents(state, path):
+    """CheckpointError for what would otherwise give wrong numbers without a word: mask values that are not
+    whole numbers, a normalisation that divides by zero, weights that hold NaN or infinities."""
+    values = state["mask_values"]
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                        for v in values):
+        raise CheckpointError(f"'{path}' is damaged: its mask values must be whole numbers, got {values}")
+    if not valid_normalization(state["normalize"]):
+        raise CheckpointError(f"'{path}' is damaged: its input normalisation must hold one finite mean and one "
+                              f"positive std per channel, got {state['normalize']}")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise CheckpointError(f"'{path}' is damaged: its 'model' entry is not a state_dict of tensors")
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"'{path}' holds weights that are not finite (NaN or infinite values in {name}), "
+                                  f"from a run that diverged: use an earlier checkpoint or train again")
+
+
+def valid_normalization(normalize):
+    """{"mean": [...], "std": [...]}: as many finite means as finite positive stds (a zero std makes NaNs)."""
+    if not isinstance(normalize, dict):
+        return False
+    mean, std = normalize.get("mean"), normalize.get("std")
+    return finite_numbers(mean) and finite_numbers(std) and len(mean) == len(std) and min(std) > 0
+
+
+def finite_numbers(values):
+    return isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        isinstance(x, (int, float)) and math.isfinite(x) for x in values)
+
+
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "epoch", "best_score", "metrics", "epoch_progress", "step")
+
+
+def check_resumable(state, path):
+    """CheckpointError unless `state` holds all that continuing its run needs (train.py --resume): the training
+    state, and a plan (when it has one) that this code's Plan can be rebuilt from."""
+    missing = [key for key in RESUME_KEYS if key not in state]
+    plan = state.get("plan") or {}
+    fields = {field.name: field for field in dataclasses.fields(Plan)}
+    if plan:
+        missing += [f"plan.{name}" for name, field in fields.items()
+                    if field.default is dataclasses.MISSING and name not in plan]
+    unknown = sorted(set(plan) - set(fields))
+    if missing or unknown:
+        what = f"lacks {', '.join(missing)}" if missing else f"has a plan with unknown field(s) {', '.join(unknown)}"
+        raise CheckpointError(f"'{path}' cannot be continued: it {what}, so this train.py did not save it; start a "
+                              f"new run from its weights with --load {path}")
 
 
 def newest_checkpoint(root="checkpoints", name="best.pth"):

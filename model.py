@@ -288,6 +288,9 @@ class FCN8s(nn.Module):
 IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
+TRAINING_FLAGS = ("encoder_lr_factor", "freeze_encoder_epochs")  # ModelConfig fields on how to train, not what
+
+
 @dataclass
 class ModelConfig:
     """The architecture flags of train.py (see flags.py), turned into a checkpoint's model_args by model_args."""
@@ -302,8 +305,9 @@ class ModelConfig:
     bilinear: bool = False
     single_logit: bool = False
 
-    def check(self):
-        """ConfigError for impossible or clashing flags, before any data is read."""
+    def check(self, reads_weights=True):
+        """ConfigError for impossible or clashing flags, before any data is read. reads_weights=False: the
+        --encoder-weights file is not read (the weights come from a checkpoint), so it need not exist."""
         if self.arch not in ("unet", "fcn"):
             raise ConfigError(f"--arch must be unet or fcn, got '{self.arch}'")
         check_at_least(1, base_channels=self.base_channels, depth=self.depth)
@@ -314,7 +318,7 @@ class ModelConfig:
                 raise ConfigError("--encoder-weights and --decoder-channels need --encoder (a pretrained encoder)")
             return self
         weights = self.encoder_weights
-        if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+        if reads_weights and weights not in ("imagenet", "none") and not os.path.isfile(weights):
             raise ConfigError(f"--encoder-weights '{weights}' is neither 'imagenet', 'none' nor an existing file")
         check_encoder(encoder, self.arch)
         if self.arch == "fcn" and self.decoder_channels is not None:

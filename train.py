@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from datasets import DataConfig, build_dataset, load_scale, resolve_data
 from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
     is_distributed
@@ -29,7 +29,8 @@ from interrupts import RunInterrupted, StopRequest
 from precision import Precision, choose_precision
 from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, WARMUP_SHARE, \
     Deadline, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, plan_run, replan
-from model import ModelConfig, build_model, count_parameters, input_normalization, set_encoder_frozen
+from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, input_normalization, \
+    set_encoder_frozen
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
@@ -103,12 +104,13 @@ def parse_args(argv=None):
             p.set_defaults(**saved)
             flags = vars(p.parse_args(argv))
             check_same_data(saved, flags, args.resume)
-        elif args.load:  # the architecture of the loaded model, unless flags name another
-            model_flags = {field.name for field in dataclasses.fields(ModelConfig)}
+        elif args.load:  # the architecture of the loaded model, unless flags name another; how to train it: ours
+            model_flags = {field.name for field in dataclasses.fields(ModelConfig)} - set(TRAINING_FLAGS)
             p.set_defaults(**{k: v for k, v in resume_defaults(p, args.load, "--load").items() if k in model_flags})
             flags = vars(p.parse_args(argv))
-        configs = [config_from(kind, flags).check()
-                   for kind in (TrainConfig, DataConfig, AugmentConfig, ModelConfig)]
+        configs = [config_from(kind, flags).check() for kind in (TrainConfig, DataConfig, AugmentConfig)]
+        # --resume and --load take the weights of the checkpoint, never --encoder-weights: it may have moved.
+        configs.append(config_from(ModelConfig, flags).check(reads_weights=not (args.resume or args.load)))
         _, data, augment, model_config = configs
         if augment.crop_size is not None:
             model_config.check_training_side(augment.crop_size, "--crop-size", zero="0 (no crop) ")
@@ -132,7 +134,10 @@ def check_same_data(saved, flags, path):
 def resume_defaults(parser, path, flag="--resume"):
     """The flags the run of checkpoint `path` was started with (for --resume, and --load's architecture)."""
     try:
-        saved = load_checkpoint(path).get("args", {})
+        checkpoint = load_checkpoint(path)
+        if flag == "--resume":
+            check_resumable(checkpoint, path)
+        saved = checkpoint.get("args", {})
     except CheckpointError as e:
         raise CheckpointError(f"{flag}: {e}") from None
     known = {action.dest for action in parser._actions}

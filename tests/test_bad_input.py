@@ -318,6 +318,82 @@ def test_checkpoints_that_are_not_ours(tmp_path, capsys):
     assert not marker.exists()
 
 
+def altered(checkpoint_path, folder, change):
+    """A copy of the checkpoint at `checkpoint_path`, in `folder`, after `change(state)`."""
+    state = torch.load(checkpoint_path, weights_only=True)
+    change(state)
+    path = folder / "altered.pth"
+    torch.save(state, path)
+    return path
+
+
+# What a checkpoint must hold, with what it held and what the scripts say; for --resume also the training state.
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("optimizer"), "cannot be continued: it lacks optimizer"),
+    (lambda s: s.pop("rng"), "cannot be continued: it lacks rng"),
+    (lambda s: s["plan"].update(extra=1), "cannot be continued: it has a plan with unknown field(s) extra"),
+    (lambda s: s["plan"].pop("total_steps"), "cannot be continued: it lacks plan.total_steps"),
+    (lambda s: s.pop("normalize"), "not a checkpoint written by train.py (missing: normalize)"),
+])
+def test_resume_refuses_a_checkpoint_it_cannot_continue(shapes_run, tmp_path, change, message, capsys):
+    path = altered(shapes_run / "last.pth", tmp_path, change)
+    code, line = exits(train, ["--resume", str(path)], capsys)
+    assert code == 2 and message in line and str(path) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["altered.pth"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(mask_values=[0.5, 1, 2, 3]), "its mask values must be whole numbers, got [0.5, 1, 2, 3]"),
+    (lambda s: s.update(mask_values=[0, 1, True, 3]), "its mask values must be whole numbers"),
+    (lambda s: s.update(normalize={"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}),
+     "its input normalisation must hold one finite mean and one positive std per channel"),
+    (lambda s: s.update(normalize={"mean": [0.5, float("nan"), 0.5], "std": [0.2] * 3}),
+     "its input normalisation must hold"),
+    (lambda s: s["model"]["inc.0.weight"].__setitem__((1, 2, 0, 1), float("nan")),
+     "holds weights that are not finite (NaN or infinite values in inc.0.weight)"),
+    (lambda s: s["model"]["outc.weight"].__setitem__(0, float("-inf")),
+     "NaN or infinite values in outc.weight"),
+])
+@pytest.mark.parametrize("script", [predict, eval_script, export, train])
+def test_checkpoints_that_would_give_wrong_numbers_are_refused(shapes_run, tmp_path, change, message, script,
+                                                               capsys):
+    path = altered(shapes_run / "best.pth", tmp_path, change)
+    argv = {predict: ["-m", str(path), "-i", str(tmp_path), "-o", str(tmp_path / "out")],
+            eval_script: ["-m", str(path), "--split", "val", "--workers", "0"],
+            export: ["-m", str(path), "-o", str(tmp_path / "m.onnx")],
+            train: TINY + ["--load", str(path), "--checkpoint-dir", str(tmp_path / "runs")]}[script]
+    code, line = exits(script, argv, capsys)
+    assert code in (1, 2) and message in line and str(path) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["altered.pth"]
+
+
+def test_resume_and_load_do_not_read_the_encoder_weights_file(shapes_run, tmp_path):
+    """The weights come from the checkpoint: an --encoder-weights file moved since the run began is not needed."""
+    def encoder_run(state):
+        state["args"].update(encoder="resnet18", encoder_weights=str(tmp_path / "moved.pth"))
+
+    path = altered(shapes_run / "last.pth", tmp_path, encoder_run)
+    for flag in ("--resume", "--load"):
+        *_, model_config, flags = train.parse_args([flag, str(path)])
+        assert (model_config.encoder, model_config.encoder_weights) == ("resnet18", str(tmp_path / "moved.pth"))
+    with pytest.raises(SystemExit):  # a new run reads it: still refused
+        train.parse_args(["--encoder", "resnet18", "--encoder-weights", str(tmp_path / "moved.pth")])
+
+
+def test_load_takes_this_runs_training_flags_and_resume_the_runs_own(shapes_run, tmp_path):
+    def fine_tuned(state):
+        state["args"].update(freeze_encoder_epochs=3, encoder_lr_factor=0.5)
+
+    path = altered(shapes_run / "last.pth", tmp_path, fine_tuned)
+    *_, model_config, _ = train.parse_args(["--load", str(path)])
+    assert (model_config.freeze_encoder_epochs, model_config.encoder_lr_factor) == (0, 0.1)  # the defaults
+    assert model_config.base_channels == 4  # the architecture is the checkpoint's
+    *_, model_config, _ = train.parse_args(["--load", str(path), "--freeze-encoder-epochs", "2"])
+    assert model_config.freeze_encoder_epochs == 2
+    *_, model_config, _ = train.parse_args(["--resume", str(path)])
+    assert (model_config.freeze_encoder_epochs, model_config.encoder_lr_factor) == (3, 0.5)
+
+
 def test_predict_goes_on_past_bad_and_tiny_images(shapes_run, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
