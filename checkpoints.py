@@ -3,40 +3,30 @@ import dataclasses
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from errors import CheckpointError, one_line
 from recipe import Plan
+from utils import replaced_atomically
 
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "mask_values", "normalize")
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, then rename: a crash mid-save leaves the old file intact."""
+    """Write to a temporary file in the same folder, then rename: a save that fails (a full disk) or is killed
+    leaves the old file intact. CheckpointError with one line when the save fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed (kill -9)
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with replaced_atomically(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; checkpoints follow the umask
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    except (OSError, RuntimeError) as e:  # a full disk: OSError from the file, RuntimeError from torch's writer
+        kept = ("the checkpoint saved there before is intact" if path.is_file()
+                else "no checkpoint was saved there yet")
+        raise CheckpointError(f"saving the checkpoint '{path}' failed ({one_line(e, 120)}: is the disk full?); "
+                              f"{kept}") from None
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -10,6 +10,7 @@ import numpy as np
 
 from errors import DatasetError, ImageReadError
 from images import IMAGE_EXTENSIONS, checked_image_size, mask_values_of, unpacked_colour
+from utils import replaced_atomically
 
 
 def size_mismatch(image_path, image_size, mask_path, mask_size):
@@ -163,8 +164,8 @@ def scan_pairs(pairs, skip_bad=False, colours=False):
         path = cache_file(folder, colours)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text(json.dumps(caches[folder]))
-            os.replace(path.with_suffix(".tmp"), path)
+            with replaced_atomically(path) as f:  # every torchrun process may write it: each its own temporary
+                f.write(json.dumps(caches[folder]).encode())
         except OSError as e:
             print(f"note: could not cache the check of '{folder}' in '{path}' ({e}); it will run again",
                   file=sys.stderr)

@@ -1,8 +1,11 @@
 """Small helpers the scripts share: the device, data-loader workers, seeds and random states, warnings."""
 import os
 import random
+import secrets
+import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +68,53 @@ def check_folder(folder, flag):
     except OSError as e:
         raise ConfigError(f"{flag}: cannot write in '{folder}' ({e.strerror}); choose a writable folder") from None
     return folder
+
+
+@contextmanager
+def replaced_atomically(path):
+    """A binary file to write `path`'s new contents into: a temporary file beside it, named for this writer alone
+    (machine, process, random part) and made with the umask's permissions, as open() makes files. It replaces
+    `path` in one step (os.replace) once written and synced; on any failure it is removed, and `path` keeps
+    its old contents."""
+    path = Path(path)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f"{temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def temporary_prefix(path):
+    return f".{path.name}.{socket.gethostname()}."
+
+
+def remove_stale_temporaries(path):
+    """The temporary files of `path` left by writers of this machine that died mid-write (kill -9); never those
+    of a writer still running, nor another machine's (on a shared disk)."""
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there
+        return
+    prefix = temporary_prefix(path)
+    for tmp in path.parent.glob(f"{prefix}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def progress_bars():

@@ -3,6 +3,7 @@ at fault, with no traceback, and nothing the user had is lost or overwritten. Sc
 case runs eval.py in a subprocess to see what a data-loader worker's error looks like on the terminal."""
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -19,9 +20,11 @@ import predict
 import rundir
 import train
 from checkpoints import load_checkpoint, save_checkpoint
+from errors import CheckpointError
 from conftest import ROOT
 from images import read_image
 from pairs import held_out
+from utils import replaced_atomically
 
 TINY = ["--dataset", "shapes", "--image-size", "32", "--num-train", "16", "--num-val", "4", "--epochs", "1",
         "--steps-per-epoch", "2", "--batch-size", "8", "--base-channels", "4", "--depth", "2", "--workers", "0",
@@ -442,12 +445,79 @@ def test_16_bit_images_keep_their_brightness(tmp_path, top):
     assert read_image(tmp_path / "deep.png")[0, 0].tolist() == [0, round(top * 255 / 65535)]
 
 
-def test_checkpoints_follow_the_umask_and_leave_no_temporary_files(tmp_path):
-    previous = os.umask(0o022)
+def test_checkpoints_follow_the_umask_without_changing_it(tmp_path, monkeypatch):
+    """os.umask sets the mask to read it: another thread creating a file meanwhile would get mode 0666."""
+    previous = os.umask(0o027)
     try:
-        (tmp_path / ".last.pth.abc123.tmp").write_bytes(b"")  # left by a save killed with kill -9
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("save_checkpoint changed the umask"))
         save_checkpoint({"x": torch.zeros(1)}, tmp_path / "last.pth")
     finally:
+        monkeypatch.undo()
         os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "last.pth").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "last.pth").stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def test_a_save_removes_only_its_own_and_dead_writers_temporary_files(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left_by_kill_9 = tmp_path / f".last.pth.{host}.{dead.stdout.strip()}.1a2b3c4d.tmp"
+    being_written = tmp_path / f".last.pth.{host}.{os.getppid()}.5e6f7a8b.tmp"  # a live process's save
+    other_machine = tmp_path / f".last.pth.another-host.{dead.stdout.strip()}.9c0d1e2f.tmp"
+    for path in (left_by_kill_9, being_written, other_machine):
+        path.write_bytes(b"partial")
+    save_checkpoint({"x": torch.zeros(1)}, tmp_path / "last.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pth", being_written.name, other_machine.name])
+
+
+def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
+    """torchrun processes each write the mask-scan cache: interleaved writes must not clobber one another."""
+    target = tmp_path / "cache.json"
+    with replaced_atomically(target) as first, replaced_atomically(target) as second:
+        first.write(b"first")
+        second.write(b"second")
+        assert len(list(tmp_path.glob(".cache.json.*.tmp"))) == 2
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+
+
+def test_the_scan_cache_is_written_under_a_name_of_its_own(tmp_path, monkeypatch):
+    import pairs
+    data = make_folder(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rival = pairs.cache_file(data / "masks").with_suffix(".tmp")  # the name every process used to share
+    rival.parent.mkdir(parents=True)
+    rival.write_text("another process's cache, half written")
+    pairs.scan_pairs(pairs.pair_by_stem(data / "imgs", data / "masks"))
+    assert rival.read_text() == "another process's cache, half written"
+    assert len(json.loads(pairs.cache_file(data / "masks").read_text())) == 4
+
+
+def full_disk(state, f):
+    f.write(b"half a checkpoint")
+    raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+
+def test_a_full_disk_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    save_checkpoint({"step": torch.tensor(1)}, tmp_path / "last.pth")
+    before = fingerprint(tmp_path / "last.pth")
+    monkeypatch.setattr(torch, "save", full_disk)
+    for name, kept in [("last.pth", "the checkpoint saved there before is intact"),
+                       ("best.pth", "no checkpoint was saved there yet")]:
+        with pytest.raises(CheckpointError) as failed:
+            save_checkpoint({"step": torch.tensor(2)}, tmp_path / name)
+        assert str(failed.value) == (f"saving the checkpoint '{tmp_path / name}' failed ([enforce fail at "
+                                     f"inline_container.cc:664] . unexpected pos 64 vs 0: is the disk full?); {kept}")
+    assert fingerprint(tmp_path / "last.pth") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="ulimit -f: Linux")
+def test_training_on_a_full_disk_ends_in_one_line(tmp_path):
+    """ulimit -f 100: the run folder's small files fit, its first checkpoint (about 150 kB) does not."""
+    command = " ".join([sys.executable, "train.py", *TINY, "--checkpoint-dir", str(tmp_path)])
+    result = subprocess.run(["bash", "-c", f"ulimit -f 100 && {command}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and "last.pth' failed" in errors[0] and "is the disk full?" in errors[0]
+    assert not list(tmp_path.glob("*/.*.tmp"))
