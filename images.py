@@ -59,6 +59,8 @@ def decoding(path):
         raise ImageReadError(f"'{path}' does not exist") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"'{path}' is not an image file that PIL can read") from None
+    except Image.DecompressionBombError as e:  # a header that claims more pixels than memory could hold
+        raise ImageReadError(f"'{path}' is refused: {str(e).rstrip('.')}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"'{path}' could not be decoded, the file may be corrupt or truncated ({e})") from None
 

@@ -125,6 +125,8 @@ def file_stamp(path):
         stat = path.stat()
     except FileNotFoundError:
         raise ImageReadError(f"'{path}' does not exist") from None
+    except OSError as e:  # a symbolic link that loops, a file without read permission
+        raise ImageReadError(f"'{path}' cannot be read ({e.strerror})") from None
     return [stat.st_mtime_ns, stat.st_size]
 
 

@@ -101,8 +101,13 @@ def expand_inputs(names):
     paths, problems, masks = [], [], []
     for name in names:
         path = Path(name)
+        if broken_link(path):
+            problems.append(f"'{name}' is a symbolic link that loops or leads nowhere")
+            continue
         if path.is_dir():
             candidates = sorted(path.iterdir())
+            problems += [f"'{p}' is a symbolic link that loops or leads nowhere" for p in candidates
+                         if p.suffix.lower() in IMAGE_EXTENSIONS and broken_link(p)]
         elif any(c in name for c in "*?[") and not path.exists():
             candidates = sorted(map(Path, glob.glob(name)))
         else:
@@ -117,6 +122,10 @@ def expand_inputs(names):
         print(f"note: skipped {count(len(masks), 'true mask')} ('{masks[0]}' and others named <image>_mask beside "
               f"their image): they are masks, not images to segment")
     return list(dict.fromkeys(paths)), problems
+
+
+def broken_link(path):
+    return path.is_symlink() and not path.exists()  # exists() follows the link: False for a loop
 
 
 def is_folder_name(name):

@@ -3,11 +3,14 @@ at fault, with no traceback, and nothing the user had is lost or overwritten. Sc
 case runs eval.py in a subprocess to see what a data-loader worker's error looks like on the terminal."""
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
+import struct
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -222,6 +225,50 @@ def test_a_truncated_jpeg_is_caught_up_front(tmp_path, capsys):
     code, line = exits(train, FOLDER_RUN + ["--data", str(data), "--checkpoint-dir", str(tmp_path / "runs")], capsys)
     assert code == 1 and str(jpeg) in line and "truncated" in line and "--skip-bad" in line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def decompression_bomb(path, side=100_000):
+    """A valid PNG header that claims side x side RGB pixels (30 GB decoded), with one byte of data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def symlink_loop(path):
+    path.symlink_to(path.name)
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (decompression_bomb, "is refused: Image size (10000000000 pixels) exceeds limit"),
+    (symlink_loop, "cannot be read (Too many levels of symbolic links)"),
+])
+def test_a_bomb_or_a_symlink_loop_in_the_data_is_named(tmp_path, make_bad, message, capsys):
+    data = make_folder(tmp_path / "data", count=6)
+    for folder in ("imgs", "masks"):
+        make_bad(data / folder / "bad.png")
+    argv = FOLDER_RUN + ["--data", str(data), "--checkpoint-dir", str(tmp_path / "runs")]
+    code, line = exits(train, argv, capsys)
+    assert code == 1 and f"'{data / 'imgs' / 'bad.png'}' {message}" in line and "--skip-bad" in line
+    run_dir = train.main(argv + ["--skip-bad"])
+    out, err = capsys.readouterr()
+    assert f"skipped 1 unreadable pair(s): '{data / 'imgs' / 'bad.png'}' {message}" in err
+    assert sum(map(int, re.search(r"(\d+) train / (\d+) val images", out).groups())) == 6  # the good pairs
+    with pytest.raises(SystemExit) as stopped:
+        predict.main(["-m", str(run_dir / "best.pth"), "-i", str(data / "imgs"), "-o", str(tmp_path / "out"),
+                      "--workers", "0"])
+    summary = str(stopped.value.code).splitlines()
+    assert summary[0] == "error: 1 of 7 inputs failed:" and "bad.png" in summary[1] and len(summary) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i}_mask.png" for i in range(6)]
+
+
+def test_predict_names_a_symlink_loop_given_as_input(tmp_path, shapes_run):
+    symlink_loop(tmp_path / "loop.png")
+    with pytest.raises(SystemExit) as stopped:
+        predict.main(["-m", str(shapes_run / "best.pth"), "-i", str(tmp_path / "loop.png"), "-o", str(tmp_path)])
+    assert str(stopped.value.code).splitlines() == [
+        "error: 1 of 1 inputs failed:", f"  '{tmp_path / 'loop.png'}' is a symbolic link that loops or leads nowhere"]
 
 
 def test_masks_without_zero_train_with_rotation(tmp_path):
