@@ -74,8 +74,10 @@ def hardware_choice(device):
         return None, False, False, "this CPU has no native bf16: neither AMX nor AVX512-BF16"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        # Without including_emulation=False, T4s and V100s report bf16 that they only emulate.
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        # Without including_emulation=False, T4s and V100s report bf16 that they only emulate. torch answers for
+        # the current GPU: made `device` for the question (--device cuda:1 on a machine of mixed GPUs).
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
         tensor_cores = major >= 7
         why = (f"this GPU: compute capability {major}.{minor}, {'native bf16' if native else 'no native bf16'}, "
                f"{'tensor cores' if tensor_cores else 'no tensor cores'}")

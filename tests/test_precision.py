@@ -23,12 +23,34 @@ def simulate_cpu(monkeypatch, amx=False, avx512_bf16=False):
 def simulate_gpu(monkeypatch, capability, native_bf16):
     """A CUDA GPU of that compute capability; is_bf16_supported answers for native support only, as it must be
     asked (T4s and V100s emulate bf16)."""
+    simulate_gpus(monkeypatch, [(capability, native_bf16)])
+
+
+def simulate_gpus(monkeypatch, gpus):
+    """CUDA GPUs, (capability, native bf16) each, cuda:0 the current one; torch.cuda.device(...) makes another
+    current for a while, and is_bf16_supported, as torch's, answers for the current GPU."""
+    current = [0]
+
+    def index(device):
+        return 0 if device is None else torch.device(device).index or 0
+
+    class device_context:
+        def __init__(self, device):
+            self.index, self.previous = index(device), current[0]
+
+        def __enter__(self):
+            current[0] = self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
     def is_bf16_supported(including_emulation=True):
         assert including_emulation is False
-        return native_bf16
+        return gpus[current[0]][1]
 
+    monkeypatch.setattr(torch.cuda, "device", device_context)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus[index(device)][0])
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, native", [(True, True, "AMX"), (False, True, "AVX512-BF16")])
@@ -47,6 +69,14 @@ def test_avx2_cpus_stay_fp32_contiguous(monkeypatch):
     assert precision.describe() == "fp32 (this CPU has no native bf16: neither AMX nor AVX512-BF16)"
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: no native bf16
     assert cpu_native_bf16() is None
+
+
+def test_the_chosen_gpu_is_asked_about_bf16_not_the_current_one(monkeypatch):
+    """A T4 as cuda:0 (the current GPU) beside an A100 as cuda:1: --device cuda:1 runs bf16, cuda:0 fp16."""
+    simulate_gpus(monkeypatch, [((7, 5), False), ((8, 0), True)])
+    assert choose_precision(torch.device("cuda:1")).dtype == torch.bfloat16
+    assert choose_precision(torch.device("cuda:0")).dtype == torch.float16
+    assert choose_precision(CUDA).dtype == torch.float16
 
 
 @pytest.mark.parametrize("capability, native_bf16, dtype, channels_last", [
