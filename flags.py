@@ -70,8 +70,8 @@ def add_dataset_args(parser):
 def add_augment_args(parser):
     group = parser.add_argument_group("augmentation")
     group.add_argument("--crop-size", type=int, default=None,
-                       help="side of the random training crop (0: none; default: 256 on CPUs, 512 on GPUs, at most "
-                            "the typical image's shorter side)")
+                       help="side of the random training crop (0: none; else at least the model's output stride; "
+                            "default: 256 on CPUs, 512 on GPUs, at most the typical image's shorter side)")
     group.add_argument("--zoom", type=finite_float, nargs=2, default=[0.7, 1.4], metavar=("MIN", "MAX"),
                        help="random zoom range applied before the crop (nnU-Net's)")
     group.add_argument("--hflip", type=finite_float, default=0.5, help="probability of a horizontal flip (0: off)")

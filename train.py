@@ -27,8 +27,9 @@ from flags import add_augment_args, add_dataset_args, add_model_args, add_precis
 from inference import evaluate
 from interrupts import RunInterrupted, StopRequest
 from precision import Precision, choose_precision
-from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, WARMUP_SHARE, \
-    Deadline, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, plan_run, replan
+from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_BUDGET, MIN_STEPS_PER_EPOCH, \
+    WARMUP_SHARE, Deadline, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, plan_run, \
+    replan
 from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, input_normalization, \
     set_encoder_frozen
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
@@ -45,7 +46,8 @@ def get_args_parser():
     add_model_args(p)
     o = p.add_argument_group("optimisation")
     o.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
-                   help="wall-clock budget of the whole run (90s, 10m, 2h): the run plans its steps to end within it")
+                   help=f"wall-clock budget of the whole run (90s, 10m, 2h; at least {MIN_BUDGET:g}s): the run plans "
+                        f"its steps to end within it")
     o.add_argument("--epochs", type=int, default=None,
                    help=f"train for this many epochs instead of a --time budget (default without --time: "
                         f"{DEFAULT_EPOCHS})")
@@ -86,7 +88,7 @@ def get_args_parser():
     r.add_argument("--workers", type=int, default=None,
                    help="data-loader worker processes (default: usable CPU cores - 1, at most 4; 0 when the model "
                         "runs on 2 CPU cores or fewer)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    r.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (0 to 2^63 - 1)")
     return p
 
 
