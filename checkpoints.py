@@ -1,7 +1,6 @@
 """Checkpoints: written atomically, read safely (weights_only=True), and the model one describes rebuilt."""
 import dataclasses
 import math
-import os
 import pickle
 from pathlib import Path
 
