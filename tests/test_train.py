@@ -134,7 +134,8 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_interrupted_save_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    old = {"model": {"w": torch.ones(3)}, "model_args": {}, "classes": [], "mask_values": [], "normalize": {}}
+    old = {"model": {"w": torch.ones(3)}, "model_args": {}, "classes": [], "mask_values": [],
+           "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}}
     save_checkpoint(old, path)
 
     def save_half_then_ctrl_c(state, f):
