@@ -55,9 +55,10 @@ def check_contents(state, path):
     """CheckpointError for what would otherwise give wrong numbers without a word: mask values that are not
     whole numbers, a normalisation that divides by zero, weights that hold NaN or infinities."""
     values = state["mask_values"]
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                        for v in values):
-        raise CheckpointError(f"'{path}' is damaged: its mask values must be whole numbers, got {values}")
+    if not isinstance(values, (list, tuple)) or not all(whole_number(v) or isinstance(v, (list, tuple)) and len(v) == 3
+                                                        and all(map(whole_number, v)) for v in values):
+        raise CheckpointError(f"'{path}' is damaged: its mask values must be whole numbers (or R G B colours of them), "
+                              f"got {values}")
     if not valid_normalization(state["normalize"]):
         raise CheckpointError(f"'{path}' is damaged: its input normalisation must hold one finite mean and one "
                               f"positive std per channel, got {state['normalize']}")
@@ -68,6 +69,10 @@ def check_contents(state, path):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"'{path}' holds weights that are not finite (NaN or infinite values in {name}), "
                                   f"from a run that diverged: use an earlier checkpoint or train again")
+
+
+def whole_number(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def valid_normalization(normalize):

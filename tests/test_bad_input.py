@@ -393,8 +393,11 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(shapes_run, tmp_path, ch
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s.update(mask_values=[0.5, 1, 2, 3]), "its mask values must be whole numbers, got [0.5, 1, 2, 3]"),
+    (lambda s: s.update(mask_values=[0.5, 1, 2, 3]),
+     "its mask values must be whole numbers (or R G B colours of them), got [0.5, 1, 2, 3]"),
     (lambda s: s.update(mask_values=[0, 1, True, 3]), "its mask values must be whole numbers"),
+    (lambda s: s.update(mask_values=[[0, 0, 0], [0, 0.5, 0], [1, 1, 1], [2, 2, 2]]), "must be whole numbers (or R G B"),
+    (lambda s: s.update(mask_values=[[0, 0], [1, 1], [2, 2], [3, 3]]), "must be whole numbers (or R G B colours"),
     (lambda s: s.update(normalize={"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}),
      "its input normalisation must hold one finite mean and one positive std per channel"),
     (lambda s: s.update(normalize={"mean": [0.5, float("nan"), 0.5], "std": [0.2] * 3}),
@@ -415,6 +418,12 @@ def test_checkpoints_that_would_give_wrong_numbers_are_refused(shapes_run, tmp_p
     code, line = exits(script, argv, capsys)
     assert code in (1, 2) and message in line and str(path) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["altered.pth"]
+
+
+def test_checkpoints_of_colour_coded_masks_load(shapes_run, tmp_path):
+    colours = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [0, 0, 128]]
+    path = altered(shapes_run / "best.pth", tmp_path, lambda s: s.update(mask_values=colours))
+    assert load_checkpoint(path)["mask_values"] == colours
 
 
 def test_resume_and_load_do_not_read_the_encoder_weights_file(shapes_run, tmp_path):
