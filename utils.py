@@ -144,13 +144,14 @@ def seed_everything(seed):
 
 
 def rng_states():
-    """The Python, NumPy, torch and CUDA random states, as plain lists and tensors (weights_only-loadable)."""
+    """The Python, NumPy, torch and every GPU's CUDA random states, as plain lists and tensors
+    (weights_only-loadable)."""
     python = random.getstate()
     numpy = np.random.get_state(legacy=False)
     return {"python": list(python[1]), "python_gauss": python[2],
             "numpy_key": numpy["state"]["key"].tolist(), "numpy_pos": int(numpy["state"]["pos"]),
             "numpy_gauss": [int(numpy["has_gauss"]), float(numpy["gauss"])], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def set_rng_states(states):
@@ -160,5 +161,9 @@ def set_rng_states(states):
                          "state": {"key": np.array(states["numpy_key"], dtype=np.uint32),
                                    "pos": states["numpy_pos"]}})
     torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(states["cuda"])
+    cuda = states["cuda"]
+    if cuda is not None and torch.cuda.is_initialized():
+        if isinstance(cuda, torch.Tensor):  # saved before every GPU's state was: the current GPU's alone
+            torch.cuda.set_rng_state(cuda)
+        else:  # the GPUs this machine has, of those saved
+            torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])

@@ -361,6 +361,25 @@ class RandomItems(torch.utils.data.Dataset):
         return index + torch.rand(3)
 
 
+def test_checkpoints_hold_and_restore_every_gpus_random_state(tmp_path, monkeypatch):
+    """Two GPUs (CUDA calls mocked): a checkpoint holds both generators' states and a resume restores both; a
+    checkpoint of the current GPU's state alone (older runs) still restores it."""
+    gpus = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state.clone() for state in gpus])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(("all", states)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(("current", state)))
+    torch.save({"rng": [utils.rng_states()]}, tmp_path / "rng.pth")
+    saved = torch.load(tmp_path / "rng.pth", weights_only=True)["rng"][0]
+    utils.set_rng_states(saved)
+    ((which, states),) = restored
+    assert which == "all" and [s.tolist() for s in states] == [[1, 2], [3, 4]]
+    utils.set_rng_states({**saved, "cuda": gpus[1]})
+    assert restored[1][0] == "current" and restored[1][1].tolist() == [3, 4]
+
+
 def test_seeded_items_reseed_the_cpu_generator_alone(monkeypatch):
     """SeededItems seeds each item's draws; reseeding the CUDA generators too (torch.manual_seed) would reset
     the caller's CUDA random state, which fork_rng(devices=[]) does not restore."""
