@@ -226,7 +226,13 @@ def main(argv=None, started=STARTED):
                 torch.distributed.destroy_process_group()
     except UserError as e:  # bad data met while loading too: last.pth, saved atomically, is intact
         sys.exit(f"error: {error_line(e)}")
-    except RunInterrupted:
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing was saved, and nothing changed
+        print(f"interrupted during start-up: nothing was saved"
+              + (f"; {config.resume} is unchanged" if config.resume else ""), file=sys.stderr)
+        sys.exit(130)
+    except RunInterrupted as e:
+        if str(e):
+            print(e, file=sys.stderr)
         sys.exit(130)
 
 
@@ -273,8 +279,8 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
                       Deadline(plan.budget, plan.spent, started) if plan.budget else None)
     start_session(session, len(train_set))
     new_folder = None if config.resume else session.run_dir
-    with StopRequest() as stop, removed_if_unsaved(new_folder), resume_hint_on_bad_data(lambda: session.last_good):
-        train_epochs(session, model_config.freeze_encoder_epochs, train_loader, epoch_sampler, resume_rng, stop)
+    with session.stop, removed_if_unsaved(new_folder), resume_hints(lambda: session.last_good):
+        train_epochs(session, model_config.freeze_encoder_epochs, train_loader, epoch_sampler, resume_rng)
         check_made_a_model(session)
     if main_process:
         deadline = session.deadline
@@ -329,6 +335,7 @@ class Session:
     run_dir: Path | None = None
     log: RunLog | None = None
     last_good: Path | None = None  # the last checkpoint saved, to resume from
+    stop: StopRequest = dataclasses.field(default_factory=StopRequest)
 
     @property
     def main_process(self):
@@ -339,16 +346,20 @@ class Session:
         return self.runner.scheduler.last_epoch
 
     def save(self, name):
-        """Every process calls it (the RNG states are gathered); rank 0 writes."""
+        """Every process calls it (the RNG states are gathered); rank 0 writes, and returns the path."""
         rng = all_gather_objects(rng_states())
         if self.main_process:
             runner, plan = self.runner, self.plan
             plan.spent = self.deadline.used() if self.deadline else 0.0
-            save_checkpoint({**self.meta, **self.run, "model": self.model.state_dict(),
-                             "optimizer": runner.optimizer.state_dict(), "scheduler": runner.scheduler.state_dict(),
-                             "scaler": runner.scaler.state_dict(), "step": self.step, "args": self.flags,
-                             "plan": plan.as_dict(), "rng": rng}, self.run_dir / name)
-            return self.run_dir / name
+            path = self.run_dir / name
+            with self.stop.saving_checkpoint():
+                save_checkpoint({**self.meta, **self.run, "model": self.model.state_dict(),
+                                 "optimizer": runner.optimizer.state_dict(),
+                                 "scheduler": runner.scheduler.state_dict(), "scaler": runner.scaler.state_dict(),
+                                 "step": self.step, "args": self.flags, "plan": plan.as_dict(), "rng": rng}, path)
+                if name == "last.pth":
+                    self.last_good = path
+            return path
 
     def out_of_time(self):
         """No room left in the budget for another step and the epoch's validation and saves."""
@@ -395,7 +406,7 @@ def check_made_a_model(s):
                             f"{s.last_good}")
 
 
-def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_rng, stop):
+def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_rng):
     """Trains, validates and saves epoch after epoch to the plan's last step (re-planned after each epoch with
     a --time budget). Raises RunInterrupted once a stop request is honoured (a resumable last.pth saved)."""
     encoder_frozen = None
@@ -409,7 +420,7 @@ def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_r
             encoder_frozen = frozen
         epochs = s.run["epoch"] + math.ceil((s.plan.total_steps - s.step) / s.plan.steps_per_epoch)  # as planned
         start = time.perf_counter()
-        ended, loss = train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng, stop)
+        ended, loss = train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng)
         trained = time.perf_counter() - start
         if ended == "time":  # the budget ends with this epoch
             s.plan.total_steps = s.step
@@ -418,15 +429,16 @@ def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_r
         s.plan.epoch_end_seconds = max(epoch_ends)
         if s.deadline and ended != "time":
             replan(s.plan, s.step, s.deadline)
-        if any_process(stop.requested, s.device):
+        if any_process(s.stop.requested, s.device):
             if s.main_process:
                 print(f"stopped after epoch {epoch}: continue with --resume {s.last_good}")
             raise RunInterrupted
 
 
-def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng, stop):
+def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng):
     """(how the epoch ended, its mean training loss): trains epoch `epoch` (of `epochs` planned), or the rest of
-    it after a resume, and measures the seconds a step takes. A stop request saves last.pth and raises RunInterrupted."""
+    it after a resume, and measures the seconds a step takes. A stop request saves last.pth and raises
+    RunInterrupted."""
     config, plan = s.config, s.plan
     start = time.perf_counter()
     steps = min(plan.steps_per_epoch, plan.total_steps - s.step)
@@ -439,7 +451,7 @@ def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng, stop)
         set_rng_states(resume_rng)  # resumed mid-epoch
     epoch_sampler.set_epoch(epoch, progress["batches"], progress["batch"])
     try:
-        ended = train_one_epoch(s.runner, train_loader, epoch, epochs, config.accumulate, s.device, stop,
+        ended = train_one_epoch(s.runner, train_loader, epoch, epochs, config.accumulate, s.device, s.stop,
                                 progress, s.main_process, s.out_of_time)
     except NonFiniteLoss as e:
         where = f"the last good checkpoint is {s.last_good}" if s.last_good else "no checkpoint was saved yet"
@@ -469,7 +481,7 @@ def validate_and_save(s, epoch, epochs, loss, start):
     score = score_of(metrics, config.metric, num_logits)
     improved = score > s.run["best_score"]
     s.run.update(epoch=epoch, metrics=metrics, epoch_progress=None, best_score=max(s.run["best_score"], score))
-    s.last_good = s.save("last.pth")
+    s.save("last.pth")
     if improved:
         s.save("best.pth")
     if not s.main_process:
@@ -535,15 +547,19 @@ def score_of(metrics, name, num_classes):
 
 
 @contextmanager
-def resume_hint_on_bad_data(last_good):
-    """A file that went bad or is truncated, met during the run: its one line says how to go on from the last
-    good checkpoint (`last_good()`, or None before the first save)."""
+def resume_hints(last_good):
+    """A file that went bad or is truncated, met during the run, or a second Ctrl-C: one line that says how to go
+    on from the last good checkpoint (`last_good()`, or None before the first save; a save under way when the
+    second Ctrl-C came completes first)."""
     try:
         yield
     except DatasetError as e:
         fix = (f"fix or remove the file and continue with --resume {last_good()}" if last_good()
                else "fix or remove the file and start again")
         raise TrainingError(f"{error_line(e)}; {fix} (or add --skip-bad to leave out unreadable pairs)") from None
+    except KeyboardInterrupt:
+        left = f"{last_good()} is whole: continue with --resume {last_good()}" if last_good() else "nothing was saved"
+        raise RunInterrupted(f"aborted by a second Ctrl-C: {left}") from None
 
 
 def prepare_data(config, data, augment, device, main_process):

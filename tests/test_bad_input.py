@@ -301,6 +301,23 @@ def test_validation_masks_all_void_fail_before_any_best_pth(tmp_path, capsys):
     assert not any((tmp_path / "runs").glob("*/*.pth"))
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_ctrl_c_during_the_start_up_is_one_line(resume, shapes_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the model is built (before any step): status 130, one line, no run folder, the checkpoint of a
+    --resume untouched."""
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "build_run_model", ctrl_c)
+    last = shapes_run / "last.pth"
+    before = fingerprint(last)
+    argv = ["--resume", str(last)] if resume else TINY + ["--checkpoint-dir", str(tmp_path)]
+    code, line = exits(train, argv, capsys)
+    assert code == 130 and line == "interrupted during start-up: nothing was saved" + (
+        f"; {last} is unchanged" if resume else "")
+    assert fingerprint(last) == before and not any(tmp_path.iterdir())
+
+
 def test_resume_keeps_its_data_and_its_finished_run(shapes_run, tmp_path, capsys):
     last = shapes_run / "last.pth"
     before = fingerprint(last), (shapes_run / "args.json").read_text()

@@ -113,6 +113,29 @@ def test_stop_during_validation_saves_the_epoch_then_resume_is_exact(full_run, t
     assert_same_weights(run_dir / "best.pth", full_run / "best.pth")
 
 
+def test_a_second_ctrl_c_during_the_save_lets_it_complete_then_aborts_in_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in step 6, a second one (more than a second later) while step 7's last.pth is being written: the
+    save completes, and the run aborts with one line naming it, whole and resumable."""
+    interrupt_after(monkeypatch, engine.StepRunner, "update", 6)
+    real_save = torch.save
+
+    def second_ctrl_c_during_the_save(state, f):
+        if state.get("step") == 7:
+            time.sleep(1.1)  # a Ctrl-C within a second of the first is taken as torchrun's forward of it
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(state, f)
+
+    monkeypatch.setattr(torch, "save", second_ctrl_c_during_the_save)
+    run_dir = interrupted_run(TINY + ["--checkpoint-dir", str(tmp_path)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"aborted by a second Ctrl-C: {run_dir / 'last.pth'} is whole: continue "
+                                            f"with --resume {run_dir / 'last.pth'}")
+    assert load_checkpoint(run_dir / "last.pth")["step"] == 7
+    assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["best.pth", "last.pth"]  # no temporary file
+
+
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = [0]
     real_loss = engine.segmentation_loss
