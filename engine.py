@@ -103,15 +103,14 @@ def prepare_model(model, sync_bn, precision, device, world_size):
     return precision.prepare(model.to(device))
 
 
-def wrap_for_steps(model, compile_model, device, world_size, encoder_frozen=False):
+def wrap_for_steps(model, compile_model, device, world_size):
     """(what the training step calls, the DDP wrapper or None): the model itself, or it wrapped in DDP and/or
-    torch.compile; checkpoints always save the plain model. While the encoder is frozen its parameters get no
-    gradients, which DDP must be told (find_unused_parameters, a search over the graph at every step): the
-    wrapper is rebuilt without it once the encoder thaws."""
+    torch.compile; checkpoints always save the plain model. DDP averages the gradients of the parameters that
+    require them when it is built, and only those: a frozen encoder is left out (no find_unused_parameters, no
+    search over the graph at every step), and the wrapper must be rebuilt when the encoder thaws."""
     ddp = None
     if world_size > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=encoder_frozen)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = ddp or model
     return (torch.compile(step_model) if compile_model else step_model), ddp
 

@@ -415,8 +415,8 @@ def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_r
         epoch = s.run["epoch"] + 1
         frozen = epoch <= freeze_encoder_epochs
         frozen = set_encoder_frozen(s.model, frozen) and frozen  # False for models without an encoder
-        if frozen != encoder_frozen:
-            s.runner.model, s.runner.ddp = wrap_for_steps(s.model, s.config.compile, s.device, s.world_size, frozen)
+        if frozen != encoder_frozen:  # DDP averages the gradients of the parameters that required them when built
+            s.runner.model, s.runner.ddp = wrap_for_steps(s.model, s.config.compile, s.device, s.world_size)
             encoder_frozen = frozen
         epochs = s.run["epoch"] + math.ceil((s.plan.total_steps - s.step) / s.plan.steps_per_epoch)  # as planned
         start = time.perf_counter()

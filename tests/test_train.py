@@ -419,19 +419,49 @@ def test_seeded_items_reseed_the_cpu_generator_alone(monkeypatch):
     assert seeded == []
 
 
-def test_ddp_searches_for_unused_parameters_only_while_the_encoder_is_frozen(tmp_path):
-    """A one-process gloo group; world_size 2 makes wrap_for_steps wrap the model in DDP."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))
-        for frozen in (True, False):
-            step_model, ddp = engine.wrap_for_steps(model, False, torch.device("cpu"), 2, encoder_frozen=frozen)
-            assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and step_model is ddp
-            assert ddp.find_unused_parameters is frozen
-        assert engine.wrap_for_steps(model, False, torch.device("cpu"), 2)[1].find_unused_parameters is False
-        assert engine.wrap_for_steps(model, False, torch.device("cpu"), 1) == (model, None)
-    finally:
-        torch.distributed.destroy_process_group()
+FROZEN_ENCODER_UNDER_DDP = """
+import torch
+from distributed import all_gather_objects, init_distributed
+from engine import StepRunner, wrap_for_steps
+from losses import segmentation_loss
+from model import ModelConfig, build_model, input_normalization, set_encoder_frozen
+
+device, rank, world_size = init_distributed(torch.device("cpu"))
+args = ModelConfig(encoder="resnet18", encoder_weights="none", decoder_channels=[8] * 5).model_args(2)
+torch.manual_seed(0)
+model = build_model(args)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+runner = StepRunner(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                    torch.amp.GradScaler("cpu", enabled=False), segmentation_loss, input_normalization(args))
+batches = torch.Generator().manual_seed(rank)  # each process its own batches: their gradients differ
+moved = []
+for frozen in (True, True, False, False):  # as train.py: wrapped again when the encoder's state changes
+    if set_encoder_frozen(model, frozen) and (not moved or frozen != moved[-1][0]):
+        runner.model, runner.ddp = wrap_for_steps(model, False, device, world_size)
+    before = [p.detach().clone() for p in model.encoder.parameters()]
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=batches)
+    runner.forward_backward(images, torch.randint(0, 2, (2, 32, 32), generator=batches))
+    runner.update()
+    moved.append((frozen, any(not torch.equal(a, b) for a, b in zip(before, model.encoder.parameters()))))
+mine, theirs = all_gather_objects([p.detach() for p in model.parameters()])
+if rank == 0:
+    print("encoder moved", moved, "processes agree", all(torch.equal(a, b) for a, b in zip(mine, theirs)))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ddp_trains_a_frozen_then_thawed_encoder_in_step_across_processes(tmp_path):
+    """Two gloo processes, each on its own batches, through train.py's wrap_for_steps and StepRunner: two steps
+    with the encoder frozen (DDP leaves its parameters out: no unused-parameter error, and they do not move),
+    two with it thawed (the wrapper rebuilt: its gradients averaged too, so both processes keep the same weights)."""
+    script = tmp_path / "frozen_encoder_ddp.py"
+    script.write_text(FROZEN_ENCODER_UNDER_DDP)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == ("encoder moved [(True, False), (True, False), (False, True), (False, True)] "
+                                     "processes agree True")
 
 
 ENCODER_RUN = ["--dataset", "shapes", "--image-size", "32", "--num-train", "8", "--num-val", "2",
@@ -445,9 +475,9 @@ def test_training_rewraps_when_the_encoder_thaws(tmp_path, monkeypatch, epochs, 
     """The step model is (re)built with the encoder's frozen state at the first epoch and when it changes."""
     wraps, original = [], train.wrap_for_steps
 
-    def spy(model, compile_model, device, world_size, encoder_frozen=False):
-        wraps.append(encoder_frozen)
-        return original(model, compile_model, device, world_size, encoder_frozen)
+    def spy(model, compile_model, device, world_size):
+        wraps.append(not all(p.requires_grad for p in model.parameters()))  # wrapped with a frozen encoder
+        return original(model, compile_model, device, world_size)
 
     monkeypatch.setattr(train, "wrap_for_steps", spy)
     train.main(ENCODER_RUN + ["--epochs", str(epochs), "--freeze-encoder-epochs", str(freeze),
