@@ -166,17 +166,6 @@ def test_eval_voc_full_resolution(voc, tmp_path, capsys):
     assert "aeroplane" in out and f"n/a: {absent[0]}" in out
 
 
-def test_training_validation_pads_with_ignored_pixels(voc):
-    """train.py's validation preset pads VOC items to one canvas; the padding is void, so it is never scored."""
-    args = load_checkpoint(voc.checkpoint)["args"]
-    padded = build_dataset(config_from(DataConfig, args), "val")
-    for i, ident in enumerate(voc.val):
-        _, mask = padded[i]
-        height, width = np.asarray(Image.open(voc.voc / "SegmentationClass" / f"{ident}.png")).shape
-        height, width = round(height * 0.5), round(width * 0.5)
-        assert mask.shape == (250, 250) and (mask[height:] == 255).all() and (mask[:, width:] == 255).all()
-
-
 def test_eval_folder_mode_and_images_without_masks(voc, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="no best.pth under checkpoints/"):
