@@ -672,19 +672,30 @@ def test_the_default_precision_is_chosen_for_the_machine_and_printed(tmp_path, m
     assert load_checkpoint(run_dir / "last.pth")["scaler"] == {}  # no loss scaling for bf16
 
 
-def test_the_loss_sees_fp32_logits_under_autocast():
-    """Under bf16 autocast the model's logits are bf16; the loss (softmax, and the soft Dice's sums over every
-    pixel of the batch) must not run in bf16, whose 8-bit mantissa loses the sums."""
-    seen = []
+@pytest.mark.parametrize("precision, model_sees", [
+    (Precision(torch.bfloat16, True, ""), (True, torch.bfloat16, True)),
+    (Precision(None, False, ""), (False, None, False))])
+def test_the_step_runs_in_its_precision_and_the_loss_sees_fp32_logits(precision, model_sees):
+    """The step runs the model under the Precision's autocast and memory layout; the logits the loss sees are fp32
+    (softmax, and the soft Dice's sums over every pixel of the batch, must not run in bf16, whose 8-bit mantissa
+    loses the sums)."""
+    seen, loss_sees = [], []
+
+    class Recorder(torch.nn.Conv2d):
+        def forward(self, x):
+            enabled = torch.is_autocast_enabled("cpu")
+            seen.append((enabled, torch.get_autocast_dtype("cpu") if enabled else None,
+                         x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+            return super().forward(x)
 
     def criterion(logits, masks):
-        seen.append(logits.dtype)
+        loss_sees.append(logits.dtype)
         return logits.mean()
 
-    runner = engine.StepRunner(torch.nn.Conv2d(3, 2, 1), None, None, torch.amp.GradScaler("cpu", enabled=False),
-                               criterion, {"mean": [0.5] * 3, "std": [0.5] * 3}, Precision(torch.bfloat16, False, ""))
+    runner = engine.StepRunner(Recorder(3, 2, 1), None, None, torch.amp.GradScaler("cpu", enabled=False),
+                               criterion, {"mean": [0.5] * 3, "std": [0.5] * 3}, precision)
     runner.forward_backward(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, 4, 4, dtype=torch.long))
-    assert seen == [torch.float32]
+    assert seen == [model_sees] and loss_sees == [torch.float32]
 
 
 @pytest.mark.skipif(resource is None, reason="resource: POSIX only")
