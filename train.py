@@ -78,7 +78,8 @@ def get_args_parser():
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
     r = p.add_argument_group("run")
-    r.add_argument("--name", default=None, help="run name (default: the dataset); the run folder adds a timestamp")
+    r.add_argument("--name", default=None,
+                   help="run name, a folder name (default: the dataset); the run folder adds a timestamp")
     r.add_argument("--checkpoint-dir", default="checkpoints", help="folder that holds the run folders")
     r.add_argument("--resume", default=None, metavar="PATH",
                    help="continue a run from its checkpoint, in its folder (flags not given come from it)")
