@@ -12,10 +12,7 @@ from PIL import Image
 
 import eval as evaluate_script
 import train
-from datasets import DataConfig, build_dataset
-from flags import config_from
 from metrics import ConfusionMatrix
-from checkpoints import load_checkpoint
 from drawing import voc_palette, write_pictures
 
 
