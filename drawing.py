@@ -93,7 +93,8 @@ def plot_curves(history, path, metric="miou"):
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    panels = [("train_loss", "training loss"), (metric, f"validation {'mIoU' if metric == 'miou' else 'Dice'}"),
+    # "score" is the --metric's value (miou, or the Dice that picks best.pth: foreground or mean)
+    panels = [("train_loss", "training loss"), ("score", f"validation {'mIoU' if metric == 'miou' else 'Dice'}"),
               ("pixel_acc", "validation pixel accuracy")]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), layout="constrained")
     for ax, (key, title) in zip(axes, panels):

@@ -275,6 +275,16 @@ def test_predict_names_a_symlink_loop_given_as_input(tmp_path, shapes_run):
         "error: 1 of 1 inputs failed:", f"  '{tmp_path / 'loop.png'}' is a symbolic link that loops or leads nowhere"]
 
 
+def test_no_score_at_any_epoch_fails_and_points_at_last_pth(tmp_path, monkeypatch, capsys):
+    """--metric dice on validation masks without foreground (and none predicted) scores n/a at every epoch: no
+    best.pth is chosen, and the run says so instead of printing a best.pth that does not exist."""
+    monkeypatch.setattr(train, "score_of", lambda metrics, name, num_classes: float("nan"))
+    code, line = exits(train, TINY + ["--metric", "dice", "--checkpoint-dir", str(tmp_path)], capsys)
+    (last,) = tmp_path.glob("*/last.pth")
+    assert code == 1 and "no validation score to pick best.pth by (dice was n/a at every epoch)" in line
+    assert f"last.pth is {last}" in line and not list(tmp_path.glob("*/best.pth"))
+
+
 def test_masks_without_zero_train_with_rotation(tmp_path):
     """Values {1, 2}, no 0: the corners a rotation brings in from beyond the image are void (255), never class 0
     (value 1) nor an unknown value 0. The training masks hold value 2 alone (class 1), value 1 only the validation

@@ -173,6 +173,18 @@ def test_interrupted_save_leaves_the_old_checkpoint_loadable(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left behind
 
 
+def test_metric_dice_picks_best_pth_by_mean_dice(tmp_path):
+    """--metric dice on 4 classes: each epoch's score is its mean Dice, best.pth the epoch with the highest, and the
+    curves are drawn (they looked for a column 'dice' that no row has)."""
+    run_dir = train.main(TINY + ["--metric", "dice", "--epochs", "2", "--sample-every", "0",
+                                 "--checkpoint-dir", str(tmp_path)])
+    rows = read_log(run_dir)
+    assert [row["score"] for row in rows] == [row["mean_dice"] for row in rows]
+    best = max(rows, key=lambda row: row["score"])
+    assert load_checkpoint(run_dir / "best.pth")["metrics"]["mean_dice"] == pytest.approx(best["mean_dice"])
+    assert (run_dir / "curves.png").is_file()
+
+
 def test_log_curves_and_samples_hold_the_run(full_run):
     rows = read_log(full_run)
     last = load_checkpoint(full_run / "last.pth")
