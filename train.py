@@ -22,7 +22,8 @@ from distributed import all_gather_objects, all_reduce_sum, average_across_proce
     is_distributed
 from engine import StepRunner, build_runner, build_scheduler, load_all_weights, load_weights, \
     prepare_model, restore_training, time_training_step, wrap_for_steps
-from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, check_seeds, error_line
+from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, check_seeds, error_line, \
+    one_line
 from flags import add_augment_args, add_dataset_args, add_model_args, add_precision_args, config_from, finite_float
 from inference import evaluate
 from interrupts import RunInterrupted, StopRequest
@@ -205,6 +206,9 @@ class TrainConfig:
         return self
 
 
+OUT_OF_MEMORY_FIX = "give a smaller --batch-size or --crop-size"
+
+
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
 
@@ -227,6 +231,8 @@ def main(argv=None, started=STARTED):
                 torch.distributed.destroy_process_group()
     except UserError as e:  # bad data met while loading too: last.pth, saved atomically, is intact
         sys.exit(f"error: {error_line(e)}")
+    except torch.OutOfMemoryError as e:  # in the start-up's timed step: nothing was saved
+        sys.exit(f"error: out of memory ({one_line(e, 100)}): {OUT_OF_MEMORY_FIX}")
     except KeyboardInterrupt:  # Ctrl-C before the first step: nothing was saved, and nothing changed
         print(f"interrupted during start-up: nothing was saved"
               + (f"; {config.resume} is unchanged" if config.resume else ""), file=sys.stderr)
@@ -549,8 +555,8 @@ def score_of(metrics, name, num_classes):
 
 @contextmanager
 def resume_hints(last_good):
-    """A file that went bad or is truncated, met during the run, or a second Ctrl-C: one line that says how to go
-    on from the last good checkpoint (`last_good()`, or None before the first save; a save under way when the
+    """A file that went bad or is truncated, met during the run, running out of memory, or a second Ctrl-C: one
+    line that says how to go on from the last good checkpoint (`last_good()`, or None before the first save; a save under way when the
     second Ctrl-C came completes first)."""
     try:
         yield
@@ -558,6 +564,9 @@ def resume_hints(last_good):
         fix = (f"fix or remove the file and continue with --resume {last_good()}" if last_good()
                else "fix or remove the file and start again")
         raise TrainingError(f"{error_line(e)}; {fix} (or add --skip-bad to leave out unreadable pairs)") from None
+    except torch.OutOfMemoryError as e:
+        kept = f"the last good checkpoint is {last_good()}" if last_good() else "no checkpoint was saved"
+        raise TrainingError(f"out of memory ({one_line(e, 100)}): {OUT_OF_MEMORY_FIX}; {kept}") from None
     except KeyboardInterrupt:
         left = f"{last_good()} is whole: continue with --resume {last_good()}" if last_good() else "nothing was saved"
         raise RunInterrupted(f"aborted by a second Ctrl-C: {left}") from None

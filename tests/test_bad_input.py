@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import eval as eval_script
 import export
 import predict
@@ -283,6 +284,28 @@ def test_no_score_at_any_epoch_fails_and_points_at_last_pth(tmp_path, monkeypatc
     (last,) = tmp_path.glob("*/last.pth")
     assert code == 1 and "no validation score to pick best.pth by (dice was n/a at every epoch)" in line
     assert f"last.pth is {last}" in line and not list(tmp_path.glob("*/best.pth"))
+
+
+@pytest.mark.parametrize("budget, failing_call, saved", [("10m", 1, False), (None, 1, False), (None, 4, True)])
+def test_out_of_memory_in_training_is_one_line(budget, failing_call, saved, tmp_path, monkeypatch, capsys):
+    """A training step out of memory (mocked): in the step a --time run times at start-up, or in the first step,
+    nothing was saved and no run folder is left; in epoch 2 (call 4: 2 steps an epoch) the line names the last
+    good checkpoint, which is kept."""
+    calls, real_forward_backward = [0], engine.StepRunner.forward_backward
+
+    def out_of_memory(runner, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == failing_call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward_backward(runner, *args, **kwargs)
+
+    monkeypatch.setattr(engine.StepRunner, "forward_backward", out_of_memory)
+    argv = TINY[:8] + TINY[12:] + ["--time", budget] if budget else TINY + ["--epochs", "2"]
+    code, line = exits(train, argv + ["--checkpoint-dir", str(tmp_path)], capsys)
+    assert code == 1 and line.startswith("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): "
+                                         "give a smaller --batch-size or --crop-size")
+    last = list(tmp_path.glob("*/last.pth"))
+    assert (f"the last good checkpoint is {last[0]}" in line) if saved else not any(tmp_path.iterdir())
 
 
 def test_masks_without_zero_train_with_rotation(tmp_path):
