@@ -400,8 +400,8 @@ def start_session(s, train_images):
 
 
 def check_made_a_model(s):
-    """TrainingError, and the run's new folder removed, when it ends without a model to score: a --time budget
-    that the start-up used up, or no validation score to pick best.pth by."""
+    """TrainingError when the run ends without a best.pth: a --time budget that the start-up used up (nothing
+    saved: the new run folder is removed), or no validation score to pick best.pth by (last.pth is kept)."""
     plan = s.plan
     if s.run["epoch"] == 0:
         raise TrainingError(f"--time {duration_text(plan.budget)} left no time to train: the start-up took "
