@@ -556,8 +556,8 @@ def score_of(metrics, name, num_classes):
 @contextmanager
 def resume_hints(last_good):
     """A file that went bad or is truncated, met during the run, running out of memory, or a second Ctrl-C: one
-    line that says how to go on from the last good checkpoint (`last_good()`, or None before the first save; a save under way when the
-    second Ctrl-C came completes first)."""
+    line that says how to go on from the last good checkpoint (`last_good()`, or None before the first save; a
+    save under way when the second Ctrl-C came completes first)."""
     try:
         yield
     except DatasetError as e:
