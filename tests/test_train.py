@@ -501,14 +501,14 @@ BUDGET_RUN = ["--dataset", "shapes", "--image-size", "32", "--num-train", "32", 
               "--base-channels", "4", "--depth", "2", "--workers", "0", "--sample-every", "0", "--time", "8s"]
 
 
-def budgeted_run_stopped_and_resumed(folder, monkeypatch, capsys):
+def budgeted_run_stopped_and_resumed(folder, capsys):
     """An 8 s run stopped by Ctrl-C in step 30, then resumed: (seconds the resumed run took, seconds its budget
     had left, its last checkpoint)."""
     started = time.monotonic()
-    interrupt_after(monkeypatch, engine.StepRunner, "update", 30)
-    with pytest.raises(SystemExit):
-        train.main(BUDGET_RUN + ["--checkpoint-dir", str(folder)], started=started)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:  # undone after the first run; cpu_clock's patches stay
+        interrupt_after(patch, engine.StepRunner, "update", 30)
+        with pytest.raises(SystemExit):
+            train.main(BUDGET_RUN + ["--checkpoint-dir", str(folder)], started=started)
     (run_dir,) = folder.iterdir()
     stopped = load_checkpoint(run_dir / "last.pth")
     plan = stopped["plan"]
@@ -541,8 +541,8 @@ def cpu_clock(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, monkeypatch, capsys, cpu_clock):
-    seconds, left, final = budgeted_run_stopped_and_resumed(tmp_path, monkeypatch, capsys)
+def test_budgeted_run_ends_within_its_budget_and_resumes_its_plan(tmp_path, capsys, cpu_clock):
+    seconds, left, final = budgeted_run_stopped_and_resumed(tmp_path, capsys)
     assert seconds <= left * 1.05 + 0.5 and final["plan"]["spent"] <= 8 * 1.05
 
 
