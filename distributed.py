@@ -3,16 +3,25 @@ import os
 
 import torch
 
+from errors import ConfigError
+
 
 def init_distributed(device):
     """Join the process group torchrun describes, if any. Returns (device, rank, world_size): under torchrun
-    a CUDA device becomes cuda:LOCAL_RANK (NCCL backend); a CPU device uses the gloo backend."""
+    a CUDA device becomes cuda:LOCAL_RANK (NCCL backend); a CPU device uses the gloo backend. A CUDA device is
+    made the current one, so that what asks the current GPU (its random state, bf16 support, the memory cache)
+    asks this one, --device cuda:1 included."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device.type == "cuda" and world_size > 1:
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ConfigError(f"torchrun started process {local_rank} on a machine with {gpus} GPU(s): one process "
+                              f"per GPU; use --nproc_per_node={gpus} (or --device cpu)")
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size == 1:
         return device, 0, 1
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, torch.distributed.get_rank(), world_size
 
