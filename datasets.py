@@ -1,5 +1,6 @@
-"""Dataset readers. Every dataset yields (image uint8 CxHxW, mask int64 HxW holding class indices, 255 = ignore)
-and carries `classes`, `mask_values` (class index -> value in the mask files) and `ignore_index`.
+"""Dataset readers. Every dataset yields (image CxHxW, mask int64 HxW holding class indices, 255 = ignore)
+and carries `classes`, `mask_values` (class index -> value in the mask files) and `ignore_index`. Images are uint8
+(8-bit RGB or grey), or float32 holding the files' raw values for any other form (images.open_image).
 Normalisation happens on the device, in inference.preprocess, so loaders move compact uint8 tensors.
 
 Readers: synthetic `shapes`; Pascal VOC 2012 (`voc`); SBD (`sbd`); the two VOC+SBD training protocols
@@ -16,10 +17,11 @@ from torchvision import tv_tensors
 
 from class_tables import check_class_names, read_class_names, read_colour_table
 from errors import ColourMaskError, ConfigError, DatasetError, check_at_least, check_seeds
-from images import header_size, open_image, open_mask, packed_colour, scaled_size, to_tensor, unpacked_colour
+from images import GREY, describe_form, header_size, open_image, open_mask, packed_colour, scaled_size, \
+    to_tensor, unpacked_colour
 from metrics import IGNORE_INDEX
-from pairs import check_values, existing, found_mask_values, held_out, list_files, pair_by_stem, read_ids, \
-    scan_pairs, size_mismatch, unknown_colours, unknown_values
+from pairs import check_values, data_form, existing, found_mask_values, held_out, list_files, pair_by_stem, \
+    read_ids, scan_pairs, size_mismatch, unknown_colours, unknown_values
 from synthetic import Shapes
 from transforms import fit_canvas, random_zoom_crop, resample_mask, train_transform
 
@@ -54,6 +56,8 @@ class DataConfig:
     num_train: int = 2000
     num_val: int = 200
     data_seed: int = 0
+    # found in the data (resolve_data), not a flag: [channels, dtype] of the images, None for 8-bit RGB
+    image_form: list | None = None
 
     def check(self):
         """ConfigError for an impossible value, before any file is read."""
@@ -110,12 +114,13 @@ class SegmentationFiles(torch.utils.data.Dataset):
     one size so that images of different sizes can share a batch; padded mask pixels are ignored.
     `with_names` adds the image's file stem to each item: (image, mask, stem). Mask values that are [R, G, B]
     colours (and such a `void_value`) read the masks as colour-coded. `rois` ({image path: region-of-interest
-    mask path}, or None) makes the pixels outside each image's region void."""
+    mask path}, or None) makes the pixels outside each image's region void. `form` is the images' form
+    (images.open_image; None: 8-bit RGB)."""
 
     ignore_index = IGNORE_INDEX
 
     def __init__(self, pairs, classes, mask_values, void_value=None, scale=1.0, transform=None, canvas=None,
-                 skip_bad=False, zoom_crop=None, with_names=False, rois=None):
+                 skip_bad=False, zoom_crop=None, with_names=False, rois=None, form=None):
         if len(mask_values) >= IGNORE_INDEX:
             raise DatasetError(f"the masks hold {len(mask_values)} distinct values; masks must hold class ids "
                                f"(at most {IGNORE_INDEX - 1} classes)")
@@ -135,6 +140,7 @@ class SegmentationFiles(torch.utils.data.Dataset):
             self.table[self.keys] = self.codes
         self.values_are_classes = self.mask_values == list(range(len(self.mask_values)))
         self.skip_bad, self.skipped, self.with_names = skip_bad, set(), with_names
+        self.form = tuple(form) if form is not None else None
 
     def __len__(self):
         return len(self.pairs)
@@ -156,7 +162,7 @@ class SegmentationFiles(torch.utils.data.Dataset):
 
     def load(self, index):
         image_path, mask_path = self.pairs[index]
-        image, size = open_image(image_path, self.scale)
+        image, size = open_image(image_path, self.scale, self.form)
         mask = open_mask(mask_path, self.colours)
         if mask.size != size:
             raise size_mismatch(image_path, size, mask_path, mask.size)
@@ -397,6 +403,8 @@ def resolve_data(config):
     resolved = with_tables(resolved)
     if resolved.dataset == "folder" and resolved.mask_values is None:
         resolved.mask_values = found_values(resolved)
+    if resolved.dataset == "folder":
+        resolved.image_form = found_form(resolved)
     if resolved.class_names:
         if resolved.dataset == "shapes":
             raise ConfigError("--class-names names the classes of your data; the synthetic shapes have their own")
@@ -427,6 +435,14 @@ def found_values(config):
         return [unpacked_colour(value) for value in found_mask_values(found, colours=True)]
 
 
+def found_form(config):
+    """The form of folder data's images (pairs.data_form) as a list, or None for 8-bit RGB: one form for all."""
+    forms = {}
+    scan_pairs(folder_pairs(config), config.skip_bad, colour_coded(config.mask_values), forms)
+    form = data_form(forms)
+    return list(form) if form is not None else None
+
+
 def dataset_splits(name):
     return ("train", "val", "all") if name in ("carvana", "folder") else ("train", "val")
 
@@ -443,10 +459,13 @@ def build_dataset(config, split, augment=None, full_resolution=False):
     name, scale = config.dataset, load_scale(config.dataset, config.scale)
     found, classes, mask_values, void = found_pairs(config, split)
     rois = region_masks(config, found) if config.roi else None
-    pairs = [pair for pair, _, _ in found]
+    pairs, form = [pair for pair, _, _ in found], config.image_form
     if full_resolution:
         return SegmentationFiles(pairs, classes, mask_values, void, skip_bad=config.skip_bad, with_names=True,
-                                 rois=rois)
+                                 rois=rois, form=form)
+    if augment is not None and augment.jitter and form not in (None, list(GREY)):
+        raise ConfigError(f"--jitter changes the brightness, contrast and colour of 8-bit images, but these are "
+                          f"{describe_form(form)}: leave it out")
     zoom_crop = augment.zoom_crop() if augment is not None else None
     largest = max((max(scaled_size(size, scale)) for _, size, _ in found if size), default=None)
     if zoom_crop and largest and zoom_crop[0] > largest:  # a crop beyond every image would be mostly padding
@@ -462,7 +481,7 @@ def build_dataset(config, split, augment=None, full_resolution=False):
         canvas = None if name == "carvana" else (round(VOC_MAX_SIDE * scale),) * 2
     transform = train_transform(augment) if augment is not None else None
     return SegmentationFiles(pairs, classes, mask_values, void, scale, transform, canvas, config.skip_bad, zoom_crop,
-                             rois=rois)
+                             rois=rois, form=form)
 
 
 def found_pairs(config, split):

@@ -231,3 +231,14 @@ def side_by_side(image, labels, mask_values):
     both.paste(Image.fromarray(image), (0, 0))
     both.paste(Image.fromarray(class_colours(mask_values)[labels]), (width, 0))
     return both
+
+
+def viewable(image, normalize):
+    """An image as the model reads it (C x H x W) -> uint8 3 x H x W to draw: 8-bit RGB as it is; any other form
+    (image_stats) its first channel in grey, the training set's range of it (normalize's low to high) stretched
+    over 0..255."""
+    if image.shape[0] == 3 and image.dtype == torch.uint8:
+        return image
+    low, high = (normalize["low"][0], normalize["high"][0]) if "low" in normalize else (0.0, 255.0)
+    grey = ((image[0].float() - low) * (255 / max(high - low, 1e-12))).clamp(0, 255).round().to(torch.uint8)
+    return grey.expand(3, -1, -1)

@@ -144,7 +144,8 @@ def time_training_step(runner, model, batch_size, crop_size, fp, num_logits, acc
     Nothing is updated, and the weights and BatchNorm statistics are restored afterwards."""
     saved = copy.deepcopy(model.state_dict())
     height, width = (crop_size, crop_size) if crop_size else fp.median_size
-    images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, device=device)
+    channels = len(runner.normalize["mean"])
+    images = torch.randint(0, 256, (batch_size, channels, height, width), dtype=torch.uint8, device=device)
     masks = torch.randint(0, max(2, num_logits), (batch_size, height, width), device=device)
     model.train()
     seconds = []

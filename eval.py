@@ -23,7 +23,7 @@ from tqdm import tqdm
 from checkpoints import find_checkpoint, load_model
 from class_tables import check_class_names, read_class_names
 from datasets import DataConfig, build_dataset, trained_scale, void_value, with_tables
-from drawing import greyed, plot_confusion_matrix, write_pictures
+from drawing import greyed, plot_confusion_matrix, viewable, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
@@ -90,19 +90,21 @@ class EvalConfig:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """The images of a folder, without masks: items (image, None, stem)."""
+    """The images of a folder, without masks: items (image, None, stem), read as images of `form`
+    (images.open_image)."""
 
     ignore_index = IGNORE_INDEX
 
-    def __init__(self, folder):
+    def __init__(self, folder, form=None):
         self.paths = sorted(list_files(Path(folder), "image").values())
+        self.form = form
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         path = self.paths[index]
-        return read_image(path), None, path.stem
+        return read_image(path, self.form), None, path.stem
 
 
 def holds_images(folder):
@@ -135,6 +137,7 @@ def choose_data(given, split, checkpoint):
         defaults = config_from(DataConfig, trained_with)
         split = split or "val"
     data = DataConfig(**{key: getattr(defaults, key) if value is None else value for key, value in given.items()})
+    data.image_form = checkpoint["normalize"].get("form")  # images read as the model's training images were
     if given["mask_colors"]:  # this data's own colour table, in place of the checkpoint's colours
         data = with_tables(dataclasses.replace(data, mask_values=None, void_color=None))
     return data.check(), split
@@ -213,6 +216,7 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
             probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
                                                    **options)
             labels = probs_to_labels(probs)
+            images = [viewable(image, checkpoint["normalize"]) for image in images]  # from here on, pictures
             if masks[0] is not None and getattr(dataset, "rois", None):  # shown greyed outside their regions
                 images = [greyed(image, mask == IGNORE_INDEX) for image, mask in zip(images, masks)]
             if masks[0] is not None:
@@ -286,7 +290,8 @@ def evaluate_checkpoint(config, given, inference):
         if not (save_labels or overlays):
             raise ConfigError("--images without --masks only writes label images: add --save-labels DIR "
                               "(or --masks DIR to score them)")
-        dataset, what, data, split = ImageFiles(given["images"]), f"{given['images']} (no masks)", None, None
+        dataset = ImageFiles(given["images"], checkpoint["normalize"].get("form"))
+        what, data, split = f"{given['images']} (no masks)", None, None
     else:
         data, split = choose_data(given, config.split, checkpoint)
         dataset = build_dataset(data, split, full_resolution=True)

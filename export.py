@@ -2,10 +2,13 @@
 
 Example: python export.py -m checkpoints/RUN/best.pth -o model.onnx --torchscript model.pt
 
-The exported model takes uint8 RGB images B x 3 x H x W (the checkpoint's normalisation is inside) and returns
-logits B x K x H x W: argmax over K for several classes, sigmoid > threshold for one logit. The ONNX file's
-metadata holds the class names, their mask values and the normalisation (JSON). When onnxruntime is installed
-the script runs the ONNX file on a random image of another size and prints the largest difference to PyTorch.
+The exported model takes images B x C x H x W as the training files hold them (the checkpoint's normalisation is
+inside): uint8 for 8-bit data (RGB, C = 3, or grey, C = 1), float32 of the raw values for any other (16-bit, float,
+multi-band: the files' values, not rescaled); it returns logits B x K x H x W: argmax over K for several classes,
+sigmoid > threshold for one logit. The ONNX file's metadata holds the class names, their mask values and the
+normalisation (JSON; its 'form' is [C, dtype of the files] for data other than 8-bit RGB). When onnxruntime is
+installed the script runs the ONNX file on a random image of another size and prints the largest difference to
+PyTorch.
 """
 import argparse
 import json
@@ -33,14 +36,29 @@ class WithPreprocessing(nn.Module):
         return self.model(preprocess(images, self.normalize))
 
 
-def example_images(height=64, width=64, batch=1, seed=0):
+def example_images(normalize, height=64, width=64, batch=1, seed=0):
+    """Random input images of the model that `normalize` describes: uint8 for 8-bit data, else float32 spread over
+    each channel's training range (normalize's low to high, with a margin beyond)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, generator=generator)
+    form = normalize.get("form")
+    shape = (batch, form[0] if form else 3, height, width)
+    if form is None or form[1] == "uint8":
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    low, high = (torch.tensor(normalize[key]).view(1, -1, 1, 1) for key in ("low", "high"))
+    return low + (high - low) * (torch.rand(shape, generator=generator) * 1.2 - 0.1)
+
+
+def input_description(normalize):
+    """What the exported model takes, e.g. 'uint8 images B x 3 x H x W'."""
+    form = normalize.get("form")
+    dtype = "uint8" if form is None or form[1] == "uint8" else f"float32 (the {form[1]} values of the files)"
+    return f"{dtype} images B x {form[0] if form else 3} x H x W"
 
 
 def export_onnx(model, path, metadata, opset=18):
     dynamic = torch.export.Dim.DYNAMIC
-    program = torch.onnx.export(model, (example_images(),), input_names=["images"], output_names=["logits"],
+    program = torch.onnx.export(model, (example_images(model.normalize),), input_names=["images"],
+                                output_names=["logits"],
                                 dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},), opset_version=opset,
                                 dynamo=True, verbose=False)
     program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
@@ -61,7 +79,7 @@ def export_torchscript(model, path):
     with warnings.catch_warnings():  # the normalisation constants are meant to be baked in; deprecation said below
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(model, example_images())
+        traced = torch.jit.trace(model, example_images(model.normalize))
     traced.save(str(path), _extra_files={MARK_KEY: MARK})  # the mark that lets a later export replace it
 
 
@@ -93,11 +111,13 @@ def main(argv=None):
     deployable = WithPreprocessing(model, checkpoint["normalize"]).eval()
     metadata = {MARK_KEY: MARK, **{key: checkpoint[key] for key in ("classes", "mask_values", "normalize")}}
     export_onnx(deployable, output, metadata, args.opset)
-    print(f"wrote {output}: uint8 images B x 3 x H x W -> logits B x {checkpoint['model_args']['num_classes']} x H x W")
-    check = example_images(67, 93, batch=2, seed=1)
+    print(f"wrote {output}: {input_description(checkpoint['normalize'])} -> logits B x "
+          f"{checkpoint['model_args']['num_classes']} x H x W")
+    check = example_images(checkpoint["normalize"], 67, 93, batch=2, seed=1)
     try:
         difference = onnx_difference(deployable, output, check)
-        print(f"onnxruntime vs PyTorch on 2 x 3 x 67 x 93 images: largest |difference| {difference:.2e}")
+        print(f"onnxruntime vs PyTorch on {' x '.join(map(str, check.shape))} images: largest |difference| "
+              f"{difference:.2e}")
     except ImportError:
         print("onnxruntime is not installed: the ONNX file was not checked (pip install -r requirements-dev.txt)")
     if args.torchscript:

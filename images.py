@@ -1,8 +1,13 @@
-"""Reading image and mask files: EXIF orientation, any bit depth and colour mode to 8-bit RGB, masks as the raw
-values they hold (palette indices, grey ids, SBD .mat files)."""
+"""Reading image and mask files: EXIF orientation; images as 8-bit RGB (photos, and every image of a model
+trained before image forms existed), 8-bit grey, or as they are (any channel count and bit depth, multi-band and
+multi-page TIFF through tifffile); masks as the raw values they hold (palette indices, grey ids, SBD .mat files).
+
+An image's form is (channels, dtype), e.g. (1, "uint16") or (5, "float32"); the form None stands for 8-bit RGB,
+into which grey, palette and RGBA files are converted as they always were."""
 from contextlib import contextmanager
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -12,6 +17,12 @@ EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm")
 # The largest value of PIL's high-bit-depth modes (PIL reads 16-bit PNGs as I;16, or I in older versions).
 FORMAT_RANGE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
+GREY = (1, "uint8")
+COLOUR = (3, "uint8")
+# The form of each PIL mode that is not colour (every other mode is converted to RGB, losing nothing of 8-bit data).
+PIL_FORMS = {"1": GREY, "L": GREY, "LA": GREY, "La": GREY, "I;16": (1, "uint16"), "I;16L": (1, "uint16"),
+             "I;16B": (1, "uint16"), "I;16N": (1, "uint16"), "I": (1, "int32"), "F": (1, "float32")}
+TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 def scaled_size(size, scale):
@@ -24,15 +35,133 @@ def upright(image):
     return ImageOps.exif_transpose(image) if image.getexif().get(EXIF_ORIENTATION, 1) != 1 else image
 
 
-def open_image(path, scale=1.0):
-    """Image file -> (decoded RGB PIL image resized by `scale`, (width, height) of the upright file).
+def describe_form(form):
+    """'8-bit RGB' for the form None, else e.g. '5-channel uint16'."""
+    return "8-bit RGB" if form is None else f"{form[0]}-channel {form[1]}"
+
+
+def wrong_form(path, found, wanted):
+    return DatasetError(f"'{path}' is a {describe_form(found)} image but the model takes {describe_form(wanted)} "
+                        f"images (the form of the data it was trained on); give it images of that form")
+
+
+def tiff_header(path):
+    """(form, (width, height) upright, whether PIL reads the file as it is: one page of 8-bit grey or RGB) of a
+    TIFF, from its header."""
+    with decoding(path), tifffile.TiffFile(path) as tiff:
+        series, pages = tiff.series[0], len(tiff.pages)
+        height, width = series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
+        turned = tiff.pages[0].tags.valueof(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    form = (int(np.prod(series.shape)) // (height * width), series.dtype.name)
+    return form, ((height, width) if turned else (width, height)), pages == 1 and form in (GREY, COLOUR)
+
+
+def is_tiff(path):
+    return str(path).lower().endswith(TIFF_SUFFIXES)
+
+
+def read_tiff(path):
+    """Every band and page of a TIFF as a C x H x W array of its own dtype, upright (its Orientation tag)."""
+    with decoding(path), tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        array, axes = series.asarray(), series.axes
+        orientation = tiff.pages[0].tags.valueof(EXIF_ORIENTATION, 1)
+    array = np.moveaxis(array, [axes.index("Y"), axes.index("X")], [-2, -1])
+    return orient(array.reshape(-1, *array.shape[-2:]), orientation)
+
+
+def orient(array, orientation):
+    """A C x H x W array turned upright as PIL's exif_transpose turns an image with this EXIF orientation."""
+    if orientation in (5, 6, 7, 8):  # transposed: the stored rows are the upright image's columns
+        array = array.transpose(0, 2, 1)
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,)}.get(orientation, ())
+    return np.flip(array, flips) if flips else array
+
+
+def read_pixels(path):
+    """Any image file -> (C x H x W array of its values, in its own dtype, upright; its form). Grey files give one
+    channel, colour files (palette, RGBA, CMYK...) three 8-bit ones; TIFFs every band and page (tifffile).
+    Float images with NaN or infinite values are refused, naming the file."""
+    if is_tiff(path) and not tiff_header(path)[2]:
+        pixels = read_tiff(path)
+    else:
+        with decoding(path), Image.open(path) as image:
+            image = upright(image)
+            if image.mode in PIL_FORMS:
+                pixels = np.asarray(image.getchannel(0) if image.mode in ("LA", "La") else
+                                    image.convert("L") if image.mode == "1" else image)[None]
+            else:
+                pixels = np.moveaxis(np.asarray(image.convert("RGB")), -1, 0)
+    pixels = pixels.astype(pixels.dtype.newbyteorder("="), copy=False)  # big-endian 16-bit files
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise ImageReadError(f"'{path}' holds NaN or infinite pixel values; replace them with numbers (e.g. "
+                             f"numpy.nan_to_num) and save it again")
+    return pixels, (pixels.shape[0], pixels.dtype.name)
+
+
+class Bands:
+    """An image of any channel count and bit depth as one PIL float32 ('F') image per channel, so that the PIL
+    resampling that augmentation uses on 8-bit images (antialiased resize of a box, affine transforms) applies to
+    it, channel by channel, unchanged."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    @property
+    def size(self):
+        return self.layers[0].size
+
+    @property
+    def width(self):
+        return self.layers[0].width
+
+    @property
+    def height(self):
+        return self.layers[0].height
+
+    def resize(self, *args, **kwargs):
+        return Bands([layer.resize(*args, **kwargs) for layer in self.layers])
+
+    def transform(self, *args, **kwargs):
+        return Bands([layer.transform(*args, **kwargs) for layer in self.layers])
+
+    def array(self):
+        return np.stack([np.asarray(layer) for layer in self.layers])
+
+
+def open_bands(path, scale, form):
+    """(Bands of the image's raw values resized by `scale`, (width, height) of the upright file) for an image of
+    `form` (DatasetError naming the file for another form)."""
+    pixels, found = read_pixels(path)
+    if found != form:
+        raise wrong_form(path, found, form)
+    size = pixels.shape[:0:-1]
+    bands = Bands([Image.fromarray(band.astype(np.float32, copy=False)) for band in pixels])
+    target = scaled_size(size, scale)
+    return (bands.resize(target, Image.BILINEAR) if target != size else bands), size
+
+
+def open_image(path, scale=1.0, form=None):
+    """Image file -> (decoded image resized by `scale`, (width, height) of the upright file): a PIL RGB image for the
+    form None (8-bit RGB: grey, RGBA and 16-bit files converted), a PIL L image for GREY, else Bands of the raw
+    values (open_bands). A file of another form is a DatasetError naming it.
 
     JPEGs are decoded straight at 1/2, 1/4 or 1/8 size when `scale` allows (PIL draft mode), which makes
-    large photos several times cheaper to load. EXIF orientation is applied; grey, RGBA and 16-bit converted."""
+    large photos several times cheaper to load. EXIF orientation is applied."""
+    if form is not None and tuple(form) != GREY:
+        return open_bands(path, scale, tuple(form))
+    if is_tiff(path):
+        found, _, pil_reads = tiff_header(path)
+        if not pil_reads and (form is not None or found[0] not in (1, 3)):  # PIL would cut the bands or pages
+            raise wrong_form(path, found, form)
+    mode = "RGB" if form is None else "L"
     with decoding(path), Image.open(path) as image:
+        if form is not None and PIL_FORMS.get(image.mode, COLOUR) != GREY:
+            raise wrong_form(path, PIL_FORMS.get(image.mode, COLOUR), GREY)
         size = image.size
         if scale < 1:
-            image.draft("RGB", scaled_size(size, scale))
+            image.draft(mode, scaled_size(size, scale))
         turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
         image = upright(image)
         if image.mode in FORMAT_RANGE:
@@ -41,7 +170,7 @@ def open_image(path, scale=1.0):
             pixels = np.asarray(image, dtype=np.float32)
             image = Image.fromarray((pixels * (255.0 / FORMAT_RANGE[image.mode])).clip(0, 255).round()
                                     .astype(np.uint8))
-        image = image if image.mode == "RGB" else image.convert("RGB")
+        image = image if image.mode == mode else image.convert(mode)
         size = size[::-1] if turned else size
         target = scaled_size(size, scale)
         if image.size != target:
@@ -52,7 +181,8 @@ def open_image(path, scale=1.0):
 
 @contextmanager
 def decoding(path):
-    """PIL's many errors for a missing, foreign, corrupt or truncated file, as one ImageReadError naming it."""
+    """PIL's and tifffile's many errors for a missing, foreign, corrupt or truncated file, as one ImageReadError
+    naming it."""
     try:
         yield
     except FileNotFoundError:
@@ -61,28 +191,42 @@ def decoding(path):
         raise ImageReadError(f"'{path}' is not an image file that PIL can read") from None
     except Image.DecompressionBombError as e:  # a header that claims more pixels than memory could hold
         raise ImageReadError(f"'{path}' is refused: {str(e).rstrip('.')}") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, KeyError, IndexError) as e:
+        if "imagecodecs" in str(e):
+            raise ImageReadError(f"'{path}' is compressed in a way that tifffile decodes only with the imagecodecs "
+                                 f"package: pip install imagecodecs, or save it uncompressed or with zlib") from None
         raise ImageReadError(f"'{path}' could not be decoded, the file may be corrupt or truncated ({e})") from None
 
 
 def to_tensor(image):
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    """A decoded image (PIL RGB or L, or Bands) -> C x H x W tensor: uint8 for PIL images, float32 for Bands."""
+    if isinstance(image, Bands):
+        return torch.from_numpy(image.array())
+    array = np.array(image)
+    return torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)[None]
 
 
-def read_image(path):
-    """Any image file -> uint8 RGB tensor 3xHxW: EXIF orientation applied; grey, RGBA and 16-bit converted."""
-    return to_tensor(open_image(path)[0])
+def read_image(path, form=None):
+    """Any image file -> C x H x W tensor of `form` (open_image), upright, at the file's size."""
+    return to_tensor(open_image(path, form=form)[0])
 
 
 def checked_image_size(path):
-    """(width, height) of the upright image, after decoding all of it (at 1/8 size for JPEGs, which is cheap but
-    still reads every byte): a truncated or corrupt file fails here, not in the middle of training."""
+    """((width, height) of the upright image, its form), after decoding all of it (at 1/8 size for 8-bit JPEGs,
+    which is cheap but still reads every byte): a truncated or corrupt file, or a float image with NaN, fails here,
+    not in the middle of training."""
+    if is_tiff(path) and not tiff_header(path)[2]:
+        pixels, form = read_pixels(path)
+        return pixels.shape[:0:-1], form
     with decoding(path), Image.open(path) as image:
         turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
         size = image.size[::-1] if turned else image.size
-        image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-        image.load()
-        return size
+        form = PIL_FORMS.get(image.mode, COLOUR)
+        if form[1] != "float32":
+            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+            return size, form
+    return size, read_pixels(path)[1]
 
 
 def open_mask(path, colours=False):
@@ -145,7 +289,10 @@ def mask_values_of(path, colours=False):
 
 
 def header_size(path):
-    """(width, height) of the upright image, from the file's header alone (nothing decoded)."""
+    """(width, height) of the upright image, from the file's header alone (nothing decoded; tifffile's for a TIFF,
+    PIL's else)."""
+    if is_tiff(path):
+        return tiff_header(path)[1]
     with decoding(path), Image.open(path) as image:
         turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
         return image.size[::-1] if turned else image.size

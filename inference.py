@@ -75,17 +75,27 @@ def flip_dims(tta=False, vertical=False):
 
 
 @functools.lru_cache(maxsize=16)
-def normalization_tensors(mean, std, device):
-    """Mean and std as 1 x C x 1 x 1 tensors on `device`, made once per device (no copy at every batch)."""
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+def normalization_tensors(stats, device):
+    """Each tuple of `stats` (mean, std, ...) as a 1 x C x 1 x 1 tensor on `device`, made once per device (no copy
+    at every batch)."""
+    return tuple(torch.tensor(values, device=device).view(1, -1, 1, 1) for values in stats)
 
 
 def preprocess(images, normalize):
-    """uint8 Bx C xHxW (on any device) -> normalised float, with the mean and std saved in the checkpoint."""
-    stats = tuple(normalize["mean"]), tuple(normalize["std"]), images.device
+    """Images B x C x H x W as read (any device) -> normalised float, with the statistics saved in the checkpoint:
+    8-bit RGB uint8 by a mean and std of 0..1 pixels; images of any other form (normalize has 'low' and 'high',
+    image_stats.channel_statistics) clipped to the training set's percentiles, then by the mean and std of the
+    raw values."""
+    raw = "low" in normalize
+    names = ("mean", "std", "low", "high") if raw else ("mean", "std")
+    stats = tuple(tuple(normalize[name]) for name in names), images.device
     # A trace (torch.export, torch.compile, jit.trace) makes placeholders, which must not outlive it in the cache.
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    mean, std = normalization_tensors.__wrapped__(*stats) if tracing else normalization_tensors(*stats)
+    tensors = normalization_tensors.__wrapped__(*stats) if tracing else normalization_tensors(*stats)
+    if raw:
+        mean, std, low, high = tensors
+        return (torch.minimum(torch.maximum(images.float(), low), high) - mean) / std
+    mean, std = tensors
     return (images.float() / 255 - mean) / std
 
 

@@ -160,18 +160,38 @@ def _read_state_dict(path):
     return {_OLD_DENSENET_KEY.sub(r"\1\2", key): value for key, value in state.items()}
 
 
+def adapt_first_conv(model, in_channels, pretrained):
+    """The first convolution of a torchvision classifier made to take `in_channels` channels, as
+    segmentation_models_pytorch's patch_first_conv does: with random weights it is drawn afresh; pretrained RGB
+    kernels are summed for one channel (a grey image then gives the features of its RGB copy), and otherwise repeated
+    over the channels (R, G, B, R, ...) and scaled by 3 / in_channels."""
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    if in_channels == conv.in_channels:
+        return
+    rgb = conv.weight.detach()
+    conv.in_channels = in_channels
+    if not pretrained:
+        conv.weight = nn.Parameter(torch.empty(conv.out_channels, in_channels, *conv.kernel_size))
+        conv.reset_parameters()
+    elif in_channels == 1:
+        conv.weight = nn.Parameter(rgb.sum(1, keepdim=True))
+    else:
+        repeated = rgb[:, [i % rgb.shape[1] for i in range(in_channels)]]
+        conv.weight = nn.Parameter(repeated * (rgb.shape[1] / in_channels))
+
+
 class Encoder(nn.Module):
     """Consecutive stages of a torchvision classifier; forward returns every stage's output, shallow to deep.
 
     A frozen encoder gets no gradients and stays in eval mode, so its BatchNorm statistics are fixed too."""
 
-    def __init__(self, stages):
+    def __init__(self, stages, in_channels=3):
         super().__init__()
         self.stages = nn.ModuleList(nn.Sequential(OrderedDict(stage)) for stage in stages)
         self.frozen = False
         with torch.no_grad():
             self.eval()
-            features = self(torch.zeros(1, 3, 64, 64))
+            features = self(torch.zeros(1, in_channels, 64, 64))
             self.channels = [f.shape[1] for f in features]
             self.output_stride = 64 // features[-1].shape[-1]
             self.train()
@@ -213,15 +233,18 @@ class EncoderUNet(nn.Module):
 
     decoder_channels: output width of each decoder block, deepest first (default 256, 128, ... one per block).
     bilinear: bilinear upsampling + conv instead of 2x2 transposed convolutions, as in UNet.
-    encoder_weights: 'none', 'imagenet' or a state_dict file (see `backbone`)."""
+    encoder_weights: 'none', 'imagenet' or a state_dict file (see `backbone`).
+    in_channels: the images' channels; the first convolution is adapted to them (adapt_first_conv)."""
 
     def __init__(self, encoder="resnet34", num_classes=2, decoder_channels=None, bilinear=False,
-                 encoder_weights="none"):
+                 encoder_weights="none", in_channels=3):
         super().__init__()
         check_encoder(encoder)
         decoder_channels = decoder_widths(encoder, decoder_channels)
         blocks = len(decoder_channels)
-        self.encoder = Encoder(unet_stages(encoder, backbone(encoder, encoder_weights)))
+        classifier = backbone(encoder, encoder_weights)
+        adapt_first_conv(classifier, in_channels, encoder_weights != "none")
+        self.encoder = Encoder(unet_stages(encoder, classifier), in_channels)
         skip_channels = self.encoder.channels[-2::-1] + [0] * (blocks - len(self.encoder.channels) + 1)
         in_channels = [self.encoder.channels[-1]] + decoder_channels[:-1]
         self.ups = nn.ModuleList(Up(*widths, bilinear) for widths in zip(in_channels, skip_channels, decoder_channels))
@@ -250,10 +273,11 @@ class FCN8s(nn.Module):
     convolutions (keeping their pretrained weights), and class scores from stride 32 are upsampled and summed
     with scores from pool4 (stride 16) and pool3 (stride 8). Any input size: padded to a multiple of 32."""
 
-    def __init__(self, encoder="vgg13", num_classes=21, encoder_weights="none"):
+    def __init__(self, encoder="vgg13", num_classes=21, encoder_weights="none", in_channels=3):
         super().__init__()
         check_encoder(encoder, "fcn")
         vgg = backbone(encoder, encoder_weights)
+        adapt_first_conv(vgg, in_channels, encoder_weights != "none")
         layers = list(vgg.features.named_children())
         ends = [i + 1 for i, (_, layer) in enumerate(layers) if isinstance(layer, nn.MaxPool2d)][2:]  # pool3-5
         fc6, fc7 = nn.Conv2d(512, 4096, 7, padding=3), nn.Conv2d(4096, 4096, 1)
@@ -263,7 +287,7 @@ class FCN8s(nn.Module):
                 conv.bias.copy_(linear.bias)
         fc = [("fc6", fc6), ("relu6", nn.ReLU(inplace=True)), ("drop6", nn.Dropout()),
               ("fc7", fc7), ("relu7", nn.ReLU(inplace=True)), ("drop7", nn.Dropout())]
-        self.encoder = Encoder([layers[:ends[0]], layers[ends[0]:ends[1]], layers[ends[1]:ends[2]] + fc])
+        self.encoder = Encoder([layers[:ends[0]], layers[ends[0]:ends[1]], layers[ends[1]:ends[2]] + fc], in_channels)
         self.output_stride = self.encoder.output_stride
         self.score_pool3 = nn.Conv2d(self.encoder.channels[0], num_classes, 1)
         self.score_pool4 = nn.Conv2d(self.encoder.channels[1], num_classes, 1)
@@ -304,6 +328,7 @@ class ModelConfig:
     depth: int = 4
     bilinear: bool = False
     single_logit: bool = False
+    in_channels: int = 3  # not a flag: the channels of the data's images (train.py sets it)
 
     def check(self, reads_weights=True):
         """ConfigError for impossible or clashing flags, before any data is read. reads_weights=False: the
@@ -352,14 +377,16 @@ class ModelConfig:
         num_logits = 1 if self.single_logit else num_classes
         encoder = self.encoder_name()
         if encoder == "none":
-            return {"arch": "unet", "in_channels": 3, "num_classes": num_logits,
+            return {"arch": "unet", "in_channels": self.in_channels, "num_classes": num_logits,
                     "base_channels": self.base_channels, "depth": self.depth, "bilinear": self.bilinear}
+        # RGB encoders keep the dict they had before other channel counts were read (in_channels defaults to 3)
+        channels = {"in_channels": self.in_channels} if self.in_channels != 3 else {}
         if self.arch == "fcn":
             return {"arch": "fcn", "encoder": encoder, "encoder_weights": self.encoder_weights,
-                    "num_classes": num_logits}
+                    "num_classes": num_logits, **channels}
         return {"arch": "unet", "encoder": encoder, "encoder_weights": self.encoder_weights,
                 "num_classes": num_logits, "decoder_channels": decoder_widths(encoder, self.decoder_channels),
-                "bilinear": self.bilinear}
+                "bilinear": self.bilinear, **channels}
 
 
 def input_normalization(model_args):

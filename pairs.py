@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from errors import DatasetError, ImageReadError
-from images import IMAGE_EXTENSIONS, checked_image_size, mask_values_of, unpacked_colour
+from images import COLOUR, GREY, IMAGE_EXTENSIONS, checked_image_size, describe_form, mask_values_of, \
+    unpacked_colour
 from utils import replaced_atomically
 
 
@@ -130,11 +131,12 @@ def file_stamp(path):
     return [stat.st_mtime_ns, stat.st_size]
 
 
-def scan_pairs(pairs, skip_bad=False, colours=False):
+def scan_pairs(pairs, skip_bad=False, colours=False, forms=None):
     """Check every pair once: both files decode, the image's size equals the mask's; and count each mask's values
     (with `colours`, its colours packed as images.pack_colours does).
     Results are cached per mask folder (cache_folder), keyed by file size and modification time, so later starts
-    cost two stat calls per pair. Returns [(pair, (width, height), {value: pixel count})] for the readable pairs."""
+    cost two stat calls per pair. Returns [(pair, (width, height), {value: pixel count})] for the readable pairs;
+    `forms`, a dict, is filled with {image path: its form (images.checked_image_size)}."""
     caches, changed, found, skipped = {}, set(), [], []
     for image_path, mask_path in pairs:
         folder = mask_path.parent
@@ -146,12 +148,13 @@ def scan_pairs(pairs, skip_bad=False, colours=False):
         try:
             stamp = file_stamp(image_path) + file_stamp(mask_path)
             entry = caches[folder].get(mask_path.name)
-            if entry is None or entry.get("stamp") != stamp or entry.get("image") != image_path.name:
-                size = checked_image_size(image_path)
+            if (entry is None or entry.get("stamp") != stamp or entry.get("image") != image_path.name
+                    or "form" not in entry):
+                size, form = checked_image_size(image_path)
                 mask_size, counts = mask_values_of(mask_path, colours)
                 if mask_size != size:
                     raise size_mismatch(image_path, size, mask_path, mask_size)
-                entry = {"image": image_path.name, "stamp": stamp, "size": list(size),
+                entry = {"image": image_path.name, "stamp": stamp, "size": list(size), "form": list(form),
                          "counts": [[value, count] for value, count in counts.items()]}
                 caches[folder][mask_path.name] = entry
                 changed.add(folder)
@@ -162,6 +165,8 @@ def scan_pairs(pairs, skip_bad=False, colours=False):
             skipped.append(str(e))
             continue
         found.append(((image_path, mask_path), tuple(entry["size"]), dict(entry["counts"])))
+        if forms is not None:
+            forms[image_path] = tuple(entry["form"])
     for folder in changed:
         path = cache_file(folder, colours)
         try:
@@ -228,4 +233,20 @@ def check_values(found, mask_values, void_value, colours=False):
             raise unknown_values(mask_path, sorted(set(counts) - known), mask_values, void_value)
 
 
-
+def data_form(forms):
+    """The form (images.describe_form) of a dataset's images, from {image path: form}: 8-bit RGB (None) when any is
+    colour and all are 8-bit grey or colour, as photo sets mix them; else the one form all share. Images of two
+    forms are refused, naming one file of each."""
+    distinct = {}
+    for path, form in forms.items():
+        distinct.setdefault(form, path)
+    beyond_8_bit = [form for form in distinct if form not in (GREY, COLOUR)]
+    if not beyond_8_bit:
+        return None if COLOUR in distinct else GREY
+    if len(distinct) == 1:
+        return beyond_8_bit[0]
+    form = beyond_8_bit[0]
+    other = next(f for f in distinct if f != form)
+    raise DatasetError(f"the images are not all of one form: '{distinct[form]}' is {describe_form(form)} but "
+                       f"'{distinct[other]}' is {describe_form(other)}; convert them to one channel count and bit "
+                       f"depth")

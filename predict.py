@@ -21,8 +21,8 @@ from PIL import Image
 
 from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
-from drawing import viz_picture, write_pictures
-from errors import ConfigError, ImageReadError, UserError, check_at_least, one_line
+from drawing import viewable, viz_picture, write_pictures
+from errors import ConfigError, DatasetError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from, finite_float
 from images import IMAGE_EXTENSIONS, read_image
 from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
@@ -165,11 +165,11 @@ def planned_outputs(inputs, masks, outputs, output_flag):
             for out in outputs_of(mask, outputs)]
 
 
-def try_read(path):
-    """(path, uint8 image 3xHxW, None), or (path, None, why it cannot be read)."""
+def try_read(path, form=None):
+    """(path, image C x H x W of `form` (images.open_image), None), or (path, None, why it cannot be read)."""
     try:
-        return path, read_image(path), None
-    except ImageReadError as e:
+        return path, read_image(path, form), None
+    except DatasetError as e:  # unreadable, or of another form than the model's
         return path, None, str(e)
     except Image.DecompressionBombError as e:
         return path, None, f"'{path}' is refused by PIL ({e})"
@@ -177,15 +177,15 @@ def try_read(path):
         return path, None, f"'{path}' is too large to decode in the memory available"
 
 
-def read_images(paths, workers):
+def read_images(paths, workers, form=None):
     """try_read over `paths` in order, with `workers` threads decoding the next images while the model runs."""
     if workers == 0:
-        yield from map(try_read, paths)
+        yield from (try_read(path, form) for path in paths)
         return
     with ThreadPoolExecutor(workers) as pool:
         pending = deque()
         for path in paths:
-            pending.append(pool.submit(try_read, path))
+            pending.append(pool.submit(try_read, path, form))
             if len(pending) > workers:
                 yield pending.popleft().result()
         while pending:
@@ -209,6 +209,7 @@ def readable(read, failures):
 def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
     """Write (or show) what `outputs` asks for; returns the paths written."""
     classes, mask_values = checkpoint["classes"], checkpoint["mask_values"]
+    image = viewable(image, checkpoint["normalize"])  # the picture of the image: uint8 RGB
     if outputs.no_save:
         if outputs.viz:
             show(viz_picture(image.permute(1, 2, 0).numpy(), labels, classes, mask_values), mask_path.stem)
@@ -272,7 +273,7 @@ def main(argv=None):
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
     start, done = time.perf_counter(), 0
     images_per_pass = 1 if inference.tile else args.batch_size
-    images_read = readable(read_images(inputs, args.workers), failures)
+    images_read = readable(read_images(inputs, args.workers, checkpoint["normalize"].get("form")), failures)
     for batch in same_size_runs(images_read, images_per_pass, lambda item: item[2]):
         indices, paths, images = zip(*batch)
         try:

@@ -13,7 +13,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from PIL import Image
+from images import header_size
 
 from distributed import all_gather_objects
 from errors import ConfigError
@@ -78,8 +78,7 @@ def image_sizes(dataset, limit=SIZE_SAMPLE):
     picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
     sizes = []
     for i in picks:
-        with Image.open(dataset.pairs[i][0]) as image:
-            width, height = image.size
+        width, height = header_size(dataset.pairs[i][0])
         sizes.append((max(1, round(height * dataset.scale)), max(1, round(width * dataset.scale))))
     return sizes
 

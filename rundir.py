@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from drawing import plot_curves, sample_grid
+from drawing import plot_curves, sample_grid, viewable
 from errors import ConfigError
 from inference import predict_probs_or_tile, probs_to_labels
 from utils import warn
@@ -98,5 +98,6 @@ def save_samples(model, dataset, normalize, scale, amp_dtype, device, path, coun
                                                          scale=scale, amp_dtype=amp_dtype)[0])[0].cpu()
                    for image in images]
     path.parent.mkdir(exist_ok=True)
-    sample_grid(images, truths, predictions, dataset.classes, dataset.mask_values,
+    shown = [viewable(image, normalize) for image in images]
+    sample_grid(shown, truths, predictions, dataset.classes, dataset.mask_values,
                 grey_void=getattr(dataset, "rois", None) is not None).save(path)

@@ -31,8 +31,8 @@ from precision import Precision, choose_precision
 from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_BUDGET, MIN_STEPS_PER_EPOCH, \
     WARMUP_SHARE, Deadline, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, plan_run, \
     replan
-from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, input_normalization, \
-    set_encoder_frozen
+from image_stats import input_normalization_for
+from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, set_encoder_frozen
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
@@ -307,6 +307,8 @@ def note_batch_of_one(batch_size, synchronised_batch_norm):
 def build_run_model(config, model_config, checkpoint, train_set, device, world_size):
     """(model on its device, Precision, the checkpoint's description of the model and of the data it reads)."""
     classes = list(train_set.classes)
+    form = getattr(train_set, "form", None)  # the images' (images.describe_form); the shapes are 8-bit RGB
+    model_config = dataclasses.replace(model_config, in_channels=form[0] if form else 3)
     model_args = model_config.model_args(len(classes))
     # Pretrained encoder weights are fetched here, for training only; a failed download is one line.
     model = build_model(model_args, pretrained=not (config.resume or config.load))
@@ -316,8 +318,9 @@ def build_run_model(config, model_config, checkpoint, train_set, device, world_s
         load_weights(model, config.load, checkpoint, model_args["num_classes"])
     precision = choose_precision(device, config.amp, config.channels_last)
     model = prepare_model(model, config.sync_bn, precision, device, world_size)
+    normalize = input_normalization_for(form, [image for image, _ in getattr(train_set, "pairs", [])], model_args)
     meta = {"model_args": model_args, "classes": classes, "mask_values": list(train_set.mask_values),
-            "ignore_index": train_set.ignore_index, "normalize": input_normalization(model_args)}
+            "ignore_index": train_set.ignore_index, "normalize": normalize}
     return model, precision, meta
 
 
