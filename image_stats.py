@@ -29,8 +29,9 @@ def input_normalization_for(form, image_paths, model_args):
 
 def channel_statistics(image_paths, form):
     """{'low', 'high', 'mean', 'std'}: one value per channel of the images' raw values. low and high are the 0.5
-    and 99.5 percentiles of a seeded sample of pixels (PIXELS_PER_IMAGE of each of at most MOST_IMAGES images);
-    mean and std those of the sample clipped to [low, high]. A constant channel gets a std of 1, not 0."""
+    and 99.5 percentiles of the pixels (a seeded sample of PIXELS_PER_IMAGE of each larger image, and of at most
+    MOST_IMAGES images); mean and std those of the pixels clipped to [low, high]. A constant channel gets a std
+    of 1, not 0."""
     rng = np.random.default_rng(0)
     paths = sorted(image_paths)
     if len(paths) > MOST_IMAGES:
@@ -38,7 +39,9 @@ def channel_statistics(image_paths, form):
     samples = []
     for path in paths:
         pixels = read_pixels(path)[0].reshape(form[0], -1)
-        samples.append(pixels[:, rng.integers(0, pixels.shape[1], min(PIXELS_PER_IMAGE, pixels.shape[1]))])
+        if pixels.shape[1] > PIXELS_PER_IMAGE:
+            pixels = pixels[:, rng.integers(0, pixels.shape[1], PIXELS_PER_IMAGE)]
+        samples.append(pixels)
     values = np.concatenate(samples, axis=1).astype(np.float64)
     low, high = np.percentile(values, PERCENTILES, axis=1)
     clipped = np.clip(values, low[:, None], high[:, None])
