@@ -188,7 +188,7 @@ def test_multi_page_and_multi_sample_tiffs_read_alike(tmp_path):
     for name in ("pages.tif", "samples.tif"):
         pixels, form = images.read_pixels(tmp_path / name)
         assert form == (4, "uint16") and np.array_equal(pixels, bands)
-        assert images.upright_size(tmp_path / name) == (9, 6)
+        assert images.header_size(tmp_path / name) == (9, 6)
         assert torch.equal(images.read_image(tmp_path / name, form), torch.from_numpy(bands.astype(np.float32)))
 
 
