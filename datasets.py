@@ -401,10 +401,11 @@ def resolve_data(config):
         resolved.dataset = detect(resolved)
         resolved.check()  # --roi and --mask-colors need folder data
     resolved = with_tables(resolved)
-    if resolved.dataset == "folder" and resolved.mask_values is None:
-        resolved.mask_values = found_values(resolved)
     if resolved.dataset == "folder":
-        resolved.image_form = found_form(resolved)
+        forms = {}  # {image path: form}, filled by the scan that finds the mask values
+        if resolved.mask_values is None:
+            resolved.mask_values = found_values(resolved, forms)
+        resolved.image_form = found_form(resolved, forms)
     if resolved.class_names:
         if resolved.dataset == "shapes":
             raise ConfigError("--class-names names the classes of your data; the synthetic shapes have their own")
@@ -422,23 +423,25 @@ def with_tables(config):
     return dataclasses.replace(config, mask_values=table.colours, void_color=table.void, names=table.names)
 
 
-def found_values(config):
-    """The mask values found in folder data's masks: values, or [R, G, B] colours when the masks hold colours."""
+def found_values(config, forms=None):
+    """The mask values found in folder data's masks: values, or [R, G, B] colours when the masks hold colours.
+    `forms`, a dict, gets the images' forms (scan_pairs)."""
     pairs = folder_pairs(config)
     try:
-        return found_mask_values(scan_pairs(pairs, config.skip_bad), config.ignore_index)
+        return found_mask_values(scan_pairs(pairs, config.skip_bad, forms=forms), config.ignore_index)
     except ColourMaskError:
         if config.ignore_index is not None:
             raise ConfigError("the masks are colour-coded, so --ignore-index (a mask value) cannot name their "
                               "void colour: give a colour table with --mask-colors (a line 'R G B void')") from None
-        found = scan_pairs(pairs, config.skip_bad, colours=True)
+        found = scan_pairs(pairs, config.skip_bad, colours=True, forms=forms)
         return [unpacked_colour(value) for value in found_mask_values(found, colours=True)]
 
 
-def found_form(config):
-    """The form of folder data's images (pairs.data_form) as a list, or None for 8-bit RGB: one form for all."""
-    forms = {}
-    scan_pairs(folder_pairs(config), config.skip_bad, colour_coded(config.mask_values), forms)
+def found_form(config, forms):
+    """The form of folder data's images (pairs.data_form) as a list, or None for 8-bit RGB: one form for all.
+    `forms` ({image path: form}) when a scan found them, else empty."""
+    if not forms:
+        scan_pairs(folder_pairs(config), config.skip_bad, colour_coded(config.mask_values), forms)
     form = data_form(forms)
     return list(form) if form is not None else None
 
