@@ -1,5 +1,6 @@
-"""Data-loading benchmark: start-up on a Carvana-sized set, and per-item load + augment at Carvana's full size
-against a plain "PIL open, resize, to tensor" baseline measured in the same run.
+"""Data-loading benchmark: start-up on a Carvana-sized set, per-item load + augment at Carvana's full size
+against a plain "PIL open, resize, to tensor" baseline measured in the same run, and the same item as 16-bit grey
+and 5-band images against 8-bit RGB.
 
 Example: python benchmarks/bench_data.py --carvana DIR    (DIR: a Carvana folder holding imgs/ and masks/)
 """
@@ -120,6 +121,34 @@ def per_item(args, sample):
         print(f"  {name:<58} {ms:7.2f} ms  {base / ms:5.2f}x the baseline")
 
 
+def per_form(args, sample):
+    """CPU milliseconds per training item (load, zoom + rotate + crop, flip) of one Carvana photo saved in three
+    forms of the same size: 8-bit RGB PNG, 16-bit grey PNG and a 5-band 16-bit TIFF (images.open_image)."""
+    import tifffile
+
+    image_path, mask_path = first_pair(sample)
+    rgb = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.uint16) * 257
+    writers = {"8-bit RGB PNG": lambda path: Image.open(image_path).convert("RGB").save(path.with_suffix(".png")),
+               "16-bit grey PNG": lambda path: Image.fromarray(rgb[..., 1]).save(path.with_suffix(".png")),
+               "5-band 16-bit TIFF": lambda path: tifffile.imwrite(path.with_suffix(".tif"), np.concatenate(
+                   [np.moveaxis(rgb, -1, 0), np.moveaxis(rgb[..., :2], -1, 0)]), photometric="minisblack")}
+    with tempfile.TemporaryDirectory() as folder:
+        loaders = {}
+        for i, (name, write) in enumerate(writers.items()):
+            root = Path(folder) / str(i)
+            (root / "imgs").mkdir(parents=True), (root / "masks").mkdir()
+            write(root / "imgs" / "a")
+            Image.open(mask_path).save(root / "masks" / "a.png")
+            loaders[name] = build(["--images", str(root / "imgs"), "--masks", str(root / "masks"), "--val-percent",
+                                   "0", "--scale", str(args.scale)], ["train"])[0].__getitem__
+        milliseconds = {name: min(timed(lambda: [load(0) for _ in range(4)], time.process_time) / 4 * 1000
+                                  for _ in range(args.repeat)) for name, load in loaders.items()}
+    print(f"per training item by image form (CPU time, one thread), the same photo, --scale {args.scale:g}:")
+    base = milliseconds["8-bit RGB PNG"]
+    for name, ms in milliseconds.items():
+        print(f"  {name:<58} {ms:7.2f} ms  {ms / base:5.2f}x the 8-bit RGB item")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--carvana", default=str(SAMPLE),
@@ -137,6 +166,7 @@ def main():
     first_pair(sample)  # a clear error, before anything is timed, when the folder holds no Carvana data
     startup(args, sample)
     per_item(args, sample)
+    per_form(args, sample)
 
 
 if __name__ == "__main__":
