@@ -206,6 +206,12 @@ def tile_starts(size, tile, overlap, align=1):
     return [min(i * stride, size - tile) for i in range(math.ceil((size - tile) / stride) + 1)]
 
 
+def aligned_tile(tile, align):
+    """The tile side actually used: a multiple of the model's output stride `align`, rounded down, and at least one
+    stride. A tile smaller than the stride would step by a whole stride and leave stripes that no tile covers."""
+    return max(align, tile // align * align)
+
+
 @torch.inference_mode()
 def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),), amp_dtype=None, batch_size=4):
     """Overlap-tile probabilities K x H x W of one uint8 image C x H x W, accumulated on the image's device.
@@ -215,13 +221,14 @@ def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),)
     summed weights are the outer product of two vectors: no H x W weight map is needed.
     """
     height, width = image.shape[-2:]
+    # Offsets that are multiples of the model's downsampling make every tile pool over the same grid as the
+    # whole image, so tiles agree with whole-image inference.
+    align = getattr(model, "output_stride", 1)
+    tile = aligned_tile(tile, align)
     tile_h, tile_w = min(tile, height), min(tile, width)
     device = image.device
     weight_y, weight_x = gaussian_weights(tile_h, device), gaussian_weights(tile_w, device)
     tile_weight = weight_y[:, None] * weight_x[None, :]
-    # Offsets that are multiples of the model's downsampling make every tile pool over the same grid as the
-    # whole image, so tiles agree with whole-image inference.
-    align = getattr(model, "output_stride", 1)
     ys, xs = tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
     windows = [(y, x) for y in ys for x in xs]
     total = None

@@ -124,6 +124,20 @@ def test_tiles_of_an_encoder_unet_lie_on_its_32_pixel_grid():
     assert (misaligned - whole).abs().max() > 0.05  # so the tolerance above means something
 
 
+@pytest.mark.parametrize("tile, used", [(16, 32), (31, 32), (40, 32), (70, 64)])
+def test_tiles_are_rounded_to_the_output_stride_and_cover_every_pixel(tile, used):
+    """A tile below the model's stride (32 for ResNet U-Nets, FCN-8s, --depth 5) stepped by a whole stride and
+    left uncovered stripes: NaN probabilities there. Tiles are now whole strides (aligned_tile)."""
+    assert inference.aligned_tile(tile, 32) == used
+    model = tiny_unet(depth=5)  # stride 32
+    image = random_images(1, 3, 96, 128)
+    tiled = predict_probs(model, image, IMAGENET_NORMALIZE, tile=tile, overlap=0.5)
+    assert not tiled.isnan().any()
+    torch.testing.assert_close(tiled.sum(1), torch.ones(1, 96, 128))  # softmax: every pixel blended
+    reference = predict_probs(model, image, IMAGENET_NORMALIZE, tile=used, overlap=0.5)
+    torch.testing.assert_close(tiled, reference)
+
+
 def test_normalization_tensors_are_made_once_per_device(monkeypatch):
     made = []
     for name in ("tensor", "as_tensor"):  # every way of making the mean and std tensors is counted
