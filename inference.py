@@ -213,12 +213,17 @@ def aligned_tile(tile, align):
 
 
 @torch.inference_mode()
-def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),), amp_dtype=None, batch_size=4):
-    """Overlap-tile probabilities K x H x W of one uint8 image C x H x W, accumulated on the image's device.
+def sliding_window_bands(model, image, normalize, tile, overlap=0.5, flips=((),), amp_dtype=None, batch_size=4,
+                         device=None):
+    """Overlap-tile probabilities of one uint8 image C x H x W, blended band by band: yields (first row, K x rows x W
+    float32 probabilities), top to bottom. Rows are final once the last row of tiles over them is done, so the
+    accumulator spans one row of tiles (tile + stride rows), not the image. `image` is a tensor, or anything with
+    .shape and [:, y0:y1] slicing that gives uint8 C x rows x W (a TIFF read by windows: images.TiffWindows);
+    the accumulator lives on `device` (default: the image's, else the CPU).
 
-    Each tile's probabilities, weighted by a Gaussian centred on the tile, are summed into one accumulator,
-    which is then divided by the summed weights. Tiles lie on a grid and the Gaussian is separable, so the
-    summed weights are the outer product of two vectors: no H x W weight map is needed.
+    Each tile's probabilities, weighted by a Gaussian centred on the tile, are summed into the accumulator, which
+    is then divided by the summed weights. Tiles lie on a grid and the Gaussian is separable, so the summed
+    weights are the outer product of two vectors: no H x W weight map is needed.
     """
     height, width = image.shape[-2:]
     # Offsets that are multiples of the model's downsampling make every tile pool over the same grid as the
@@ -226,28 +231,46 @@ def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),)
     align = getattr(model, "output_stride", 1)
     tile = aligned_tile(tile, align)
     tile_h, tile_w = min(tile, height), min(tile, width)
-    device = image.device
+    device = device or getattr(image, "device", torch.device("cpu"))
     weight_y, weight_x = gaussian_weights(tile_h, device), gaussian_weights(tile_w, device)
     tile_weight = weight_y[:, None] * weight_x[None, :]
     ys, xs = tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
-    windows = [(y, x) for y in ys for x in xs]
-    total = None
-    for first in range(0, len(windows), batch_size):
-        batch = windows[first:first + batch_size]
-        tiles = torch.stack([image[:, y:y + tile_h, x:x + tile_w] for y, x in batch])
-        probs = forward_probs(model, preprocess(tiles.to(model_device(model)), normalize), flips, amp_dtype).to(device)
-        if total is None:
-            total = torch.zeros(probs.shape[1], height, width, device=device)
-        for (y, x), p in zip(batch, probs):
-            total[:, y:y + tile_h, x:x + tile_w] += p * tile_weight
     sum_y, sum_x = torch.zeros(height, device=device), torch.zeros(width, device=device)
     for y in ys:
         sum_y[y:y + tile_h] += weight_y
     for x in xs:
         sum_x[x:x + tile_w] += weight_x
-    for row in range(0, height, LABEL_ROWS):
-        total[:, row:row + LABEL_ROWS] /= sum_y[row:row + LABEL_ROWS, None] * sum_x[None, :]
-    return total
+    top, total = 0, None  # total holds rows top .. top + its height
+    for row, y in enumerate(ys):
+        band = torch.as_tensor(image[:, y:y + tile_h])
+        for first in range(0, len(xs), batch_size):
+            starts = xs[first:first + batch_size]
+            tiles = torch.stack([band[:, :, x:x + tile_w] for x in starts]).to(model_device(model))
+            probs = forward_probs(model, preprocess(tiles, normalize), flips, amp_dtype).to(device)
+            if total is None:
+                total = torch.zeros(probs.shape[1], 0, width, device=device)
+            if total.shape[1] < y + tile_h - top:  # grow the band down to this row of tiles' bottom
+                grow = torch.zeros(total.shape[0], y + tile_h - top - total.shape[1], width, device=device)
+                total = torch.cat([total, grow], 1)
+            for x, p in zip(starts, probs):
+                total[:, y - top:y - top + tile_h, x:x + tile_w] += p * tile_weight
+        done = ys[row + 1] if row + 1 < len(ys) else height  # rows no later tile covers
+        final = total[:, :done - top] / (sum_y[top:done, None] * sum_x[None, :])
+        total = total[:, done - top:].clone()  # a clone, so that the finished rows' memory is freed
+        yield top, final
+        top = done
+
+
+@torch.inference_mode()
+def sliding_window_probs(model, image, normalize, tile, overlap=0.5, flips=((),), amp_dtype=None, batch_size=4):
+    """Overlap-tile probabilities K x H x W of one uint8 image C x H x W, on the image's device: the bands of
+    sliding_window_bands put together."""
+    probs = None
+    for top, band in sliding_window_bands(model, image, normalize, tile, overlap, flips, amp_dtype, batch_size):
+        if probs is None:
+            probs = torch.empty(band.shape[0], *image.shape[-2:], device=band.device)
+        probs[:, top:top + band.shape[1]] = band
+    return probs
 
 
 def out_of_memory(error):

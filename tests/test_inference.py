@@ -66,6 +66,28 @@ def test_gaussian_blend_is_the_weighted_mean_of_the_tiles():
     np.testing.assert_allclose(got, total / weights, atol=1e-5)
 
 
+def test_band_wise_blending_equals_whole_image_blending():
+    """The bands come top to bottom, each final when no later tile covers it, and put together they are the
+    blend computed over the whole image at once (numpy); the accumulator spans one row of tiles."""
+    image = random_images(3, 150, 90)
+    tile, overlap = 48, 0.5
+    bands = list(inference.sliding_window_bands(PositionModel(), image, PLAIN, tile, overlap, batch_size=2))
+    tops = [top for top, _ in bands]
+    assert tops == [0] + [top + band.shape[1] for top, band in bands[:-1]]  # contiguous, in order
+    assert tops == inference.tile_starts(150, 48, 0.5)  # one band per row of tiles, ending at the next row
+    assert max(band.shape[1] for _, band in bands) <= tile
+    got = torch.cat([band for _, band in bands], 1)[0].numpy()
+    pixels = image.numpy().astype(np.float64) / 255
+    weight = np.outer(numpy_gaussian(tile), numpy_gaussian(tile))
+    total, weights = np.zeros((150, 90)), np.zeros((150, 90))
+    for y in tile_starts(150, tile, overlap):
+        for x in tile_starts(90, tile, overlap):
+            logits = pixels[:, y:y + tile, x:x + tile].mean(0) + np.linspace(-2, 2, tile)
+            total[y:y + tile, x:x + tile] += weight / (1 + np.exp(-logits))
+            weights[y:y + tile, x:x + tile] += weight
+    np.testing.assert_allclose(got, total / weights, atol=1e-5)
+
+
 @pytest.mark.parametrize("size, tile, overlap", [((112, 144), 64, 0.75), ((100, 140), 64, 0.5)])
 def test_tiled_equals_whole_image(size, tile, overlap):
     # Sizes that are multiples of the model's pooling factor (4): every tile pools on the whole image's grid.

@@ -1,0 +1,211 @@
+"""The memory plan of inference: before the first forward pass, whole images or tiles, and how many per pass.
+
+The peak memory of a forward pass is measured once per model, precision and options (InferenceFootprint) by
+running predict_probs on two small probe images while a dispatch mode (PeakTracker) adds up the bytes of every
+tensor made and frees them as they die. Why not the alternatives: the process's RSS growth on CPU is blurred by the
+allocator's caches, the reader threads and oneDNN's one-off buffers, so a small probe says little; torch's profiler
+is slow and CPU-only in its memory events; and deriving the peak from activation shapes would need each
+architecture's liveness (skips held across the decoder). The tracker sees exactly the tensors of the pass, on any
+device, in its precision and layout (autocast's weight copies, the channels_last copy, the flips' sums), and the
+peak is affine in the pixel count (fixed + per_pixel x pixels), which two probe sizes fix. What it misses
+(allocator fragmentation, oneDNN and cuDNN scratch) is covered by OVERHEAD, measured on CPU: the classic U-Net's
+tracked 936 MB for a 768x768 fp32 pass was 1,079 MB of RSS growth (x1.15).
+
+The available memory is Linux's MemAvailable and the cgroup (v1 or v2) limit less its usage on the CPU,
+torch.cuda.mem_get_info (plus what torch's cache holds free) on a GPU; --max-memory overrides it.
+"""
+import re
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from errors import ConfigError
+
+OVERHEAD = 1.25  # tracked tensor bytes -> process memory: allocator slack and kernel scratch (x1.15 measured)
+SAFETY = 0.8  # share of the available memory that a plan may fill: the system, readers and other jobs keep the rest
+IMAGE_BYTES = 4  # per pixel held outside the pass: the uint8 RGB image and its uint8 label image
+TILE_SIDES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 32)  # tried largest first
+UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def parse_memory(text):
+    """'4G', '512M', '1.5g', '2GB', '1000000' (bytes) -> bytes; ConfigError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--max-memory '{text}' is not an amount of memory; write e.g. 4G, 512M or 1.5G")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+
+
+def memory_text(size):
+    """Bytes as '3.1 GB' or '640 MB'."""
+    return f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
+
+
+def meminfo_available(path="/proc/meminfo"):
+    """MemAvailable in bytes (what can be allocated without swapping), or None off Linux."""
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def cgroup_free(root="/sys/fs/cgroup"):
+    """The cgroup's memory limit less its usage (v2: memory.max and memory.current; v1: memory/
+    memory.limit_in_bytes and memory.usage_in_bytes), or None where there is no limit."""
+    root = Path(root)
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (root / limit_file).read_text().strip(), (root / usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 2 ** 60:  # v2 writes 'max', v1 a huge number, for no limit
+            return max(0, int(limit) - int(usage))
+    return None
+
+
+def process_rss(path="/proc/self/status"):
+    """This process's resident memory in bytes (0 where /proc is missing)."""
+    try:
+        match = re.search(r"^VmRSS:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE)
+    except OSError:
+        return 0
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def available_memory(device):
+    """(bytes that inference may still use on `device`, where that figure comes from)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached, "free CUDA memory"
+    found = {"MemAvailable": meminfo_available(), "cgroup limit": cgroup_free()}
+    found = {name: size for name, size in found.items() if size is not None}
+    if not found:
+        return None, "unknown"
+    name = min(found, key=found.get)
+    return found[name], name
+
+
+def memory_budget(device, max_memory=None):
+    """(bytes a plan may fill, how that was found): --max-memory less what the process holds already, or a
+    SAFETY share of the available memory."""
+    if max_memory is not None:
+        return max(0, max_memory - process_rss()), f"--max-memory {memory_text(max_memory)}"
+    available, source = available_memory(device)
+    if available is None:
+        return None, source
+    return int(available * SAFETY), f"{SAFETY:.0%} of {memory_text(available)} available ({source})"
+
+
+class PeakTracker(TorchDispatchMode):
+    """Within the `with` block: `peak`, the most bytes held at once by the tensors made there (storages counted
+    once, however many views share them; tensors made before the block, such as weights, are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.live:
+            self.live[key] = [storage.nbytes(), 0]
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        self.live[key][1] += 1  # tensors alive on this storage
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+
+@dataclass
+class Footprint:
+    """Peak bytes of a forward pass over `pixels` input pixels: OVERHEAD x (fixed + per_pixel x pixels)."""
+    fixed: float
+    per_pixel: float
+
+    def bytes(self, pixels):
+        return OVERHEAD * (self.fixed + self.per_pixel * pixels)
+
+
+def measure_footprint(run, stride=1):
+    """The Footprint of `run(side)`, a forward pass on a side x side probe, from two probe sizes of whole
+    multiples of the model's output stride."""
+    sides = (max(64, 2 * stride), max(128, 4 * stride))
+    peaks = []
+    for side in sides:
+        with PeakTracker() as tracker:
+            run(side)
+        peaks.append(tracker.peak)
+    per_pixel = max(0.0, (peaks[1] - peaks[0]) / (sides[1] ** 2 - sides[0] ** 2))
+    return Footprint(max(0.0, peaks[0] - per_pixel * sides[0] ** 2), per_pixel)
+
+
+@dataclass
+class MemoryPlan:
+    """Whole images `batch_size` per pass (tile None), or tiles of `tile` pixels `batch_size` per pass;
+    `estimate` is the planned peak, `budget` what it had to fit (None: unknown, the defaults stand)."""
+    tile: int | None
+    batch_size: int
+    estimate: int
+    budget: int | None
+    source: str = ""
+
+    def describe(self, size):
+        height, width = size
+        how = (f"whole {width}x{height} images, {self.batch_size} per pass" if self.tile is None
+               else f"{width}x{height} images in {self.tile}-pixel tiles, {self.batch_size} per pass")
+        fits = "" if self.budget is None else f" of {memory_text(self.budget)} ({self.source})"
+        return f"memory plan: {how}: about {memory_text(self.estimate)}{fits}"
+
+
+def whole_bytes(footprint, size, batch):
+    pixels = batch * size[0] * size[1]
+    return footprint.bytes(pixels) + IMAGE_BYTES * pixels
+
+
+def tiled_bytes(footprint, size, tile, batch, num_classes):
+    """A pass over `batch` tiles, the band of blended float32 probabilities (a row of tiles and the next: two
+    tiles high) and the image with its labels."""
+    band = 2 * tile * size[1] * max(num_classes, 1) * 4
+    return footprint.bytes(batch * tile * tile) + band + IMAGE_BYTES * size[0] * size[1]
+
+
+def plan_memory(footprint, size, budget, num_classes, tile=None, batch_size=None, max_batch=4, stride=1):
+    """The plan for images of `size` (H, W): whole images when one fits `budget`, else the largest tile (a multiple
+    of `stride`) that fits; then as many per pass, up to `max_batch`, as fit. A `tile` or `batch_size` given is
+    kept as is (the user's override); budget None (unknown) keeps the defaults: whole images, max_batch."""
+    batches = [batch_size] if batch_size else range(max_batch, 0, -1)
+    if tile is None:
+        for batch in batches:
+            estimate = whole_bytes(footprint, size, batch)
+            if budget is None or estimate <= budget:
+                return MemoryPlan(None, batch, int(estimate), budget)
+    side = max(size)
+    tiles = [tile] if tile else [t for t in TILE_SIDES if t % stride == 0 and t < side] or [max(stride, 32)]
+    for candidate in tiles:
+        for batch in batches:
+            estimate = tiled_bytes(footprint, size, candidate, batch, num_classes)
+            if budget is None or estimate <= budget:
+                return MemoryPlan(candidate, batch, int(estimate), budget)
+    smallest = tiles[-1]  # nothing fits: the smallest, and the out-of-memory fallback as a second line of defence
+    batch = batches[-1]
+    return MemoryPlan(smallest, batch, int(tiled_bytes(footprint, size, smallest, batch, num_classes)), budget)
