@@ -119,9 +119,13 @@ def add_inference_args(parser, scale=True):
                            help="resize factor applied before the model (default: the one it was trained with, "
                                 "saved in the checkpoint); outputs have the input's size")
     group.add_argument("--tile", type=int, default=None, metavar="SIZE",
-                       help="overlap-tile inference with SIZE x SIZE tiles (default: whole images)")
+                       help="overlap-tile inference with SIZE x SIZE tiles (default: the memory plan's choice: whole "
+                            "images where they fit)")
     group.add_argument("--overlap", type=finite_float, default=0.5,
                        help="fraction of a tile shared with its neighbour (default: 0.5)")
+    group.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="memory the plan may fill, e.g. 4G or 512M (default: 80%% of what the system has "
+                            "available); the plan chooses whole images or tiles, and the batch, to fit it")
     group.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average with the horizontally flipped image's prediction")
     group.add_argument("--tta-vflip", action="store_true",

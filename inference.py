@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from errors import ConfigError
 from images import scaled_size
+from memory import measure_footprint, memory_budget, parse_memory, plan_memory
 from metrics import ConfusionMatrix
 from precision import AMP_DTYPES, choose_precision
 from utils import progress_bars, warn
@@ -36,8 +37,11 @@ class InferenceConfig:
     tta_vflip: bool = False
     amp: str = "auto"  # "auto", "off", "bf16" or "fp16": see precision.choose_precision; use_precision resolves it
     channels_last: str = "auto"  # "auto", "on" or "off"
+    max_memory: str | None = None  # "4G": the memory plan's budget (default: what the system has available)
 
     def check(self):
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
         if self.scale is not None and not self.scale > 0:
             raise ConfigError(f"--scale must be positive, got {self.scale}")
         if self.tile is not None and self.tile < 16:
@@ -313,6 +317,60 @@ def probs_to_labels(probs, threshold=0.5, dtype=torch.long):
         rows = probs[:, :, row:row + LABEL_ROWS]
         labels[:, row:row + LABEL_ROWS] = rows[:, 0] > threshold if channels == 1 else rows.argmax(1)
     return labels
+
+
+class Planner:
+    """The memory plan (memory.plan_memory) for each image size that predict_probs meets with one model and its
+    options: the footprint is measured on the first call, each new choice said once through `log`. `tile` and
+    `batch_size` given are kept (the user's flags); `max_batch` bounds the batch chosen."""
+
+    def __init__(self, model, normalize, options, num_classes, max_memory=None, tile=None, batch_size=None,
+                 max_batch=4, log=print):
+        self.model, self.normalize, self.options, self.num_classes = model, normalize, options, num_classes
+        self.tile, self.batch_size, self.max_batch, self.log = tile, batch_size, max_batch, log
+        self.budget, self.source = memory_budget(model_device(model), max_memory and parse_memory(max_memory))
+        self.footprint, self.plans, self.said = None, {}, set()
+
+    def _probe(self, side):
+        probe = torch.zeros(1, 3, side, side, dtype=torch.uint8)
+        predict_probs(self.model, probe, self.normalize, **{**self.options, "tile": None})
+
+    def plan(self, size):
+        """The MemoryPlan for images of `size` (H, W)."""
+        size = tuple(size)
+        if size not in self.plans:
+            if self.footprint is None:
+                self.footprint = measure_footprint(self._probe, getattr(self.model, "output_stride", 1))
+            plan = plan_memory(self.footprint, size, self.budget, self.num_classes, self.tile, self.batch_size,
+                               self.max_batch, getattr(self.model, "output_stride", 1))
+            plan.source = self.source
+            self.plans[size] = plan
+            line = plan.describe(size)
+            if line not in self.said:
+                self.said.add(line)
+                self.log(line)
+        return self.plans[size]
+
+    def options_for(self, size):
+        """predict_probs's keyword arguments under the plan for `size`."""
+        plan = self.plan(size)
+        return {**self.options, "tile": plan.tile, "batch_size": plan.batch_size}
+
+    def remember(self, size, options):
+        """After the out-of-memory fallback (options' tile is not the plan's for `size`): the plan was wrong, so
+        the tile that worked is kept for every later image, as if given with --tile."""
+        if options.get("tile") != self.plans[tuple(size)].tile:
+            self.tile, self.plans = options["tile"], {}
+
+    def batches(self, items, image_of):
+        """(items, options): runs of same-size items (by `image_of(item)`'s shape) as many as the plan puts in one
+        pass (one image at a time when tiled), each with its options."""
+        for run in same_size_runs(items, self.batch_size or self.max_batch, image_of):
+            size = image_of(run[0]).shape[-2:]
+            plan = self.plan(size)
+            step = 1 if plan.tile else plan.batch_size
+            for first in range(0, len(run), step):
+                yield run[first:first + step], self.options_for(size)
 
 
 def evaluate(model, loader, num_classes, normalize, ignore_index, device, distributed=False, **options):

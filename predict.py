@@ -25,8 +25,7 @@ from drawing import viewable, viz_picture, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from, finite_float
 from images import IMAGE_EXTENSIONS, read_image
-from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
-                       use_precision)
+from inference import InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, stack_batch, use_precision
 from outputs import Planned, check_outputs, is_own_output
 from utils import count, pick_device, warn
 
@@ -53,8 +52,9 @@ def parse_args(argv=None):
                    help="also write <stem>_probs.npy, the class probabilities as float16 K x H x W "
                         "(K = 1 for single-logit models: the foreground probability)")
     add_inference_args(p)
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="images of one size, or tiles, per forward pass (default: 4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one size, or tiles, per forward pass (default: the memory plan's choice, at most "
+                        "4)")
     p.add_argument("--workers", type=int, default=2,
                    help="threads that decode the next images meanwhile (default: 2)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
@@ -63,7 +63,7 @@ def parse_args(argv=None):
         inference = config_from(InferenceConfig, vars(args)).check()
         if args.mask_threshold is not None and not 0 <= args.mask_threshold <= 1:
             raise ConfigError(f"--mask-threshold must lie in [0, 1], got {args.mask_threshold}")
-        check_at_least(1, batch_size=args.batch_size)
+        check_at_least(1, batch_size=args.batch_size or 1)
         check_at_least(0, workers=args.workers)
         pick_device(args.device)
     except ConfigError as e:
@@ -269,16 +269,17 @@ def main(argv=None):
     # The model sees images at the scale it was trained at (Carvana: half size) unless -s says otherwise.
     inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
     inference = use_precision(model, inference)
-    options = {**inference.options(), "batch_size": args.batch_size}
+    planner = Planner(model, checkpoint["normalize"], inference.options(), classes, inference.max_memory,
+                      inference.tile, args.batch_size)
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
     start, done = time.perf_counter(), 0
-    images_per_pass = 1 if inference.tile else args.batch_size
     images_read = readable(read_images(inputs, args.workers, checkpoint["normalize"].get("form")), failures)
-    for batch in same_size_runs(images_read, images_per_pass, lambda item: item[2]):
+    for batch, options in planner.batches(images_read, lambda item: item[2]):
         indices, paths, images = zip(*batch)
         try:
-            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
-                                                   **options)
+            probs, used = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
+                                                **options)
+            planner.remember(images[0].shape[-2:], used)
         except RuntimeError as e:  # out of memory even at the smallest tile, or an input the model cannot take
             for path in paths:
                 skip(f"'{path}': {one_line(e)}", failures)

@@ -1,0 +1,114 @@
+"""The memory plan: parsing sizes, reading the available memory, the footprint tracker, and the choice of whole
+images or tiles under mocked memory, against hand-worked figures."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import memory
+import predict
+from errors import ConfigError
+from memory import Footprint, PeakTracker, cgroup_free, measure_footprint, meminfo_available, parse_memory, plan_memory
+from test_predict import models, rgb  # noqa: F401 (models is a fixture)
+
+MB = 2 ** 20
+
+
+@pytest.mark.parametrize("text, expected", [("4G", 4 * 2 ** 30), ("512M", 512 * MB), ("1.5g", 1536 * MB),
+                                            ("2GB", 2 * 2 ** 30), ("300KiB", 300 * 1024), ("1000", 1000)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["4X", "", "-1G", "0", "G"])
+def test_parse_memory_refuses_what_is_no_size(text):
+    with pytest.raises(ConfigError, match="not an amount of memory; write e.g. 4G"):
+        parse_memory(text)
+
+
+def test_available_memory_from_meminfo_and_cgroups(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2000000 kB\n")
+    assert meminfo_available(tmp_path / "meminfo") == 2000000 * 1024
+    assert meminfo_available(tmp_path / "missing") is None
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "memory.current").write_text("1000\n")
+    assert cgroup_free(v2) is None  # no limit
+    (v2 / "memory.max").write_text("5000\n")
+    assert cgroup_free(v2) == 4000
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's 'no limit'
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("10\n")
+    assert cgroup_free(v1) is None
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("3000\n")
+    assert cgroup_free(v1) == 2990
+
+
+def test_peak_tracker_counts_live_storages_once():
+    with PeakTracker() as tracker:
+        a = torch.zeros(100)  # 400 bytes
+        view = a[10:]  # the same storage: not counted again
+        b = torch.zeros(200)  # 800: 1,200 held
+        del a, b  # the view keeps a's storage: 400 held
+        c = torch.zeros(150)  # 600: 1,000 held, below the peak
+        assert tracker.now == 1000
+        del view
+        assert tracker.now == 600
+    assert tracker.peak == 1200
+    del c
+
+
+def test_footprint_is_affine_in_pixels():
+    def run(side):  # 1,000 bytes whatever the size, then 10 bytes a pixel
+        fixed = torch.empty(1000, dtype=torch.uint8)
+        per_pixel = torch.empty(side * side * 10, dtype=torch.uint8)
+        del fixed, per_pixel
+
+    footprint = measure_footprint(run, stride=16)
+    assert footprint.fixed == pytest.approx(1000) and footprint.per_pixel == pytest.approx(10)
+    assert footprint.bytes(100) == pytest.approx(memory.OVERHEAD * 2000)
+
+
+def test_plan_whole_images_tiles_and_batches():
+    footprint = Footprint(0, 100)  # 125 bytes a pixel with the overhead, plus 4 for the image and its labels
+    size = (1000, 1000)
+    whole = plan_memory(footprint, size, 10 ** 9, 2)
+    assert (whole.tile, whole.batch_size) == (None, 4)  # 4 x 129 MB fit in 1 GB
+    assert whole.estimate == 4 * 129 * 10 ** 6
+    assert plan_memory(footprint, size, 200 * 10 ** 6, 2).batch_size == 1  # 2 x 129 MB do not fit
+    # 20 MB: 384-pixel tiles take 18.4 MB + a band of 2 x 384 rows x 1000 x 2 classes x 4 bytes + 4 MB: too much;
+    # 256-pixel tiles 8.2 + 4.1 + 4 = 16.3 MB fit, two of them (24.5 MB) do not.
+    tiled = plan_memory(footprint, size, 20 * 10 ** 6, 2, stride=16)
+    assert (tiled.tile, tiled.batch_size) == (256, 1)
+    assert tiled.estimate == int(125 * 256 ** 2 + 2 * 256 * 1000 * 2 * 4 + 4 * 10 ** 6)
+    assert plan_memory(footprint, size, 20 * 10 ** 6, 2, tile=512).tile == 512  # --tile stands
+    assert plan_memory(footprint, size, 1, 2, batch_size=3) .batch_size == 3  # so does --batch-size
+    assert plan_memory(footprint, size, 1, 2, stride=64).tile == 64  # nothing fits: the smallest tile
+    assert plan_memory(footprint, size, None, 2).tile is None  # memory unknown: whole images
+    assert "in 256-pixel tiles, 1 per pass" in tiled.describe(size)
+
+
+@pytest.mark.parametrize("available, expected", [(10 ** 12, "whole 200x300 images"), (2 * MB, "200x300 images in 64-pixel tiles")])
+def test_predict_plans_tiles_when_memory_is_short(models, tmp_path, monkeypatch, capsys, available, expected):  # noqa: F811
+    monkeypatch.setattr(memory, "meminfo_available", lambda: available)
+    monkeypatch.setattr(memory, "cgroup_free", lambda: None)
+    Image.fromarray(rgb(300, 200)).save(tmp_path / "a.png")
+    predict.main(["-m", models["spread"], "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "planned")])
+    out = capsys.readouterr().out
+    assert f"memory plan: {expected}" in out and "(80% of" in out and "MemAvailable" in out
+    tile = ["--tile", "64"] if "tiles" in expected else []
+    predict.main(["-m", models["spread"], "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "given"), *tile])
+    planned, given = (np.asarray(Image.open(tmp_path / kind / "a_mask.png")) for kind in ("planned", "given"))
+    np.testing.assert_array_equal(planned, given)
+
+
+def test_max_memory_flag_overrides_the_available_memory(models, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setattr(memory, "process_rss", lambda: 100 * MB)
+    Image.fromarray(rgb(300, 200)).save(tmp_path / "a.png")
+    predict.main(["-m", models["random"], "-i", str(tmp_path / "a.png"), "--max-memory", "102M"])
+    assert "-pixel tiles" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        predict.main(["-m", models["random"], "-i", str(tmp_path / "a.png"), "--max-memory", "lots"])
+    assert "--max-memory 'lots' is not an amount of memory" in capsys.readouterr().err
