@@ -27,8 +27,7 @@ from drawing import greyed, plot_confusion_matrix, viewable, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
-from inference import (InferenceConfig, predict_probs_or_tile, probs_to_labels, same_size_runs, stack_batch,
-                       use_precision)
+from inference import InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, stack_batch, use_precision
 from metrics import IGNORE_INDEX, SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 from outputs import MARK, MARK_KEY, Planned, check_folder_outputs, check_outputs
 from pairs import list_files, listing
@@ -48,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default=None,
                    help="split to score (default: val; 'all' for --images/--masks folders, carvana and folder data)")
     add_inference_args(p, scale=False)  # --scale is a data flag: the model's input scale, as in training
-    p.add_argument("--batch-size", type=int, default=16, help="images of one size per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one size per forward pass (default: the memory plan's choice, at most 16)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="data-loader worker processes (default: usable CPU cores - 1, at most 4)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         "images, with its pictures beside it (default: eval/report in eval/ mode)")
     args = p.parse_args(argv)
     try:
-        check_at_least(1, batch_size=args.batch_size)
+        check_at_least(1, batch_size=1 if args.batch_size is None else args.batch_size)
         check_at_least(0, workers=args.workers)
         inference = config_from(InferenceConfig, vars(args)).check()
         pick_device(args.device)
@@ -79,7 +79,7 @@ class EvalConfig:
     """What eval.py scores with, and where its outputs go (the flags other than the data and inference ones)."""
     model: str | None = None
     split: str | None = None
-    batch_size: int = 16
+    batch_size: int | None = None  # None: the memory plan's
     workers: int = 0
     device: str = "auto"
     json: str | None = None
@@ -207,14 +207,16 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
     given, sees each image that has a mask with its predicted class map (on the model's device). Returns (number
     of images segmented, reasons of the ones left out)."""
     loader = torch.utils.data.DataLoader(ReportingBadFiles(dataset), batch_size=None, num_workers=workers)
-    options = {**inference.options(), "batch_size": batch_size}
+    planner = Planner(model, checkpoint["normalize"], inference.options(), len(checkpoint["classes"]),
+                      inference.max_memory, inference.tile, batch_size, max_batch=16, log=tqdm.write)
     done, failures = 0, []
     with tqdm(total=len(dataset), desc="eval", leave=False) as bar:
         items = readable(loader, failures, bar)
-        for batch in same_size_runs(items, 1 if inference.tile else batch_size, lambda item: item[0]):
+        for batch, options in planner.batches(items, lambda item: item[0]):
             images, masks, names = zip(*batch)
-            probs, options = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
-                                                   **options)
+            probs, used = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
+                                                **options)
+            planner.remember(images[0].shape[-2:], used)
             labels = probs_to_labels(probs)
             images = [viewable(image, checkpoint["normalize"]) for image in images]  # from here on, pictures
             if masks[0] is not None and getattr(dataset, "rois", None):  # shown greyed outside their regions

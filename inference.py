@@ -9,6 +9,7 @@ memory grows with the tile size, not the image size.
 import contextlib
 import functools
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -328,8 +329,9 @@ class Planner:
                  max_batch=4, log=print):
         self.model, self.normalize, self.options, self.num_classes = model, normalize, options, num_classes
         self.tile, self.batch_size, self.max_batch, self.log = tile, batch_size, max_batch, log
-        self.budget, self.source = memory_budget(model_device(model), max_memory and parse_memory(max_memory))
-        self.footprint, self.plans, self.said = None, {}, set()
+        self.max_memory = max_memory and parse_memory(max_memory)
+        self.footprint, self.said = None, set()
+        self.refresh()
 
     def _probe(self, side):
         probe = torch.zeros(1, 3, side, side, dtype=torch.uint8)
@@ -345,11 +347,15 @@ class Planner:
                                self.max_batch, getattr(self.model, "output_stride", 1))
             plan.source = self.source
             self.plans[size] = plan
-            line = plan.describe(size)
-            if line not in self.said:
-                self.said.add(line)
-                self.log(line)
+            if (size, plan.tile, plan.batch_size) not in self.said:
+                self.said.add((size, plan.tile, plan.batch_size))
+                self.log(plan.describe(size))
         return self.plans[size]
+
+    def refresh(self):
+        """Plan again with the memory available now (the footprint stays; a choice already said is not said again)."""
+        self.budget, self.source = memory_budget(model_device(self.model), self.max_memory)
+        self.plans = {}
 
     def options_for(self, size):
         """predict_probs's keyword arguments under the plan for `size`."""
@@ -373,18 +379,39 @@ class Planner:
                 yield run[first:first + step], self.options_for(size)
 
 
+_validation_planners = weakref.WeakKeyDictionary()  # model -> Planner: one footprint and one line per run
+
+
+def validation_planner(model, normalize, options, num_classes, max_batch, log):
+    """The Planner of training's validation passes: its footprint measured once per model (again if the options
+    change), its budget read again at each validation."""
+    planner = _validation_planners.get(model)
+    if planner is None or planner.options != options or planner.max_batch != max_batch:
+        planner = Planner(model, normalize, options, num_classes, max_batch=max_batch, log=log)
+        _validation_planners[model] = planner
+    else:
+        planner.refresh()
+    return planner
+
+
 def evaluate(model, loader, num_classes, normalize, ignore_index, device, distributed=False, **options):
-    """Scores over the whole loader from one confusion matrix; `options` go to predict_probs (through
-    predict_probs_or_tile: out of memory, the images are tiled).
-    distributed=True: each process holds a shard of the set; the matrices are summed over the processes and
-    only rank 0 draws a progress bar."""
+    """Scores over the whole loader from one confusion matrix; `options` go to predict_probs, each batch split
+    (or tiled) as the memory plan says. distributed=True: each process holds a shard of the set; the matrices are
+    summed over the processes and only rank 0 draws a progress bar and says the plan."""
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2), ignore_index, device)
     quiet = distributed and torch.distributed.get_rank() > 0
+    planner = validation_planner(model, normalize, options, num_classes, loader.batch_size or 1,
+                                 log=(lambda line: None) if quiet else tqdm.write)
     for images, masks, *_ in tqdm(loader, desc="val", leave=False, disable=quiet or not progress_bars()):
-        # An image too large for the device's memory falls back to tiles, as in eval.py; later images keep them.
-        probs, options = predict_probs_or_tile(model, images.to(device), normalize, log=warn, **options)
-        confusion.update(probs_to_labels(probs), masks.to(device))
+        plan = planner.plan(images.shape[-2:])
+        step = 1 if plan.tile else plan.batch_size
+        for first in range(0, len(images), step):
+            # Out of memory all the same, the images fall back to tiles, as in eval.py; later images keep them.
+            probs, used = predict_probs_or_tile(model, images[first:first + step].to(device), normalize, log=warn,
+                                                **planner.options_for(images.shape[-2:]))
+            planner.remember(images.shape[-2:], used)
+            confusion.update(probs_to_labels(probs), masks[first:first + step].to(device))
     if distributed:
         confusion.reduce_from_all_processes()
     return confusion.compute()

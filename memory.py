@@ -41,8 +41,10 @@ def parse_memory(text):
 
 
 def memory_text(size):
-    """Bytes as '3.1 GB' or '640 MB'."""
-    return f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
+    """Bytes as '3.1 GB', '640 MB' or '2.5 MB'."""
+    if size >= 2 ** 30:
+        return f"{size / 2 ** 30:.1f} GB"
+    return f"{size / 2 ** 20:.0f} MB" if size >= 10 * 2 ** 20 else f"{size / 2 ** 20:.1f} MB"
 
 
 def meminfo_available(path="/proc/meminfo"):

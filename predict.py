@@ -63,7 +63,7 @@ def parse_args(argv=None):
         inference = config_from(InferenceConfig, vars(args)).check()
         if args.mask_threshold is not None and not 0 <= args.mask_threshold <= 1:
             raise ConfigError(f"--mask-threshold must lie in [0, 1], got {args.mask_threshold}")
-        check_at_least(1, batch_size=args.batch_size or 1)
+        check_at_least(1, batch_size=1 if args.batch_size is None else args.batch_size)
         check_at_least(0, workers=args.workers)
         pick_device(args.device)
     except ConfigError as e:

@@ -91,6 +91,8 @@ def fingerprint(path):
     (eval_script, ["--device", "banana"], "--device 'banana' is not a device"),
     (eval_script, ["--tile", "8"], "--tile must be at least 16 pixels"),
     (eval_script, ["--batch-size", "0"], "--batch-size must be at least 1"),
+    (eval_script, ["--max-memory", "4X"], "--max-memory '4X' is not an amount of memory"),
+    (predict, ["-i", "x.png", "--batch-size", "0"], "--batch-size must be at least 1"),
     (predict, ["-i", "x.png", "--overlap", "1"], "--overlap must lie in [0, 1)"),
     (predict, ["-i", "x.png", "-t", "2"], "--mask-threshold must lie in [0, 1]"),
     (predict, ["-i", "x.png", "--workers", "-1"], "--workers cannot be negative"),

@@ -112,3 +112,24 @@ def test_max_memory_flag_overrides_the_available_memory(models, tmp_path, monkey
     with pytest.raises(SystemExit):
         predict.main(["-m", models["random"], "-i", str(tmp_path / "a.png"), "--max-memory", "lots"])
     assert "--max-memory 'lots' is not an amount of memory" in capsys.readouterr().err
+
+
+def test_validation_splits_batches_as_planned(monkeypatch, capsys):
+    """Training's validation (inference.evaluate) follows the plan: in little memory one image at a time, in
+    tiles, scoring as whole batches do (random tiny model: tiles agree with whole images to within a few pixels)."""
+    from inference import evaluate
+    from model import IMAGENET_NORMALIZE, UNet
+
+    torch.manual_seed(0)
+    model = UNet(3, 3, base_channels=4, depth=2).eval()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 96, 128), dtype=np.uint8))
+    masks = torch.from_numpy(np.random.default_rng(1).integers(0, 3, (4, 96, 128)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, masks), batch_size=4)
+    monkeypatch.setattr(memory, "cgroup_free", lambda: None)
+    scores = {}
+    for available in (10 ** 12, 2 * 2 ** 20):
+        monkeypatch.setattr(memory, "meminfo_available", lambda: available)
+        scores[available] = evaluate(model, loader, 3, IMAGENET_NORMALIZE, 255, "cpu")
+    lines = capsys.readouterr().out
+    assert "memory plan: whole 128x96 images, 4 per pass" in lines and "images in 64-pixel tiles" in lines
+    assert scores[10 ** 12]["pixel_acc"] == pytest.approx(scores[2 * 2 ** 20]["pixel_acc"], abs=0.002)
