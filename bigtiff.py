@@ -1,0 +1,83 @@
+"""Images larger than memory: striped or tiled TIFF and BigTIFF files read by windows of rows, through tifffile,
+decoding only the strips or tiles under the rows asked for. predict.py segments such an image band by band
+(inference.sliding_window_bands), so that it never holds the whole image."""
+import math
+
+import numpy as np
+import tifffile
+import torch
+
+WINDOW_PIXELS = 2 ** 26  # TIFFs of more pixels (64 M: 192 MB as RGB) are read by windows when their format allows
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class TiffWindows:
+    """An 8-bit grey, RGB or RGBA TIFF (first page, samples interleaved, upright) read by rows: `image[:, y0:y1]`
+    is a uint8 3 x rows x W tensor, decoded from the strips or tiles over those rows only; `shape` is (3, H, W),
+    as a tensor's. Raises ValueError for a file whose layout asks to be read whole (images.read_image)."""
+
+    def __init__(self, path):
+        self.file = tifffile.TiffFile(path)
+        try:
+            page = self.file.pages.first
+            if (page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4) or page.imagedepth != 1
+                    or (page.samplesperpixel > 1 and page.planarconfig != tifffile.PLANARCONFIG.CONTIG)
+                    or page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
+                    or page.tags.valueof("Orientation", 1) != 1):  # 1: top left, as stored
+                raise ValueError(f"{path}: not an upright 8-bit grey or RGB TIFF")
+        except Exception:
+            self.file.close()
+            raise
+        self.page = page
+        self.shape = (3, page.imagelength, page.imagewidth)
+        self.rows_per_segment = page.tilelength if page.is_tiled else page.rowsperstrip
+        self.segments_across = math.ceil(page.imagewidth / page.tilewidth) if page.is_tiled else 1
+
+    def rows(self, top, bottom):
+        """Rows top .. bottom as a uint8 rows x W x samples array."""
+        page, width = self.page, self.shape[2]
+        out = np.zeros((bottom - top, width, page.samplesperpixel), np.uint8)
+        handle = self.file.filehandle
+        for segment_row in range(top // self.rows_per_segment, math.ceil(bottom / self.rows_per_segment)):
+            for column in range(self.segments_across):
+                index = segment_row * self.segments_across + column
+                handle.seek(page.dataoffsets[index])
+                data = handle.read(page.databytecounts[index]) if page.databytecounts[index] else None
+                segment, (_, _, y, x, _), _ = page.decode(data, index, jpegtables=page.jpegtables)
+                if segment is None:
+                    continue  # an empty segment: zeros
+                segment = segment[0]  # depth 1: rows x columns x samples
+                first, last = max(top, y), min(bottom, y + segment.shape[0])
+                span = min(width - x, segment.shape[1])
+                out[first - top:last - top, x:x + span] = segment[first - y:last - y, :span]
+        return out
+
+    def __getitem__(self, key):
+        channels, rows = key
+        if channels != slice(None):
+            raise IndexError("TiffWindows gives all channels: image[:, top:bottom]")
+        top, bottom, _ = rows.indices(self.shape[1])
+        pixels = self.rows(top, bottom)
+        pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3]
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def read(self):
+        """The whole image as a uint8 3 x H x W tensor."""
+        return self[:, :]
+
+    def close(self):
+        self.file.close()
+
+
+def open_windows(path, min_pixels=WINDOW_PIXELS):
+    """TiffWindows for a TIFF of at least `min_pixels` pixels that can be read by windows; None for any other
+    file (read whole, as usual)."""
+    if str(path).lower().endswith(TIFF_SUFFIXES):
+        try:
+            windows = TiffWindows(path)
+        except (ValueError, OSError, tifffile.TiffFileError):
+            return None
+        if windows.shape[1] * windows.shape[2] >= min_pixels:
+            return windows
+        windows.close()
+    return None
