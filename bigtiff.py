@@ -69,15 +69,15 @@ class TiffWindows:
         self.file.close()
 
 
-def open_windows(path, min_pixels=WINDOW_PIXELS):
+def open_windows(path, min_pixels=None):
     """TiffWindows for a TIFF of at least `min_pixels` pixels that can be read by windows; None for any other
-    file (read whole, as usual)."""
+    file (read whole, as usual). min_pixels None: WINDOW_PIXELS."""
     if str(path).lower().endswith(TIFF_SUFFIXES):
         try:
             windows = TiffWindows(path)
         except (ValueError, OSError, tifffile.TiffFileError):
             return None
-        if windows.shape[1] * windows.shape[2] >= min_pixels:
+        if windows.shape[1] * windows.shape[2] >= (WINDOW_PIXELS if min_pixels is None else min_pixels):
             return windows
         windows.close()
     return None

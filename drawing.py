@@ -74,7 +74,7 @@ def write_pictures(image, labels, classes, mask_values, label_path=None, overlay
     3xHxW tensor, `labels` HxW class indices (numpy)."""
     if label_path:
         save_png(label_image(labels, mask_values), label_path)
-    photo = image.permute(1, 2, 0).numpy()
+    photo = image.permute(1, 2, 0).numpy() if overlay_path or viz_path else None  # image None: labels only
     if overlay_path:
         save_png(with_key(overlay_image(photo, labels, mask_values), labels, classes, mask_values), overlay_path)
     if viz_path:

@@ -283,13 +283,14 @@ def out_of_memory(error):
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def predict_probs_or_tile(model, images, normalize, log=print, **options):
-    """predict_probs that survives running out of memory (on CUDA, or a CPU allocation that the system refuses):
-    it retries with ever smaller tiles (FALLBACK_TILES), the accumulator on the CPU, and says so through `log`.
-    Returns (probs, options that worked), so that a caller can keep those for the next images."""
+def predict_probs_or_tile(model, images, normalize, log=print, predict=predict_probs, **options):
+    """predict_probs (or `predict`, a function of the same arguments) that survives running out of memory (on
+    CUDA, or a CPU allocation that the system refuses): it retries with ever smaller tiles (FALLBACK_TILES), the
+    accumulator on the CPU, and says so through `log`. Returns (what `predict` returns, options that worked), so
+    that a caller can keep those for the next images."""
     while True:
         try:
-            return predict_probs(model, images, normalize, **options), options
+            return predict(model, images, normalize, **options), options
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not out_of_memory(e):
                 raise
@@ -306,7 +307,7 @@ def predict_probs_or_tile(model, images, normalize, log=print, **options):
             torch.cuda.empty_cache()
         log(f"{device} out of memory on {where}; falling back to --tile {smaller[0]} (accumulated on the CPU)")
         options = {**options, "tile": smaller[0]}
-        images = images.cpu()
+        images = images.cpu() if isinstance(images, torch.Tensor) else images
 
 
 def probs_to_labels(probs, threshold=0.5, dtype=torch.long):

@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bigtiff import TiffWindows, open_windows
 from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
 from drawing import viewable, viz_picture, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from, finite_float
 from images import IMAGE_EXTENSIONS, read_image
-from inference import InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, stack_batch, use_precision
+from inference import (InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, sliding_window_bands,
+                       stack_batch, use_precision)
 from outputs import Planned, check_outputs, is_own_output
 from utils import count, pick_device, warn
 
@@ -166,9 +168,10 @@ def planned_outputs(inputs, masks, outputs, output_flag):
 
 
 def try_read(path, form=None):
-    """(path, image C x H x W of `form` (images.open_image), None), or (path, None, why it cannot be read)."""
+    """(path, image C x H x W of `form` (images.open_image), None), or (path, None, why it cannot be read). A large
+    8-bit RGB TIFF (form None) that can be read by windows comes as a TiffWindows, read as it is segmented."""
     try:
-        return path, read_image(path, form), None
+        return path, (open_windows(path) if form is None else None) or read_image(path, form), None
     except DatasetError as e:  # unreadable, or of another form than the model's
         return path, None, str(e)
     except Image.DecompressionBombError as e:
@@ -207,9 +210,12 @@ def readable(read, failures):
 
 
 def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
-    """Write (or show) what `outputs` asks for; returns the paths written."""
+    """Write (or show) what `outputs` asks for; returns the paths written. probs None: written already (by bands);
+    `image` may be a TiffWindows, read whole only for an overlay or a side-by-side view."""
     classes, mask_values = checkpoint["classes"], checkpoint["mask_values"]
-    image = viewable(image, checkpoint["normalize"])  # the picture of the image: uint8 RGB
+    if isinstance(image, TiffWindows):  # read whole only for the pictures that show it
+        image = image.read() if outputs.overlay or outputs.viz else None
+    image = None if image is None else viewable(image, checkpoint["normalize"])  # the picture: uint8 RGB
     if outputs.no_save:
         if outputs.viz:
             show(viz_picture(image.permute(1, 2, 0).numpy(), labels, classes, mask_values), mask_path.stem)
@@ -218,9 +224,43 @@ def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
     write_pictures(image, labels, classes, mask_values, label_path=mask_path,
                    overlay_path=outputs.overlay and extra_path(mask_path, "overlay"),
                    viz_path=outputs.viz and extra_path(mask_path, "viz"))
-    if outputs.probs:
+    if outputs.probs and probs is not None:
         save_probabilities(probs, extra_path(mask_path, "probs", ".npy"))
     return outputs_of(mask_path, outputs)
+
+
+def labels_by_bands(model, image, normalize, threshold, probs_path=None, **options):
+    """Labels (uint8 1 x H x W array) of one image (a uint8 C x H x W tensor or a TiffWindows) in overlap tiles,
+    blended band by band: memory holds the labels and one band of probabilities, which go to `probs_path` (float16
+    .npy, as save_probabilities writes) when given."""
+    height, width = image.shape[-2:]
+    labels, out = np.empty((1, height, width), np.uint8), None
+    bands = sliding_window_bands(model, image, normalize, options["tile"], options["overlap"], options["flips"],
+                                 options["amp_dtype"], options["batch_size"])
+    for top, band in bands:
+        rows = slice(top, top + band.shape[1])
+        labels[0, rows] = probs_to_labels(band[None], threshold, torch.uint8)[0].cpu().numpy()
+        if probs_path:
+            if out is None:
+                out = np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16,
+                                                shape=(len(band), height, width))
+            out[:, rows] = band.cpu().numpy()
+    if out is not None:
+        out.flush()
+    return labels
+
+
+def segment(model, images, normalize, options, threshold, probs_path=None):
+    """(labels B x H x W uint8 array, probabilities B x K x H x W or None where written already, options that
+    worked): one tiled image at the input's scale by bands (labels_by_bands), others whole through
+    predict_probs; both fall back to smaller tiles on running out of memory."""
+    if options["tile"] and options["scale"] == 1.0 and len(images) == 1:
+        labels, used = predict_probs_or_tile(model, images[0], normalize, log=warn, predict=labels_by_bands,
+                                             threshold=threshold, probs_path=probs_path, **options)
+        return labels, None, used
+    images = [image.read() if isinstance(image, TiffWindows) else image for image in images]
+    probs, used = predict_probs_or_tile(model, stack_batch(images), normalize, log=warn, **options)
+    return probs_to_labels(probs, threshold, dtype=torch.uint8).cpu().numpy(), probs, used
 
 
 def save_probabilities(probs, path, rows=1024):
@@ -276,23 +316,26 @@ def main(argv=None):
     images_read = readable(read_images(inputs, args.workers, checkpoint["normalize"].get("form")), failures)
     for batch, options in planner.batches(images_read, lambda item: item[2]):
         indices, paths, images = zip(*batch)
+        probs_path = extra_path(masks[indices[0]], "probs", ".npy") if outputs.probs and not outputs.no_save else None
         try:
-            probs, used = predict_probs_or_tile(model, stack_batch(images), checkpoint["normalize"], log=warn,
-                                                **options)
+            labels, probs, used = segment(model, images, checkpoint["normalize"], options, threshold, probs_path)
             planner.remember(images[0].shape[-2:], used)
         except RuntimeError as e:  # out of memory even at the smallest tile, or an input the model cannot take
             for path in paths:
                 skip(f"'{path}': {one_line(e)}", failures)
             continue
-        labels = probs_to_labels(probs, threshold, dtype=torch.uint8).cpu().numpy()
         for i, index in enumerate(indices):
             try:
-                written = save_outputs(images[i], labels[i], probs[i], masks[index], checkpoint, outputs)
+                written = save_outputs(images[i], labels[i], None if probs is None else probs[i], masks[index],
+                                   checkpoint, outputs)
             except OSError as e:  # a full disk, a folder that became read-only
                 skip(f"'{paths[i]}': could not write its outputs ({e})", failures)
                 continue
             print(f"{paths[i]} -> {', '.join(map(str, written)) or '(not saved)'}")
             done += 1
+        for image in images:
+            if isinstance(image, TiffWindows):
+                image.close()
         del probs, labels  # free this batch's buffers before the next one is computed
     seconds = time.perf_counter() - start
     print(f"{count(done, 'image')} in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")

@@ -90,8 +90,10 @@ def test_plan_whole_images_tiles_and_batches():
     assert "in 256-pixel tiles, 1 per pass" in tiled.describe(size)
 
 
-@pytest.mark.parametrize("available, expected", [(10 ** 12, "whole 200x300 images"), (2 * MB, "200x300 images in 64-pixel tiles")])
-def test_predict_plans_tiles_when_memory_is_short(models, tmp_path, monkeypatch, capsys, available, expected):  # noqa: F811
+@pytest.mark.parametrize("available, expected", [(10 ** 12, "whole 200x300 images"),
+                                                 (2 * MB, "200x300 images in 64-pixel tiles")])
+def test_predict_plans_tiles_when_memory_is_short(models, tmp_path, monkeypatch, capsys, available,  # noqa: F811
+                                                  expected):
     monkeypatch.setattr(memory, "meminfo_available", lambda: available)
     monkeypatch.setattr(memory, "cgroup_free", lambda: None)
     Image.fromarray(rgb(300, 200)).save(tmp_path / "a.png")
