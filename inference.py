@@ -217,29 +217,36 @@ def aligned_tile(tile, align):
     return max(align, tile // align * align)
 
 
+def tile_grid(model, size, tile, overlap):
+    """(tile height, tile width, row offsets, column offsets) of the tiles over an image of `size` (H, W).
+    Offsets that are multiples of the model's downsampling make every tile pool over the same grid as the whole
+    image, so tiles agree with whole-image inference."""
+    height, width = size
+    align = getattr(model, "output_stride", 1)
+    tile = aligned_tile(tile, align)
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    return tile_h, tile_w, tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
+
+
 @torch.inference_mode()
 def sliding_window_bands(model, image, normalize, tile, overlap=0.5, flips=((),), amp_dtype=None, batch_size=4,
-                         device=None):
+                         device=None, on_tiles=None):
     """Overlap-tile probabilities of one uint8 image C x H x W, blended band by band: yields (first row, K x rows x W
     float32 probabilities), top to bottom. Rows are final once the last row of tiles over them is done, so the
     accumulator spans one row of tiles (tile + stride rows), not the image. `image` is a tensor, or anything with
     .shape and [:, y0:y1] slicing that gives uint8 C x rows x W (a TIFF read by windows: images.TiffWindows);
-    the accumulator lives on `device` (default: the image's, else the CPU).
+    the accumulator lives on `device` (default: the image's, else the CPU); `on_tiles(count)` is told of each batch
+    of tiles done (a progress bar).
 
     Each tile's probabilities, weighted by a Gaussian centred on the tile, are summed into the accumulator, which
     is then divided by the summed weights. Tiles lie on a grid and the Gaussian is separable, so the summed
     weights are the outer product of two vectors: no H x W weight map is needed.
     """
     height, width = image.shape[-2:]
-    # Offsets that are multiples of the model's downsampling make every tile pool over the same grid as the
-    # whole image, so tiles agree with whole-image inference.
-    align = getattr(model, "output_stride", 1)
-    tile = aligned_tile(tile, align)
-    tile_h, tile_w = min(tile, height), min(tile, width)
+    tile_h, tile_w, ys, xs = tile_grid(model, (height, width), tile, overlap)
     device = device or getattr(image, "device", torch.device("cpu"))
     weight_y, weight_x = gaussian_weights(tile_h, device), gaussian_weights(tile_w, device)
     tile_weight = weight_y[:, None] * weight_x[None, :]
-    ys, xs = tile_starts(height, tile_h, overlap, align), tile_starts(width, tile_w, overlap, align)
     sum_y, sum_x = torch.zeros(height, device=device), torch.zeros(width, device=device)
     for y in ys:
         sum_y[y:y + tile_h] += weight_y
@@ -259,6 +266,8 @@ def sliding_window_bands(model, image, normalize, tile, overlap=0.5, flips=((),)
                 total = torch.cat([total, grow], 1)
             for x, p in zip(starts, probs):
                 total[:, y - top:y - top + tile_h, x:x + tile_w] += p * tile_weight
+            if on_tiles:
+                on_tiles(len(starts))
         done = ys[row + 1] if row + 1 < len(ys) else height  # rows no later tile covers
         final = total[:, :done - top] / (sum_y[top:done, None] * sum_x[None, :])
         total = total[:, done - top:].clone()  # a clone, so that the finished rows' memory is freed

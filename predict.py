@@ -5,6 +5,7 @@ input as <stem>_mask.png unless -o names files or a folder, and never replace an
 or any file this tool did not write (outputs.py). Unreadable files are reported and skipped; the run ends with a
 summary and a non-zero exit status if anything failed."""
 import argparse
+import contextlib
 import dataclasses
 import glob
 import os
@@ -22,16 +23,19 @@ from PIL import Image
 from bigtiff import TiffWindows, open_windows
 from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
+from distributed import all_gather_objects, init_distributed, is_distributed
 from drawing import viewable, viz_picture, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from, finite_float
 from images import IMAGE_EXTENSIONS, read_image
 from inference import (InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, sliding_window_bands,
-                       stack_batch, use_precision)
+                       stack_batch, tile_grid, use_precision)
 from outputs import Planned, check_outputs, is_own_output
+from progress import Progress
 from utils import count, pick_device, warn
 
 OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
+TILE_PROGRESS = 64  # an image of this many tiles or more gets a progress bar of its own
 MAX_IMAGE_PIXELS = 1_000_000_000  # PIL's decompression-bomb limit (89 M pixels) is too low for large scans
 
 
@@ -229,34 +233,38 @@ def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
     return outputs_of(mask_path, outputs)
 
 
-def labels_by_bands(model, image, normalize, threshold, probs_path=None, **options):
+def labels_by_bands(model, image, normalize, threshold, probs_path=None, name="image", **options):
     """Labels (uint8 1 x H x W array) of one image (a uint8 C x H x W tensor or a TiffWindows) in overlap tiles,
     blended band by band: memory holds the labels and one band of probabilities, which go to `probs_path` (float16
-    .npy, as save_probabilities writes) when given."""
+    .npy, as save_probabilities writes) when given. An image of TILE_PROGRESS tiles or more gets its own progress
+    (bar or plain lines, named `name`)."""
     height, width = image.shape[-2:]
     labels, out = np.empty((1, height, width), np.uint8), None
-    bands = sliding_window_bands(model, image, normalize, options["tile"], options["overlap"], options["flips"],
-                                 options["amp_dtype"], options["batch_size"])
-    for top, band in bands:
-        rows = slice(top, top + band.shape[1])
-        labels[0, rows] = probs_to_labels(band[None], threshold, torch.uint8)[0].cpu().numpy()
-        if probs_path:
-            if out is None:
-                out = np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16,
-                                                shape=(len(band), height, width))
-            out[:, rows] = band.cpu().numpy()
+    _, _, ys, xs = tile_grid(model, (height, width), options["tile"], options["overlap"])
+    tiles = len(ys) * len(xs)
+    with Progress(tiles, name, "tiles", leave=False) if tiles >= TILE_PROGRESS else contextlib.nullcontext() as bar:
+        bands = sliding_window_bands(model, image, normalize, options["tile"], options["overlap"], options["flips"],
+                                     options["amp_dtype"], options["batch_size"], on_tiles=bar and bar.update)
+        for top, band in bands:
+            rows = slice(top, top + band.shape[1])
+            labels[0, rows] = probs_to_labels(band[None], threshold, torch.uint8)[0].cpu().numpy()
+            if probs_path:
+                if out is None:
+                    out = np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16,
+                                                    shape=(len(band), height, width))
+                out[:, rows] = band.cpu().numpy()
     if out is not None:
         out.flush()
     return labels
 
 
-def segment(model, images, normalize, options, threshold, probs_path=None):
+def segment(model, images, normalize, options, threshold, probs_path=None, name="image"):
     """(labels B x H x W uint8 array, probabilities B x K x H x W or None where written already, options that
     worked): one tiled image at the input's scale by bands (labels_by_bands), others whole through
     predict_probs; both fall back to smaller tiles on running out of memory."""
     if options["tile"] and options["scale"] == 1.0 and len(images) == 1:
         labels, used = predict_probs_or_tile(model, images[0], normalize, log=warn, predict=labels_by_bands,
-                                             threshold=threshold, probs_path=probs_path, **options)
+                                             threshold=threshold, probs_path=probs_path, name=name, **options)
         return labels, None, used
     images = [image.read() if isinstance(image, TiffWindows) else image for image in images]
     probs, used = predict_probs_or_tile(model, stack_batch(images), normalize, log=warn, **options)
@@ -291,6 +299,39 @@ def check_display(outputs):
                               "drop -n to write <stem>_viz.png files instead")
 
 
+def segment_all(model, checkpoint, planner, inputs, masks, outputs, threshold, workers, failures, written):
+    """Segment `inputs` into `masks` (and the other `outputs`) with progress; the reasons of failed inputs are
+    appended to `failures`, the inputs done to `written` (as they are done: what a Ctrl-C keeps)."""
+    images_read = readable(read_images(inputs, workers, checkpoint["normalize"].get("form")), failures)
+    with Progress(len(inputs), "predict", "images") as progress:
+        for batch, options in planner.batches(images_read, lambda item: item[2]):
+            indices, paths, images = zip(*batch)
+            probs_path = extra_path(masks[indices[0]], "probs", ".npy") if outputs.probs and not outputs.no_save \
+                else None
+            try:
+                labels, probs, used = segment(model, images, checkpoint["normalize"], options, threshold, probs_path,
+                                              name=paths[0].name)
+                planner.remember(images[0].shape[-2:], used)
+            except RuntimeError as e:  # out of memory even at the smallest tile, or an input the model cannot take
+                for path in paths:
+                    skip(f"'{path}': {one_line(e)}", failures)
+                continue
+            for i, index in enumerate(indices):
+                try:
+                    saved = save_outputs(images[i], labels[i], None if probs is None else probs[i], masks[index],
+                                         checkpoint, outputs)
+                except OSError as e:  # a full disk, a folder that became read-only
+                    skip(f"'{paths[i]}': could not write its outputs ({e})", failures)
+                    continue
+                progress.write(f"{paths[i]} -> {', '.join(map(str, saved)) or '(not saved)'}")
+                written.append(paths[i])
+            progress.update(len(batch))
+            for image in images:
+                if isinstance(image, TiffWindows):
+                    image.close()
+            del probs, labels  # free this batch's buffers before the next one is computed
+
+
 def main(argv=None):
     args, inference, outputs = parse_args(argv)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -300,48 +341,40 @@ def main(argv=None):
         check_outputs(planned_outputs(inputs, masks, outputs, "-o" if args.output else None), inputs,
                       fix="choose another -o (a .png file per image, or a folder)")
         check_display(outputs)
-        model, checkpoint = load_model(find_checkpoint(args.model), pick_device(args.device))
+        device, rank, world_size = init_distributed(pick_device(args.device))
+        model, checkpoint = load_model(find_checkpoint(args.model), device)
     except UserError as e:
         sys.exit(f"error: {e}")
+    say = print if rank == 0 else (lambda *_: None)  # under torchrun, rank 0 speaks for all
+    failures = failures if rank == 0 else []  # and counts the inputs that were not found
     classes = checkpoint["model_args"]["num_classes"]
     if args.mask_threshold is not None and classes > 1:
-        print(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
+        say(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
     # The model sees images at the scale it was trained at (Carvana: half size) unless -s says otherwise.
     inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
-    inference = use_precision(model, inference)
+    inference = use_precision(model, inference, log=say)
     planner = Planner(model, checkpoint["normalize"], inference.options(), classes, inference.max_memory,
-                      inference.tile, args.batch_size)
+                      inference.tile, args.batch_size, log=say)
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
-    start, done = time.perf_counter(), 0
-    images_read = readable(read_images(inputs, args.workers, checkpoint["normalize"].get("form")), failures)
-    for batch, options in planner.batches(images_read, lambda item: item[2]):
-        indices, paths, images = zip(*batch)
-        probs_path = extra_path(masks[indices[0]], "probs", ".npy") if outputs.probs and not outputs.no_save else None
-        try:
-            labels, probs, used = segment(model, images, checkpoint["normalize"], options, threshold, probs_path)
-            planner.remember(images[0].shape[-2:], used)
-        except RuntimeError as e:  # out of memory even at the smallest tile, or an input the model cannot take
-            for path in paths:
-                skip(f"'{path}': {one_line(e)}", failures)
-            continue
-        for i, index in enumerate(indices):
-            try:
-                written = save_outputs(images[i], labels[i], None if probs is None else probs[i], masks[index],
-                                   checkpoint, outputs)
-            except OSError as e:  # a full disk, a folder that became read-only
-                skip(f"'{paths[i]}': could not write its outputs ({e})", failures)
-                continue
-            print(f"{paths[i]} -> {', '.join(map(str, written)) or '(not saved)'}")
-            done += 1
-        for image in images:
-            if isinstance(image, TiffWindows):
-                image.close()
-        del probs, labels  # free this batch's buffers before the next one is computed
+    # Under torchrun each process takes every world_size-th input: each output is written by one process.
+    mine = range(rank, len(inputs), world_size)
+    start, written = time.perf_counter(), []
+    try:
+        segment_all(model, checkpoint, planner, [inputs[i] for i in mine], [masks[i] for i in mine], outputs,
+                    threshold, args.workers, failures, written)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: {count(len(written), 'image')} segmented and kept, "
+                 f"{len(mine) - len(written)} not done")
     seconds = time.perf_counter() - start
-    print(f"{count(done, 'image')} in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s)")
+    gathered = all_gather_objects((len(written), failures))
+    done, failures = sum(done for done, _ in gathered), [reason for _, reasons in gathered for reason in reasons]
+    say(f"{count(done, 'image')} in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s"
+        f"{f', {world_size} processes' if world_size > 1 else ''})")
+    if is_distributed():
+        torch.distributed.destroy_process_group()
     if failures:
         lines = "\n".join(f"  {reason}" for reason in failures)
-        sys.exit(f"error: {len(failures)} of {done + len(failures)} inputs failed:\n{lines}")
+        sys.exit(f"error: {len(failures)} of {done + len(failures)} inputs failed:\n{lines}" if rank == 0 else 1)
 
 
 if __name__ == "__main__":

@@ -251,3 +251,45 @@ def test_default_scale_is_the_training_scale(tmp_path, monkeypatch, train_args, 
     predict.main(["-m", checkpoint, "-i", str(image), *flags])
     assert seen == [expected]
     assert Image.open(tmp_path / "car_mask.png").size == (60, 40)
+
+
+def test_torchrun_splits_the_inputs_across_processes(models, tmp_path):
+    """Two gloo processes on the CPU: every input segmented exactly once, by one process, and the masks are those
+    of one process; a missing input is counted once in the summary."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(rgb(24 + 8 * i, 40, seed=i)).save(folder / f"{i}.png")
+    common = [str(ROOT / "predict.py"), "-m", models["spread"], "-i", str(folder), str(tmp_path / "gone.png"),
+              "--device", "cpu", "--workers", "0"]
+    single = subprocess.run([sys.executable, *common, "-o", str(tmp_path / "one")], capture_output=True, text=True,
+                            timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+               "-o", str(tmp_path / "two")]
+    double = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 1 and double.returncode != 0, double.stderr[-3000:]
+    assert "error: 1 of 6 inputs failed" in single.stderr and double.stderr.count("error: 1 of 6 inputs failed") == 1
+    assert "5 images in" in double.stdout and "2 processes" in double.stdout
+    for i in range(5):
+        assert double.stdout.count(f"{i}.png -> ") == 1
+        one, two = (np.asarray(Image.open(tmp_path / run / f"{i}_mask.png")) for run in ("one", "two"))
+        np.testing.assert_array_equal(one, two)
+    assert double.stdout.count("memory plan:") >= 1 and double.stdout.count("precision:") == 1
+
+
+def test_ctrl_c_stops_in_one_line_and_keeps_the_masks_written(models, tmp_path, monkeypatch, capsys):
+    for i in range(3):
+        Image.fromarray(rgb(16, 16, seed=i)).save(tmp_path / f"{i}.png")
+    save = predict.save_outputs
+
+    def interrupt_third(image, labels, probs, mask_path, checkpoint, outputs):
+        if mask_path.name == "2_mask.png":
+            raise KeyboardInterrupt
+        return save(image, labels, probs, mask_path, checkpoint, outputs)
+
+    monkeypatch.setattr(predict, "save_outputs", interrupt_third)
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["-m", models["random"], "-i", str(tmp_path), "--batch-size", "1", "--workers", "0"])
+    assert stop.value.code == "interrupted: 2 images segmented and kept, 1 not done"
+    assert sorted(p.name for p in tmp_path.glob("*_mask.png")) == ["0_mask.png", "1_mask.png"]
