@@ -211,6 +211,18 @@ def tile_starts(size, tile, overlap, align=1):
     return [min(i * stride, size - tile) for i in range(math.ceil((size - tile) / stride) + 1)]
 
 
+def balanced_tile(side, tile, overlap, align=1):
+    """The smallest tile side (a multiple of `align`, at most `tile`) that covers `side` pixels with no more tiles
+    than `tile` does at this overlap: the tiles spread evenly instead of a last one lying mostly over its
+    neighbour (2048 pixels in 1536-pixel tiles at overlap 0.25: two tiles of 1184, 1.16x the pixels, not 1.5x)."""
+    count = len(tile_starts(side, tile, overlap, align))
+    smallest = math.ceil(side / (count - (count - 1) * overlap) / align) * align
+    for candidate in range(max(align, smallest), tile, align):
+        if len(tile_starts(side, candidate, overlap, align)) <= count:
+            return candidate
+    return tile
+
+
 def aligned_tile(tile, align):
     """The tile side actually used: a multiple of the model's output stride `align`, rounded down, and at least one
     stride. A tile smaller than the stride would step by a whole stride and leave stripes that no tile covers."""
@@ -353,8 +365,11 @@ class Planner:
         if size not in self.plans:
             if self.footprint is None:
                 self.footprint = measure_footprint(self._probe, getattr(self.model, "output_stride", 1))
+            stride = getattr(self.model, "output_stride", 1)
             plan = plan_memory(self.footprint, size, self.budget, self.num_classes, self.tile, self.batch_size,
-                               self.max_batch, getattr(self.model, "output_stride", 1))
+                               self.max_batch, stride)
+            if plan.tile and not self.tile:  # a planned tile, not the user's: spread evenly over the image
+                plan.tile = balanced_tile(max(size), plan.tile, self.options.get("overlap", 0.5), stride)
             plan.source = self.source
             self.plans[size] = plan
             if (size, plan.tile, plan.batch_size) not in self.said:

@@ -51,6 +51,21 @@ def test_tile_starts_cover_the_image_evenly():
     assert tile_starts(64, 64, 0.5) == [0] and tile_starts(30, 64, 0.5) == [0]
 
 
+@pytest.mark.parametrize("side, tile, overlap, align, expected", [
+    (2048, 1536, 0.25, 32, 1184),  # 2 tiles either way: 1184 + 1184 - 2048 = 320 px shared, a quarter of 1184 is 296
+    (2048, 512, 0.5, 32, 480),  # 7 tiles of 512 (stride 256) or of 480 (stride 224, last flush)
+    (1000, 1000, 0.5, 1, 1000),  # one tile: as large as the image
+    (300, 64, 0.125, 16, 64),  # 6 tiles; 48-px tiles would need 8
+])
+def test_balanced_tile_spreads_the_same_number_of_tiles_evenly(side, tile, overlap, align, expected):
+    balanced = inference.balanced_tile(side, tile, overlap, align)
+    assert balanced == expected and balanced % align == 0 or balanced == tile
+    count = len(tile_starts(side, tile, overlap, align))
+    assert len(tile_starts(side, balanced, overlap, align)) == count
+    if balanced > align:  # one stride less would need more tiles
+        assert len(tile_starts(side, balanced - align, overlap, align)) > count
+
+
 def test_gaussian_blend_is_the_weighted_mean_of_the_tiles():
     image = random_images(1, 3, 50, 70)
     tile, overlap = 32, 0.5
