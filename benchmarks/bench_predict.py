@@ -3,12 +3,15 @@
     python benchmarks/bench_predict.py --threads 1          # under a minute on 2 CPU cores shared with other jobs
     python benchmarks/bench_predict.py --threads 1 --huge 10000   # a 10,000 x 10,000 image: about 2 more minutes
     python benchmarks/bench_predict.py --base-channels 64 --count 64 --device cuda   # the classic 31 M U-Net
+    python benchmarks/bench_predict.py --threads 1 --huge 0 --tiff 20000   # a 20,000 x 20,000 striped TIFF
 
 Writes randomly initialised checkpoints and synthetic images to a temporary folder, then runs predict.py on
-a folder of 512x512 images, on one 1918x1280 image (Carvana's size) and on one --huge x --huge image (tiled
-only, with a smaller model). Each run is a fresh process, so its peak resident memory (ru_maxrss) is its own;
-'over start' is the peak minus the process's size once torch and predict were imported. Each run follows a
-warm-up run on one image (written nowhere) in the same process: the times are those of a warm process.
+a folder of 512x512 images, on one 1918x1280 image (Carvana's size), on one --huge x --huge image (tiled
+only, with a smaller model) and on one --tiff x --tiff striped TIFF (no tile flag: the memory plan tiles it and
+it is read by windows, blended band by band). Each run is a fresh process, so its peak resident memory
+(ru_maxrss) is its own; 'over start' is the peak minus the process's size once torch and predict were imported.
+Each run follows a warm-up run on one image (written nowhere) in the same process: the times are those of a warm
+process.
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules (predict, model, ...)
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from benchmarks.common import add_threads_arg, add_unet_args, use_threads
@@ -69,6 +73,20 @@ def synthetic_photo(path, height, width, seed):
     Image.fromarray(grid).resize((width, height), Image.BILINEAR).save(path, quality=90)
 
 
+def striped_tiff(path, side, rows=256):
+    """A side x side RGB TIFF of `rows`-row strips (BigTIFF past 4 GB), written strip by strip: the smooth colour
+    field of synthetic_photo, tiled, so that making it takes no more memory than one strip."""
+    grid = np.random.default_rng(2).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(grid).resize((side, rows), Image.BILINEAR))
+
+    def strips():
+        for top in range(0, side, rows):
+            yield field[:min(rows, side - top)]
+
+    tifffile.imwrite(path, strips(), shape=(side, side, 3), dtype=np.uint8, photometric="rgb", rowsperstrip=rows,
+                     bigtiff=3 * side * side > 2 ** 32 - 2 ** 25)
+
+
 def run(name, count, inputs, warmup, flags, threads):
     """predict.py -i inputs `flags` in a fresh process, after a warm-up on the image `warmup`; prints a row."""
     plan = {"warmup": ["-i", str(warmup), "-n", *flags], "run": ["-i", str(inputs), *flags], "threads": threads}
@@ -91,6 +109,7 @@ def main():
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap of the tiled runs")
     p.add_argument("--huge", type=int, default=4000, help="side of the huge image, tiled only (0: skip)")
     p.add_argument("--huge-tile", type=int, default=1024, help="tile side for the huge image")
+    p.add_argument("--tiff", type=int, default=0, help="side of a striped TIFF segmented with no tile flag (0: skip)")
     p.add_argument("--batch-size", type=int, default=4, help="images or tiles per forward pass")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', ...")
     add_threads_arg(p)
@@ -127,6 +146,12 @@ def main():
                 ["-m", str(tmp / "tiny.pth"), *common, "--tile", str(args.huge_tile), "--overlap", str(args.overlap)],
                 args.threads)
             print(f"  (its 2 x H x W float32 probabilities alone take {2 * 4 * args.huge ** 2 / 2 ** 20:.0f} MB)")
+        if args.tiff:
+            striped_tiff(tmp / "scan.tif", args.tiff)
+            print(f"striped TIFF, model: {tiny}; the image takes {3 * args.tiff ** 2 / 2 ** 20:.0f} MB, its labels "
+                  f"{args.tiff ** 2 / 2 ** 20:.0f} MB")
+            run(f"{args.tiff}x{args.tiff} TIFF, planned", 1, tmp / "scan.tif", tmp / "carvana.jpg",
+                ["-m", str(tmp / "tiny.pth"), "--device", args.device, "-o", str(tmp / "out")], args.threads)
 
 
 if __name__ == "__main__":
