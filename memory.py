@@ -26,6 +26,8 @@ from torch.utils._pytree import tree_flatten
 from errors import ConfigError
 
 OVERHEAD = 1.25  # tracked tensor bytes -> process memory: allocator slack and kernel scratch (x1.15 measured)
+CPU_PASS_PIXELS = 2 ** 20  # a CPU's cores are busy with 1 M pixels a pass: larger batches only take memory
+CPU_MAX_TILE = 2048  # larger tiles save a CPU little overlap (see docs/prediction.md) for much memory
 SAFETY = 0.8  # share of the available memory that a plan may fill: the system, readers and other jobs keep the rest
 IMAGE_BYTES = 4  # per pixel held outside the pass: the uint8 RGB image and its uint8 label image
 TILE_SIDES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 32)  # tried largest first
@@ -111,13 +113,14 @@ class PeakTracker(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
+        self.live, self.now, self.peak, self.timeline = {}, 0, 0, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 self._track(tensor)
+        self.timeline.append(self.now)  # bytes held once each operation has made its outputs
         return out
 
     def _track(self, tensor):
@@ -140,25 +143,33 @@ class PeakTracker(TorchDispatchMode):
 
 @dataclass
 class Footprint:
-    """Peak bytes of a forward pass over `pixels` input pixels: OVERHEAD x (fixed + per_pixel x pixels)."""
-    fixed: float
-    per_pixel: float
+    """Peak bytes of a forward pass over `pixels` input pixels: OVERHEAD x the most, over the pass's operations,
+    of fixed + per_pixel x pixels, one (fixed, per_pixel) pair per operation. Where the peak lies moves with the
+    size (the deepest layer's weights on a small image, the full-size activations on a large one), so one slope
+    measured on small probes would underestimate large images."""
+    points: list
 
     def bytes(self, pixels):
-        return OVERHEAD * (self.fixed + self.per_pixel * pixels)
+        return OVERHEAD * max(fixed + per_pixel * pixels for fixed, per_pixel in self.points)
 
 
 def measure_footprint(run, stride=1):
     """The Footprint of `run(side)`, a forward pass on a side x side probe, from two probe sizes of whole
-    multiples of the model's output stride."""
+    multiples of the model's output stride: the bytes held after each operation are affine in the pixel count,
+    which the two probes fix operation by operation (the same operations run at both sizes)."""
     sides = (max(64, 2 * stride), max(128, 4 * stride))
-    peaks = []
+    run(sides[0])  # a first pass makes one-off operations (weight layouts, caches) that later passes skip
+    timelines = []
     for side in sides:
         with PeakTracker() as tracker:
             run(side)
-        peaks.append(tracker.peak)
-    per_pixel = max(0.0, (peaks[1] - peaks[0]) / (sides[1] ** 2 - sides[0] ** 2))
-    return Footprint(max(0.0, peaks[0] - per_pixel * sides[0] ** 2), per_pixel)
+        timelines.append(tracker.timeline or [0])
+    small, large = timelines
+    if len(small) != len(large):  # another sequence of operations at another size: the peaks alone
+        small, large = [max(small)], [max(large)]
+    pixels = (sides[0] ** 2, sides[1] ** 2)
+    slopes = [max(0.0, (b - a) / (pixels[1] - pixels[0])) for a, b in zip(small, large)]
+    return Footprint([(max(0.0, a - slope * pixels[0]), slope) for a, slope in zip(small, slopes)])
 
 
 @dataclass
@@ -191,23 +202,29 @@ def tiled_bytes(footprint, size, tile, batch, num_classes):
     return footprint.bytes(batch * tile * tile) + band + IMAGE_BYTES * size[0] * size[1]
 
 
-def plan_memory(footprint, size, budget, num_classes, tile=None, batch_size=None, max_batch=4, stride=1):
+def plan_memory(footprint, size, budget, num_classes, tile=None, batch_size=None, max_batch=4, stride=1,
+                max_pixels=None, max_tile=None):
     """The plan for images of `size` (H, W): whole images when one fits `budget`, else the largest tile (a multiple
-    of `stride`) that fits; then as many per pass, up to `max_batch`, as fit. A `tile` or `batch_size` given is
-    kept as is (the user's override); budget None (unknown) keeps the defaults: whole images, max_batch."""
-    batches = [batch_size] if batch_size else range(max_batch, 0, -1)
+    of `stride`, at most `max_tile`) that fits; then as many per pass as fit, up to `max_batch` and to `max_pixels`
+    pixels a pass (at least one). A `tile` or `batch_size` given is kept as is (the user's override); budget None
+    (unknown) keeps the defaults: whole images, max_batch."""
+    def batches(pixels):
+        most = max_batch if max_pixels is None else max(1, min(max_batch, max_pixels // pixels))
+        return [batch_size] if batch_size else range(most, 0, -1)
+
     if tile is None:
-        for batch in batches:
+        for batch in batches(size[0] * size[1]):
             estimate = whole_bytes(footprint, size, batch)
             if budget is None or estimate <= budget:
                 return MemoryPlan(None, batch, int(estimate), budget)
     side = max(size)
-    tiles = [tile] if tile else [t for t in TILE_SIDES if t % stride == 0 and t < side] or [max(stride, 32)]
+    tiles = [tile] if tile else [t for t in TILE_SIDES if t % stride == 0 and t < side and t <= (max_tile or t)]
+    tiles = tiles or [max(stride, 32)]
     for candidate in tiles:
-        for batch in batches:
+        for batch in batches(candidate * candidate):
             estimate = tiled_bytes(footprint, size, candidate, batch, num_classes)
             if budget is None or estimate <= budget:
                 return MemoryPlan(candidate, batch, int(estimate), budget)
     smallest = tiles[-1]  # nothing fits: the smallest, and the out-of-memory fallback as a second line of defence
-    batch = batches[-1]
+    batch = batches(smallest * smallest)[-1]
     return MemoryPlan(smallest, batch, int(tiled_bytes(footprint, size, smallest, batch, num_classes)), budget)

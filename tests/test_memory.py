@@ -67,12 +67,27 @@ def test_footprint_is_affine_in_pixels():
         del fixed, per_pixel
 
     footprint = measure_footprint(run, stride=16)
-    assert footprint.fixed == pytest.approx(1000) and footprint.per_pixel == pytest.approx(10)
     assert footprint.bytes(100) == pytest.approx(memory.OVERHEAD * 2000)
+    assert footprint.bytes(10 ** 6) == pytest.approx(memory.OVERHEAD * (1000 + 10 ** 7))
+
+
+def test_footprint_follows_the_peak_as_it_moves():
+    """A pass whose peak is a fixed 1 MB buffer on small images and 8 bytes a pixel on large ones (a deep layer's
+    weights, then the full-size activations): the peaks of two small probes alone would miss the second."""
+    def run(side):
+        weights = torch.empty(2 ** 20, dtype=torch.uint8)
+        del weights
+        activations = torch.empty(side * side * 8, dtype=torch.uint8)
+        del activations
+
+    footprint = measure_footprint(run)  # probes of 64 and 128: peaks 1 MB and 1 MB
+    assert footprint.bytes(64 * 64) == pytest.approx(memory.OVERHEAD * 2 ** 20)
+    assert footprint.bytes(1024 * 1024) == pytest.approx(memory.OVERHEAD * 8 * 2 ** 20)
+    assert footprint.bytes(4096 * 4096) == pytest.approx(memory.OVERHEAD * 8 * 4096 ** 2)
 
 
 def test_plan_whole_images_tiles_and_batches():
-    footprint = Footprint(0, 100)  # 125 bytes a pixel with the overhead, plus 4 for the image and its labels
+    footprint = Footprint([(0, 100)])  # 125 bytes a pixel with the overhead, plus 4 for the image and its labels
     size = (1000, 1000)
     whole = plan_memory(footprint, size, 10 ** 9, 2)
     assert (whole.tile, whole.batch_size) == (None, 4)  # 4 x 129 MB fit in 1 GB
@@ -87,6 +102,8 @@ def test_plan_whole_images_tiles_and_batches():
     assert plan_memory(footprint, size, 1, 2, batch_size=3) .batch_size == 3  # so does --batch-size
     assert plan_memory(footprint, size, 1, 2, stride=64).tile == 64  # nothing fits: the smallest tile
     assert plan_memory(footprint, size, None, 2).tile is None  # memory unknown: whole images
+    assert plan_memory(footprint, size, 10 ** 9, 2, max_pixels=300_000).batch_size == 1  # 1 M pixels a pass: 1
+    assert plan_memory(footprint, (4000, 4000), 10 ** 9, 2, max_tile=1024).tile == 1024  # 2048 would fit
     assert "in 256-pixel tiles, 1 per pass" in tiled.describe(size)
 
 
