@@ -43,6 +43,20 @@ def numpy_gaussian(n):
     return np.exp(-((i - (n - 1) / 2) ** 2) / (2 * (n / 8) ** 2))
 
 
+def numpy_blend(image, tile, overlap):
+    """PositionModel's probabilities of a uint8 3 x H x W image in tiles, blended over the whole image at once."""
+    pixels = image.numpy().astype(np.float64) / 255
+    height, width = pixels.shape[1:]
+    weight = np.outer(numpy_gaussian(tile), numpy_gaussian(tile))
+    total, weights = np.zeros((height, width)), np.zeros((height, width))
+    for y in tile_starts(height, tile, overlap):
+        for x in tile_starts(width, tile, overlap):
+            logits = pixels[:, y:y + tile, x:x + tile].mean(0) + np.linspace(-2, 2, tile)
+            total[y:y + tile, x:x + tile] += weight / (1 + np.exp(-logits))
+            weights[y:y + tile, x:x + tile] += weight
+    return total / weights
+
+
 def test_tile_starts_cover_the_image_evenly():
     assert tile_starts(112, 64, 0.75) == [0, 16, 32, 48]
     assert tile_starts(100, 64, 0.5) == [0, 32, 36]  # stride 32, the last tile flush with the border
@@ -70,15 +84,7 @@ def test_gaussian_blend_is_the_weighted_mean_of_the_tiles():
     image = random_images(1, 3, 50, 70)
     tile, overlap = 32, 0.5
     got = predict_probs(PositionModel(), image, PLAIN, tile=tile, overlap=overlap, batch_size=3)[0, 0].numpy()
-    pixels = image[0].numpy().astype(np.float64) / 255
-    weight = np.outer(numpy_gaussian(tile), numpy_gaussian(tile))
-    total, weights = np.zeros((50, 70)), np.zeros((50, 70))
-    for y in tile_starts(50, tile, overlap):
-        for x in tile_starts(70, tile, overlap):
-            logits = pixels[:, y:y + tile, x:x + tile].mean(0) + np.linspace(-2, 2, tile)
-            total[y:y + tile, x:x + tile] += weight / (1 + np.exp(-logits))
-            weights[y:y + tile, x:x + tile] += weight
-    np.testing.assert_allclose(got, total / weights, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_blend(image[0], tile, overlap), atol=1e-5)
 
 
 def test_band_wise_blending_equals_whole_image_blending():
@@ -92,15 +98,7 @@ def test_band_wise_blending_equals_whole_image_blending():
     assert tops == inference.tile_starts(150, 48, 0.5)  # one band per row of tiles, ending at the next row
     assert max(band.shape[1] for _, band in bands) <= tile
     got = torch.cat([band for _, band in bands], 1)[0].numpy()
-    pixels = image.numpy().astype(np.float64) / 255
-    weight = np.outer(numpy_gaussian(tile), numpy_gaussian(tile))
-    total, weights = np.zeros((150, 90)), np.zeros((150, 90))
-    for y in tile_starts(150, tile, overlap):
-        for x in tile_starts(90, tile, overlap):
-            logits = pixels[:, y:y + tile, x:x + tile].mean(0) + np.linspace(-2, 2, tile)
-            total[y:y + tile, x:x + tile] += weight / (1 + np.exp(-logits))
-            weights[y:y + tile, x:x + tile] += weight
-    np.testing.assert_allclose(got, total / weights, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_blend(image, tile, overlap), atol=1e-5)
 
 
 @pytest.mark.parametrize("size, tile, overlap", [((112, 144), 64, 0.75), ((100, 140), 64, 0.5)])
