@@ -35,7 +35,7 @@ from progress import Progress
 from utils import count, pick_device, warn
 
 OUTPUT_KINDS = ("mask", "overlay", "viz", "probs")  # <stem>_<kind>: what this script writes
-TILE_PROGRESS = 64  # an image of this many tiles or more gets a progress bar of its own
+TILE_PROGRESS = 16  # an image of this many tiles or more gets a progress bar of its own
 MAX_IMAGE_PIXELS = 1_000_000_000  # PIL's decompression-bomb limit (89 M pixels) is too low for large scans
 
 
