@@ -22,11 +22,13 @@ def duration(seconds):
 
 class Progress:
     """Counts `total` units (images, tiles) of the job `desc`. bar None: a tqdm bar where stderr is a terminal
-    (utils.progress_bars), plain lines to `out` otherwise. Use as a context manager, or call close()."""
+    (utils.progress_bars), plain lines to `out` (stdout) every `every` seconds (PLAIN_EVERY) otherwise. Use as a
+    context manager, or call close()."""
 
-    def __init__(self, total, desc, unit, bar=None, every=PLAIN_EVERY, clock=time.monotonic, out=None, leave=True,
+    def __init__(self, total, desc, unit, bar=None, every=None, clock=time.monotonic, out=None, leave=True,
                  position=None):
-        self.total, self.desc, self.unit, self.every, self.clock = total, desc, unit, every, clock
+        self.total, self.desc, self.unit, self.clock = total, desc, unit, clock
+        self.every = PLAIN_EVERY if every is None else every
         self.out = out or sys.stdout
         self.done, self.start = 0, clock()
         self.last_line = self.start

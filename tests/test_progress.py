@@ -36,3 +36,25 @@ def test_plain_lines_every_30_seconds_with_rate_and_time_left():
 
 def test_durations():
     assert [duration(s) for s in (0, 59.4, 60, 187, 3600, 7500)] == ["0s", "59s", "1m00s", "3m07s", "1h00m", "2h05m"]
+
+
+def test_predict_reports_images_and_the_tiles_of_a_large_image(tmp_path, monkeypatch, capsys):
+    """Output to a file: plain lines for the folder's images and for the tiles of an image of 16 tiles or more."""
+    import numpy as np
+    from PIL import Image
+
+    import predict
+    import progress
+    from test_predict import write_checkpoint
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.0)  # a line at every update
+    checkpoint = write_checkpoint(tmp_path / "model.pth", 2, [0, 255])
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(tmp_path / "big.png")  # 4 x 4 tiles of 64 at 0.25
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "small.png")
+    predict.main(["-m", checkpoint, "-i", str(tmp_path), "--tile", "64", "--overlap", "0.25", "--batch-size", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    tiles = [line for line in lines if line.startswith("big.png: ")]
+    assert [line.split(" (")[0] for line in tiles] == [f"big.png: {n}/16 tiles" for n in (4, 8, 12, 16)]
+    assert [line.split(" (")[0] for line in lines if line.startswith("predict: ")] == [
+        "predict: 1/2 images", "predict: 2/2 images"]
+    assert not any(line.startswith("small.png: ") for line in lines)  # 1 tile: no tile progress
