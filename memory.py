@@ -27,7 +27,7 @@ from errors import ConfigError
 
 OVERHEAD = 1.25  # tracked tensor bytes -> process memory: allocator slack and kernel scratch (x1.15 measured)
 CPU_PASS_PIXELS = 2 ** 20  # a CPU's cores are busy with 1 M pixels a pass: larger batches only take memory
-CPU_MAX_TILE = 2048  # larger tiles save a CPU little overlap (see docs/prediction.md) for much memory
+CPU_MAX_TILE = 2048  # larger passes (tiles, or whole images) save a CPU little time for much memory
 SAFETY = 0.8  # share of the available memory that a plan may fill: the system, readers and other jobs keep the rest
 IMAGE_BYTES = 4  # per pixel held outside the pass: the uint8 RGB image and its uint8 label image
 TILE_SIDES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 32)  # tried largest first
@@ -204,15 +204,16 @@ def tiled_bytes(footprint, size, tile, batch, num_classes):
 
 def plan_memory(footprint, size, budget, num_classes, tile=None, batch_size=None, max_batch=4, stride=1,
                 max_pixels=None, max_tile=None):
-    """The plan for images of `size` (H, W): whole images when one fits `budget`, else the largest tile (a multiple
-    of `stride`, at most `max_tile`) that fits; then as many per pass as fit, up to `max_batch` and to `max_pixels`
+    """The plan for images of `size` (H, W): whole images when one fits `budget` (and has no more pixels than a
+    `max_tile` tile), else the largest tile (a multiple of `stride`, at most `max_tile`) that fits; then as many per pass as fit, up to `max_batch` and to `max_pixels`
     pixels a pass (at least one). A `tile` or `batch_size` given is kept as is (the user's override); budget None
     (unknown) keeps the defaults: whole images, max_batch."""
     def batches(pixels):
         most = max_batch if max_pixels is None else max(1, min(max_batch, max_pixels // pixels))
         return [batch_size] if batch_size else range(most, 0, -1)
 
-    if tile is None:
+    whole_fits_pass = max_tile is None or size[0] * size[1] <= max_tile ** 2
+    if tile is None and whole_fits_pass:
         for batch in batches(size[0] * size[1]):
             estimate = whole_bytes(footprint, size, batch)
             if budget is None or estimate <= budget:

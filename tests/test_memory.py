@@ -104,6 +104,8 @@ def test_plan_whole_images_tiles_and_batches():
     assert plan_memory(footprint, size, None, 2).tile is None  # memory unknown: whole images
     assert plan_memory(footprint, size, 10 ** 9, 2, max_pixels=300_000).batch_size == 1  # 1 M pixels a pass: 1
     assert plan_memory(footprint, (4000, 4000), 10 ** 9, 2, max_tile=1024).tile == 1024  # 2048 would fit
+    assert plan_memory(footprint, size, 10 ** 12, 2, max_tile=1024).tile is None  # 1 M pixels: whole
+    assert plan_memory(footprint, (1001, 1000), 10 ** 12, 2, max_tile=1000).tile == 768  # more: tiles
     assert "in 256-pixel tiles, 1 per pass" in tiled.describe(size)
 
 
