@@ -3,8 +3,9 @@
 Whole images go through the model in one pass. With `tile`, the image is cut into overlapping tiles (the
 overlap-tile strategy of the U-Net paper) whose probabilities are blended with Gaussian weights, as nnU-Net
 does, so that tile borders, where the network sees least context, count least. Tiles stream through the model
-`batch_size` at a time into one float32 K x H x W accumulator: besides that accumulator and the image itself,
-memory grows with the tile size, not the image size.
+`batch_size` at a time and are blended band by band (sliding_window_bands): the float32 accumulator spans one row
+of tiles, so besides the image and what the caller keeps, memory grows with the tile size, not the image size.
+Planner chooses whole images or tiles, and the batch, for the memory available (memory.py).
 """
 import contextlib
 import functools
