@@ -87,6 +87,7 @@ def main():
     p.add_argument("--data", default=str(SHARED), help="the shared data folder (isbi2012/, vnc/)")
     p.add_argument("--steps", type=int, default=300, help="training steps of each model")
     p.add_argument("--tiles", type=int, nargs="+", default=[128, 256], help="tile sides to score")
+    p.add_argument("--only", nargs="+", choices=["isbi", "vnc"], default=["isbi", "vnc"], help="datasets to run")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=["--base-channels", "16", "--crop-size", "256"],
                    help="train.py flags of the models (default: --base-channels 16 --crop-size 256)")
     add_threads_arg(p)
@@ -95,6 +96,8 @@ def main():
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as work:
         for name, (train_images, train_masks, test_images, test_masks) in datasets(Path(args.data)).items():
+            if name not in args.only:
+                continue
             model, checkpoint = load_model(train(name, train_images, train_masks, Path(work), args.steps, args.flags))
             config = use_precision(model, InferenceConfig(), log=lambda line: None)
             options = {**config.options(), "scale": 1.0}
