@@ -110,7 +110,7 @@ def test_plan_whole_images_tiles_and_batches():
 
 
 @pytest.mark.parametrize("available, expected", [(10 ** 12, "whole 200x300 images"),
-                                                 (2 * MB, "200x300 images in 64-pixel tiles")])
+                                                 (2 * MB, "200x300 images in 60-pixel tiles")])  # 64, balanced
 def test_predict_plans_tiles_when_memory_is_short(models, tmp_path, monkeypatch, capsys, available,  # noqa: F811
                                                   expected):
     monkeypatch.setattr(memory, "meminfo_available", lambda: available)
@@ -119,7 +119,7 @@ def test_predict_plans_tiles_when_memory_is_short(models, tmp_path, monkeypatch,
     predict.main(["-m", models["spread"], "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "planned")])
     out = capsys.readouterr().out
     assert f"memory plan: {expected}" in out and "(80% of" in out and "MemAvailable" in out
-    tile = ["--tile", "64"] if "tiles" in expected else []
+    tile = ["--tile", "60"] if "tiles" in expected else []
     predict.main(["-m", models["spread"], "-i", str(tmp_path / "a.png"), "-o", str(tmp_path / "given"), *tile])
     planned, given = (np.asarray(Image.open(tmp_path / kind / "a_mask.png")) for kind in ("planned", "given"))
     np.testing.assert_array_equal(planned, given)
