@@ -59,11 +59,12 @@ def test_predict_reads_a_large_tiff_by_windows_and_blends_by_bands(tmp_path, mon
     rows = TiffWindows.rows
     monkeypatch.setattr(TiffWindows, "rows",
                         lambda self, top, bottom: reads.append(bottom - top) or rows(self, top, bottom))
-    predict.main(["-m", checkpoint, "-i", str(tmp_path / "scan.tif"), "--tile", "64", "--probs", "--amp", "off"])
+    predict.main(["-m", checkpoint, "-i", str(tmp_path / "scan.tif"), "--tile", "64", "--overlap", "0.25", "--probs",
+                  "--amp", "off"])
     assert reads and max(reads) == 64  # one row of tiles at a time
     model, saved = load_model(checkpoint)
     whole = torch.from_numpy(array.transpose(2, 0, 1).copy())[None]
-    expected = predict_probs(model, whole, saved["normalize"], tile=64)
+    expected = predict_probs(model, whole, saved["normalize"], tile=64, overlap=0.25)
     mask = np.asarray(Image.open(tmp_path / "scan_mask.png"))
     np.testing.assert_array_equal(mask, np.array([0, 10, 20])[probs_to_labels(expected)[0].numpy()])
     np.testing.assert_allclose(np.load(tmp_path / "scan_probs.npy"), expected[0].numpy(), atol=1e-3)
