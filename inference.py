@@ -305,11 +305,12 @@ def out_of_memory(error):
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def predict_probs_or_tile(model, images, normalize, log=print, predict=predict_probs, **options):
+def predict_probs_or_tile(model, images, normalize, log=print, predict=None, **options):
     """predict_probs (or `predict`, a function of the same arguments) that survives running out of memory (on
     CUDA, or a CPU allocation that the system refuses): it retries with ever smaller tiles (FALLBACK_TILES), the
     accumulator on the CPU, and says so through `log`. Returns (what `predict` returns, options that worked), so
     that a caller can keep those for the next images."""
+    predict = predict or predict_probs
     while True:
         try:
             return predict(model, images, normalize, **options), options
