@@ -358,7 +358,10 @@ class Planner:
         self.refresh()
 
     def _probe(self, side):
-        probe = torch.zeros(1, 3, side, side, dtype=torch.uint8)
+        """A pass over a side x side image of the model's form (8-bit RGB, or normalize's channels and dtype)."""
+        form = self.normalize.get("form")
+        dtype = getattr(torch, form[1]) if form else torch.uint8
+        probe = torch.zeros(1, len(self.normalize["mean"]), side, side, dtype=dtype)
         predict_probs(self.model, probe, self.normalize, **{**self.options, "tile": None})
 
     def plan(self, size):
