@@ -205,9 +205,9 @@ def tiled_bytes(footprint, size, tile, batch, num_classes):
 def plan_memory(footprint, size, budget, num_classes, tile=None, batch_size=None, max_batch=4, stride=1,
                 max_pixels=None, max_tile=None):
     """The plan for images of `size` (H, W): whole images when one fits `budget` (and has no more pixels than a
-    `max_tile` tile), else the largest tile (a multiple of `stride`, at most `max_tile`) that fits; then as many per pass as fit, up to `max_batch` and to `max_pixels`
-    pixels a pass (at least one). A `tile` or `batch_size` given is kept as is (the user's override); budget None
-    (unknown) keeps the defaults: whole images, max_batch."""
+    `max_tile` tile), else the largest tile (a multiple of `stride`, at most `max_tile`) that fits; then as many per
+    pass as fit, up to `max_batch` and to `max_pixels` pixels a pass (at least one). A `tile` or `batch_size` given
+    is kept as is (the user's override); budget None (unknown) keeps the defaults: whole images, max_batch."""
     def batches(pixels):
         most = max_batch if max_pixels is None else max(1, min(max_batch, max_pixels // pixels))
         return [batch_size] if batch_size else range(most, 0, -1)
