@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints import check_resumable, load_checkpoint, save_checkpoint
+from checkpoints import check_resumable, load_checkpoint, save_checkpoint, without_resume_state
 from datasets import DataConfig, build_dataset, load_scale, resolve_data
 from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
     is_distributed
@@ -356,17 +356,20 @@ class Session:
         return self.runner.scheduler.last_epoch
 
     def save(self, name):
-        """Every process calls it (the RNG states are gathered); rank 0 writes, and returns the path."""
+        """Every process calls it (the RNG states are gathered); rank 0 writes, and returns the path. Only
+        last.pth can be resumed: best.pth, the file to share, leaves out the optimizer state (AdamW's: twice the
+        weights' bytes), the scheduler's, the scaler's and the random states."""
         rng = all_gather_objects(rng_states())
         if self.main_process:
             runner, plan = self.runner, self.plan
             plan.spent = self.deadline.used() if self.deadline else 0.0
             path = self.run_dir / name
+            state = {**self.meta, **self.run, "model": self.model.state_dict(),
+                     "optimizer": runner.optimizer.state_dict(), "scheduler": runner.scheduler.state_dict(),
+                     "scaler": runner.scaler.state_dict(), "step": self.step, "args": self.flags,
+                     "plan": plan.as_dict(), "rng": rng}
             with self.stop.saving_checkpoint():
-                save_checkpoint({**self.meta, **self.run, "model": self.model.state_dict(),
-                                 "optimizer": runner.optimizer.state_dict(),
-                                 "scheduler": runner.scheduler.state_dict(), "scaler": runner.scaler.state_dict(),
-                                 "step": self.step, "args": self.flags, "plan": plan.as_dict(), "rng": rng}, path)
+                save_checkpoint(state if name == "last.pth" else without_resume_state(state), path)
                 if name == "last.pth":
                     self.last_good = path
             return path
