@@ -114,15 +114,15 @@ def test_masks_pointed_at_the_images_folder(tmp_path):
         data_args("--images", images, "--masks", tmp_path / "grey")
 
 
-def test_colour_masks_of_other_pictures_keep_their_message(tmp_path):
+def test_colour_masks_of_other_pictures_are_not_taken_for_their_images(tmp_path):
     images = photo_folders(tmp_path)
     (tmp_path / "masks").mkdir()
     for png in images.iterdir():
         colours = np.zeros((24, 32, 3), np.uint8)
         colours[:, 16:] = (200, 10, 10)
         Image.fromarray(colours).save(tmp_path / "masks" / png.name)
-    with pytest.raises(DatasetError, match="holds colours"):
-        data_args("--images", images, "--masks", tmp_path / "masks")
+    args = data_args("--images", images, "--masks", tmp_path / "masks", "--no-augment")
+    assert args[0].mask_values == [[0, 0, 0], [200, 10, 10]]  # read as colour-coded masks
 
 
 def test_masks_beside_their_images_with_a_suffix(tmp_path):
