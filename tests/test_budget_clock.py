@@ -13,7 +13,9 @@ import recipe
 import train
 import utils
 from checkpoints import load_checkpoint
+from model import build_model, input_normalization
 from recipe import Deadline, EpochPace, Plan, epoch_end_estimate, replan_note
+from test_checkpoint_files import tensor_bytes
 from utils import ProgressLines
 
 
@@ -162,3 +164,25 @@ def test_epoch_end_estimate_and_replan_note():
         "re-planned: 4 epochs instead of 3 (steps ran faster than planned: 0.81s against 0.88s; a validation with "
         "its saves took 5.2s against 4.4s)")
     assert "steps ran slower" in replan_note(3, 2, (0.8, 5.0), (0.9, 5.0))
+
+
+def test_the_epoch_end_probe_counts_the_images_their_size_and_the_checkpoints(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(engine, "time", clock.module())
+    model_args = {"arch": "unet", "in_channels": 3, "num_classes": 2, "base_channels": 4, "depth": 2,
+                  "bilinear": False}
+    model = build_model(model_args)
+    sides = []
+
+    def advance(module, inputs):
+        sides.append(inputs[0].shape[-1])
+        clock.now += 0.1 * inputs[0].shape[-1] ** 2 / 256 ** 2  # 0.1 s for 256 x 256
+    model.register_forward_pre_hook(advance)
+    seconds = engine.time_epoch_end(model, input_normalization(model_args), None, 512 * 512, 10, "adamw")
+    assert sides == [256] * 3  # probed at 256 a side, scaled by 4 to the 512 x 512 images
+    weights, parameters = tensor_bytes(model.state_dict().values()), tensor_bytes(list(model.parameters()))
+    assert seconds == pytest.approx(0.4 * 10 * 1.25 + (2 * weights + 2 * parameters) / 200e6)
+    sides.clear()
+    small = engine.time_epoch_end(model, input_normalization(model_args), None, 64 * 64, 3, "sgd")
+    assert sides == [64] * 3
+    assert small == pytest.approx(0.1 / 16 * 3 * 1.25 + (2 * weights + parameters) / 200e6)
