@@ -209,8 +209,8 @@ def plan_budget(budget, seconds_left, step_seconds, validation_seconds, train_im
 def epoch_end_estimate(forward_seconds, images, checkpoint_bytes):
     """Seconds of a validation and its saves before one was timed: `images` whole-image forward passes of
     `forward_seconds` each (one was timed) and `checkpoint_bytes` written (last.pth and best.pth). The first
-    epoch's end must be foreseen: a run of one epoch cannot re-plan, and a guess from the training step's
-    speed alone ended `--time 60s` at 63.9 s."""
+    epoch's end must be foreseen, since a run of one epoch cannot re-plan; a `--time 60s` run of the classic
+    U-Net, planned with a guess from the training step's speed alone, ended at 63.9 s."""
     return forward_seconds * images * VALIDATION_OVERHEAD + checkpoint_bytes / SAVE_BYTES_PER_SECOND
 
 
