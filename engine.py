@@ -169,7 +169,7 @@ def time_epoch_end(model, normalize, amp_dtype, image_pixels, val_images, optimi
     beyond (a convolutional network's time grows with it), so that the probe costs little of any budget."""
     device = next(model.parameters()).device
     side = max(32, min(largest_side, round(math.sqrt(image_pixels) / 32) * 32))
-    image = torch.zeros(1, 3, side, side, dtype=torch.uint8, device=device)
+    image = torch.zeros(1, len(normalize["mean"]), side, side, dtype=torch.uint8, device=device)
     seconds = []
     model.eval()
     for _ in range(3):
