@@ -11,6 +11,15 @@ from recipe import Plan
 from utils import replaced_atomically
 
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "mask_values", "normalize")
+# What only --resume needs: AdamW's two moments alone take twice the weights' bytes. last.pth holds them,
+# best.pth (the file people share, evaluate, export and --load) does not.
+RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng")
+
+
+def without_resume_state(state):
+    """A checkpoint's state less RESUME_ONLY_KEYS: the weights, the model's config, classes, normalisation and the
+    run's arguments (its data description), all that eval.py, predict.py, export.py, hubconf and --load read."""
+    return {key: value for key, value in state.items() if key not in RESUME_ONLY_KEYS}
 
 
 def save_checkpoint(state, path):
@@ -101,6 +110,10 @@ def check_resumable(state, path):
         missing += [f"plan.{name}" for name, field in fields.items()
                     if field.default is dataclasses.MISSING and name not in plan]
     unknown = sorted(set(plan) - set(fields))
+    if missing and set(missing) == set(RESUME_ONLY_KEYS):  # a best.pth: the run's last.pth continues it
+        raise CheckpointError(f"'{path}' holds the model without the optimizer state that --resume needs; resume "
+                              f"from the run's last.pth: --resume {Path(path).with_name('last.pth')} (or start a new "
+                              f"run from these weights with --load {path})")
     if missing or unknown:
         what = f"lacks {', '.join(missing)}" if missing else f"has a plan with unknown field(s) {', '.join(unknown)}"
         raise CheckpointError(f"'{path}' cannot be continued: it {what}, so this train.py did not save it; start a "

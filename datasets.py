@@ -21,7 +21,7 @@ from images import GREY, describe_form, header_size, open_image, open_mask, pack
     to_tensor, unpacked_colour
 from metrics import IGNORE_INDEX
 from pairs import check_values, data_form, existing, found_mask_values, held_out, list_files, pair_by_stem, \
-    read_ids, scan_pairs, size_mismatch, unknown_colours, unknown_values
+    read_ids, read_pairs_file, scan_pairs, size_mismatch, unknown_colours, unknown_values
 from synthetic import Shapes
 from transforms import fit_canvas, random_zoom_crop, resample_mask, train_transform
 
@@ -37,6 +37,7 @@ class DataConfig:
     download: bool = False
     images: str | None = None
     masks: str | None = None
+    pairs: str | None = None  # a CSV list of image,mask pairs (folder data whose names share no pattern)
     # how mask values become classes
     mask_suffix: str | None = None
     mask_values: list | None = None  # ints, or [R, G, B] colours for colour-coded masks
@@ -80,6 +81,13 @@ class DataConfig:
         if (self.mask_colors or colour_coded(self.mask_values)) and self.ignore_index is not None:
             raise ConfigError("--ignore-index names a void value, but these masks are colour-coded: name the void "
                               "colour in the --mask-colors table instead (a line 'R G B void', as '0 0 0 Void')")
+        if self.pairs and (self.images or self.masks):
+            raise ConfigError("--pairs lists the files itself: give it without --images and --masks")
+        if self.pairs and self.dataset not in ("auto", "folder"):
+            raise ConfigError(f"--pairs lists folder data, not --dataset {self.dataset}")
+        if self.pairs and self.roi:
+            raise ConfigError("--roi finds region masks by the names of the images in --images; with --pairs it is "
+                              "not supported yet: give --images and --masks")
         return self
 
     def check_mask_values(self):
@@ -284,7 +292,7 @@ def augmented_masks(voc_root, data):
 def detect(config):
     """The dataset whose layout lies under --data."""
     data = Path(config.data)
-    if config.images or config.masks:
+    if config.images or config.masks or config.pairs:
         return "folder"
     voc, sbd = find_root(data, "voc"), find_root(data, "sbd")
     if voc and (sbd or augmented_masks(voc, data)):
@@ -371,6 +379,8 @@ def car_id(pair):
 
 
 def folder_pairs(config):
+    if config.pairs:
+        return read_pairs_file(config.pairs)
     if config.images or config.masks:
         return pair_by_stem(Path(config.images), Path(config.masks), config.mask_suffix)
     root = need_root(config, "files")
@@ -511,7 +521,8 @@ def found_pairs(config, split):
         val_stems = held_out({pair[0].stem for pair, _, _ in found}, config.val_percent, config.data_seed)
         found = [entry for entry in found if (entry[0][0].stem in val_stems) == (split != "train")]
     if not found:
-        where = f"'{config.images}'" if name == "folder" and config.images else f"under '{config.data}'"
+        where = (f"'{config.images}'" if name == "folder" and config.images else
+                 f"listed in '{config.pairs}'" if name == "folder" and config.pairs else f"under '{config.data}'")
         fix = "; give --val-percent above 0 to hold out validation images" if config.val_percent == 0 else ""
         raise DatasetError(f"the {split} split of --dataset {name} {where} is empty "
                            f"(--val-percent {config.val_percent:g}){fix}")

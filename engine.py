@@ -12,10 +12,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from errors import CheckpointError, ConfigError, one_line
-from inference import preprocess
+from inference import predict_probs, preprocess
 from losses import segmentation_loss
 from model import parameter_groups
 from precision import Precision
+from recipe import epoch_end_estimate
 
 FP32 = Precision(None, False, "fp32")
 
@@ -158,6 +159,28 @@ def time_training_step(runner, model, batch_size, crop_size, fp, num_logits, acc
     runner.optimizer.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
     return min(seconds[1:]) * accumulate
+
+
+def time_epoch_end(model, normalize, amp_dtype, image_pixels, val_images, optimizer_name, largest_side=256):
+    """Seconds of a validation and its saves, foreseen before one ran (recipe.epoch_end_estimate): a whole-image
+    forward pass at the validation images' mean size (`image_pixels`), times the `val_images` this process scores;
+    and the bytes of last.pth (weights and optimizer moments) and best.pth. The pass is the fastest of three (the
+    first two set up the kernels on CPUs), on at most `largest_side` pixels a side, scaled by the pixel count
+    beyond (a convolutional network's time grows with it), so that the probe costs little of any budget."""
+    device = next(model.parameters()).device
+    side = max(32, min(largest_side, round(math.sqrt(image_pixels) / 32) * 32))
+    image = torch.zeros(1, len(normalize["mean"]), side, side, dtype=torch.uint8, device=device)
+    seconds = []
+    model.eval()
+    for _ in range(3):
+        start = time.perf_counter()
+        predict_probs(model, image, normalize, amp_dtype=amp_dtype).sum().item()  # .item() waits for the device
+        seconds.append(time.perf_counter() - start)
+    forward = min(seconds) * max(1.0, image_pixels / side ** 2)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = {"adam": 2, "adamw": 2, "sgd": 1}[optimizer_name]
+    return epoch_end_estimate(forward, val_images, 2 * weights + moments * parameters)
 
 
 def load_all_weights(model, path, checkpoint):

@@ -114,7 +114,7 @@ def holds_images(folder):
 def eval_folder_mode(given, split):
     """No flag names the data: eval/images (and eval/masks) when there is such a folder, else the checkpoint's
     own validation set."""
-    if split is not None or any(given[key] is not None for key in ("dataset", "data", "images", "masks")):
+    if split is not None or any(given[key] is not None for key in ("dataset", "data", "images", "masks", "pairs")):
         return False
     if not (EVAL_DIR / "images").is_dir():
         print(f"no {EVAL_DIR}/images/ here: scoring the checkpoint's validation set (as --split val)")
@@ -126,7 +126,7 @@ def choose_data(given, split, checkpoint):
     """The DataConfig and split that the given data flags (None where left out) select: a plain folder of images
     and masks read with the checkpoint's classes, or a dataset whose flags left out are the training run's."""
     trained_with = checkpoint.get("args", {})
-    if given["images"] or given["masks"]:
+    if given["images"] or given["masks"] or given["pairs"]:
         # The masks hold the checkpoint's mask values; a value is void only when --ignore-index says so, or when
         # the training data defined one (VOC's 255 borders, or the run's --ignore-index).
         void = void_value(trained_with.get("dataset"), trained_with.get("ignore_index"))
@@ -297,7 +297,8 @@ def evaluate_checkpoint(config, given, inference):
     else:
         data, split = choose_data(given, config.split, checkpoint)
         dataset = build_dataset(data, split, full_resolution=True)
-        where = f"{data.images} + {data.masks}" if data.dataset == "folder" and data.images else data.dataset
+        where = (f"{data.images} + {data.masks}" if data.dataset == "folder" and data.images else
+                 data.pairs if data.dataset == "folder" and data.pairs else data.dataset)
         what = f"{where} {split}"
         check_classes(dataset, checkpoint)
     check_output_paths(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},

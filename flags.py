@@ -35,6 +35,9 @@ def add_dataset_args(parser):
     group.add_argument("--download", action="store_true", help="first fetch Pascal VOC 2012 and/or SBD into --data")
     group.add_argument("--images", default=None, help="folder of images (--dataset folder)")
     group.add_argument("--masks", default=None, help="folder of masks named like the images (--dataset folder)")
+    group.add_argument("--pairs", default=None, metavar="FILE",
+                       help="CSV list of image,mask file pairs (paths relative to the file; an optional header "
+                            "line), for names that share no pattern (--dataset folder)")
     group.add_argument("--mask-suffix", default=None,
                        help="mask name = image name + suffix (default: '' or '_mask', whichever matches)")
     group.add_argument("--mask-values", type=int, nargs="+", default=None,

@@ -1,5 +1,7 @@
 """Image/mask pairs on disk: matching files by name, split lists, and the check of every pair (readable, same
 size, known mask values), done once and cached."""
+import csv
+import filecmp
 import hashlib
 import json
 import os
@@ -10,8 +12,10 @@ import numpy as np
 
 from errors import DatasetError, ImageReadError
 from images import COLOUR, GREY, IMAGE_EXTENSIONS, checked_image_size, describe_form, mask_values_of, \
-    unpacked_colour
+    open_image, unpacked_colour
 from utils import replaced_atomically
+
+PHOTO_VALUES = 16  # a mask with more distinct values than this looks like a photograph
 
 
 def size_mismatch(image_path, image_size, mask_path, mask_size):
@@ -21,7 +25,7 @@ def size_mismatch(image_path, image_size, mask_path, mask_size):
 
 def unknown_values(mask_path, values, mask_values, void_value):
     void = f" and the void value {void_value}" if void_value is not None else ""
-    if len(values) > 16:
+    if len(values) > PHOTO_VALUES:
         fix = "these look like photographs, not masks: are --images and --masks swapped?"
     else:
         fix = ("fix the mask, map the values to the classes with --mask-values (one per class, in class order), "
@@ -64,22 +68,64 @@ def list_files(folder, kind):
     return files
 
 
+PAIRS_HINT = ("if image and mask names share no pattern, list the pairs in a CSV file, one 'image,mask' line each "
+              "(paths relative to the file), and pass --pairs FILE")
+
+
 def pair_by_stem(images_dir, masks_dir, suffix=None, kind="mask"):
     """Image and mask files matched by name: `<stem>.<ext>` with `<stem><suffix>.<ext>`; the suffix, when not
-    given, is '' if any names match as they are, else '_mask'. `kind` names the masks in errors."""
+    given, is '' if any names match as they are, else '_mask'. `kind` names the masks in errors. One folder may
+    hold both, given a suffix."""
+    same_folder = images_dir.resolve() == masks_dir.resolve()
+    if same_folder and not suffix:
+        raise DatasetError(f"--images and --masks both name '{images_dir}': the masks would be the images "
+                           f"themselves; point --masks at the folder of masks (or, for masks named "
+                           f"'<image name>_mask.png' beside their images, pass --mask-suffix _mask)")
     images, masks = list_files(images_dir, "image"), list_files(masks_dir, kind)
     if suffix is None:
         suffix = "" if images.keys() & masks.keys() else "_mask"
+    if same_folder:
+        images = {stem: path for stem, path in images.items() if not stem.endswith(suffix)}
+        masks = {stem: path for stem, path in masks.items() if stem.endswith(suffix)}
     masks = {stem[:-len(suffix)] if suffix and stem.endswith(suffix) else stem: path for stem, path in masks.items()}
     no_mask = sorted(images.keys() - masks.keys())
     if no_mask:
         raise DatasetError(f"{len(no_mask)} image(s) in '{images_dir}' have no {kind} named '<image name>{suffix}.*' "
-                           f"in '{masks_dir}': {listing(images[s].name for s in no_mask)}")
+                           f"in '{masks_dir}': {listing(images[s].name for s in no_mask)}; {PAIRS_HINT}")
     no_image = sorted(masks.keys() - images.keys())
     if no_image:
         raise DatasetError(f"{len(no_image)} {kind}(s) in '{masks_dir}' have no image in '{images_dir}': "
-                           f"{listing(masks[s].name for s in no_image)}")
+                           f"{listing(masks[s].name for s in no_image)}; {PAIRS_HINT}")
     return [(images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def read_pairs_file(path):
+    """The (image, mask) pairs a CSV list names, one `image,mask` row each, paths relative to the list's folder
+    (MONAI's datalists and mmsegmentation's split files do the same); a first row that names no image file
+    (such as `image,mask`) is a header. Every file must exist, and image names be unique (outputs and the
+    validation split are keyed by them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"--pairs '{path}' does not exist; write a CSV file of 'image,mask' lines")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [(number, [cell.strip() for cell in row]) for number, row in enumerate(csv.reader(f), 1)
+                if any(cell.strip() for cell in row)]
+    if rows and Path(rows[0][1][0]).suffix.lower() not in IMAGE_EXTENSIONS:
+        rows = rows[1:]  # a header
+    if not rows:
+        raise DatasetError(f"--pairs '{path}' lists no pairs; write one 'image,mask' line per pair")
+    pairs, stems = [], {}
+    for number, row in rows:
+        if len(row) != 2 or not all(row):
+            raise DatasetError(f"--pairs '{path}', line {number}: expected 'image,mask' (two paths), got "
+                               f"{','.join(row)!r}")
+        image, mask = (path.parent / cell for cell in row)  # an absolute path stays as it is
+        if image.stem in stems:
+            raise DatasetError(f"--pairs '{path}', line {number}: '{image}' has the name of '{stems[image.stem]}' "
+                               f"(eval.py's outputs and the validation split go by image name); rename one")
+        stems[image.stem] = image
+        pairs.append((image, mask))
+    return existing(pairs, path)
 
 
 def read_ids(path):
@@ -131,6 +177,41 @@ def file_stamp(path):
     return [stat.st_mtime_ns, stat.st_size]
 
 
+def checked_mask_values(image_path, mask_path, colours=False, compare=True):
+    """images.mask_values_of, but a 'mask' that is its image again (--masks naming a copy of the images, or
+    the images' own folder) is named as such rather than as a mask of colours or of too many values. A mask of
+    many values is compared with its image only when `compare` (the comparison decodes both files)."""
+    try:
+        mask_size, counts = mask_values_of(mask_path, colours)
+    except ImageReadError:
+        raise
+    except DatasetError:  # a mask in colours, read as class values
+        if same_picture(image_path, mask_path):
+            raise same_images(image_path, mask_path) from None
+        raise
+    if compare and len(counts) > PHOTO_VALUES and same_picture(image_path, mask_path):
+        raise same_images(image_path, mask_path)
+    return mask_size, counts
+
+
+def same_picture(image_path, mask_path, tolerance=8.0):
+    """The same file, or the same pixels within `tolerance` grey levels on average: a re-encoded copy (JPEG at
+    quality 90 moves a photograph's pixels by 1 to 7 levels; a mask of another picture differs by tens)."""
+    if filecmp.cmp(image_path, mask_path, shallow=False):
+        return True
+    image, mask = open_image(image_path)[0], open_image(mask_path)[0]
+    if image.size != mask.size:
+        return False
+    difference = np.abs(np.asarray(image, np.int16) - np.asarray(mask, np.int16))
+    return float(difference.mean()) <= tolerance
+
+
+def same_images(image_path, mask_path):
+    return DatasetError(f"mask '{mask_path}' is the same picture as its image '{image_path}': the masks' folder "
+                        f"'{mask_path.parent}' looks like the same images as the images' folder; point --masks "
+                        f"(or the mask column of --pairs) at the masks, which hold one value (or colour) per class")
+
+
 def scan_pairs(pairs, skip_bad=False, colours=False, forms=None):
     """Check every pair once: both files decode, the image's size equals the mask's; and count each mask's values
     (with `colours`, its colours packed as images.pack_colours does).
@@ -138,6 +219,7 @@ def scan_pairs(pairs, skip_bad=False, colours=False, forms=None):
     cost two stat calls per pair. Returns [(pair, (width, height), {value: pixel count})] for the readable pairs;
     `forms`, a dict, is filled with {image path: its form (images.checked_image_size)}."""
     caches, changed, found, skipped = {}, set(), [], []
+    compared = False  # a copy of the images shows in its first mask of many values: one comparison per scan
     for image_path, mask_path in pairs:
         folder = mask_path.parent
         if folder not in caches:
@@ -151,7 +233,8 @@ def scan_pairs(pairs, skip_bad=False, colours=False, forms=None):
             if (entry is None or entry.get("stamp") != stamp or entry.get("image") != image_path.name
                     or "form" not in entry):
                 size, form = checked_image_size(image_path)
-                mask_size, counts = mask_values_of(mask_path, colours)
+                mask_size, counts = checked_mask_values(image_path, mask_path, colours, compare=not compared)
+                compared = compared or len(counts) > PHOTO_VALUES
                 if mask_size != size:
                     raise size_mismatch(image_path, size, mask_path, mask_size)
                 entry = {"image": image_path.name, "stamp": stamp, "size": list(size), "form": list(form),

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints import check_resumable, load_checkpoint, save_checkpoint
+from checkpoints import check_resumable, load_checkpoint, save_checkpoint, without_resume_state
 from datasets import DataConfig, build_dataset, load_scale, resolve_data
 from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
     is_distributed
 from engine import StepRunner, build_runner, build_scheduler, load_all_weights, load_weights, \
-    prepare_model, restore_training, time_training_step, wrap_for_steps
+    prepare_model, restore_training, time_epoch_end, time_training_step, wrap_for_steps
 from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, check_seeds, error_line, \
     one_line
 from flags import add_augment_args, add_dataset_args, add_model_args, add_precision_args, config_from, finite_float
@@ -29,15 +29,15 @@ from inference import evaluate
 from interrupts import RunInterrupted, StopRequest
 from precision import Precision, choose_precision
 from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_BUDGET, MIN_STEPS_PER_EPOCH, \
-    WARMUP_SHARE, Deadline, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, plan_run, \
-    replan
+    WARMUP_SHARE, Deadline, EpochPace, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, \
+    plan_run, replan, replan_note
 from image_stats import input_normalization_for
 from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, set_encoder_frozen
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
-from utils import check_folder, default_workers, derived_seed, pick_device, progress_bars, rng_states, \
-    seed_everything, set_rng_states
+from utils import ProgressLines, check_folder, default_workers, derived_seed, pick_device, progress_bars, \
+    rng_states, seed_everything, set_rng_states
 
 
 def get_args_parser():
@@ -272,7 +272,9 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
         print(f"precision: {precision.describe()}")
     plan = plan_run(config, checkpoint, fp, batch_size, augment, world_size, started,
                     lambda: time_training_step(runner, model, batch_size, augment.crop_size, fp, num_logits,
-                                               config.accumulate, device))
+                                               config.accumulate, device),
+                    lambda: time_epoch_end(model, meta["normalize"], precision.dtype, fp.val_pixels / len(val_set),
+                                           math.ceil(len(val_set) / world_size), config.optimizer))
     plan = all_gather_objects(plan)[0]  # each process timed its own step: rank 0's plan is the run's
     runner.scheduler = build_scheduler(runner.optimizer, config.scheduler, plan)
     # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
@@ -356,25 +358,23 @@ class Session:
         return self.runner.scheduler.last_epoch
 
     def save(self, name):
-        """Every process calls it (the RNG states are gathered); rank 0 writes, and returns the path."""
+        """Every process calls it (the RNG states are gathered); rank 0 writes, and returns the path. Only
+        last.pth can be resumed: best.pth, the file to share, leaves out the optimizer state (AdamW's: twice the
+        weights' bytes), the scheduler's, the scaler's and the random states."""
         rng = all_gather_objects(rng_states())
         if self.main_process:
             runner, plan = self.runner, self.plan
             plan.spent = self.deadline.used() if self.deadline else 0.0
             path = self.run_dir / name
+            state = {**self.meta, **self.run, "model": self.model.state_dict(),
+                     "optimizer": runner.optimizer.state_dict(), "scheduler": runner.scheduler.state_dict(),
+                     "scaler": runner.scaler.state_dict(), "step": self.step, "args": self.flags,
+                     "plan": plan.as_dict(), "rng": rng}
             with self.stop.saving_checkpoint():
-                save_checkpoint({**self.meta, **self.run, "model": self.model.state_dict(),
-                                 "optimizer": runner.optimizer.state_dict(),
-                                 "scheduler": runner.scheduler.state_dict(), "scaler": runner.scaler.state_dict(),
-                                 "step": self.step, "args": self.flags, "plan": plan.as_dict(), "rng": rng}, path)
+                save_checkpoint(state if name == "last.pth" else without_resume_state(state), path)
                 if name == "last.pth":
                     self.last_good = path
             return path
-
-    def out_of_time(self):
-        """No room left in the budget for another step and the epoch's validation and saves."""
-        return self.deadline is not None and self.deadline.plannable() < (self.plan.step_seconds
-                                                                          + self.plan.epoch_end_seconds)
 
 
 def start_session(s, train_images):
@@ -428,7 +428,8 @@ def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_r
         if frozen != encoder_frozen:  # DDP averages the gradients of the parameters that required them when built
             s.runner.model, s.runner.ddp = wrap_for_steps(s.model, s.config.compile, s.device, s.world_size)
             encoder_frozen = frozen
-        epochs = s.run["epoch"] + math.ceil((s.plan.total_steps - s.step) / s.plan.steps_per_epoch)  # as planned
+        epochs = s.plan.epochs_from(s.run["epoch"], s.step)  # as planned
+        planned = (s.plan.step_seconds, s.plan.epoch_end_seconds)
         start = time.perf_counter()
         ended, loss = train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng)
         trained = time.perf_counter() - start
@@ -439,6 +440,10 @@ def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_r
         s.plan.epoch_end_seconds = max(epoch_ends)
         if s.deadline and ended != "time":
             replan(s.plan, s.step, s.deadline)
+            note = replan_note(epochs, s.plan.epochs_from(epoch, s.step), planned,
+                               (s.plan.step_seconds, s.plan.epoch_end_seconds))
+            if note and s.main_process:
+                print(note)
         if any_process(s.stop.requested, s.device):
             if s.main_process:
                 print(f"stopped after epoch {epoch}: continue with --resume {s.last_good}")
@@ -460,9 +465,10 @@ def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng):
     if progress["batch"] and resume_rng:
         set_rng_states(resume_rng)  # resumed mid-epoch
     epoch_sampler.set_epoch(epoch, progress["batches"], progress["batch"])
+    pace = EpochPace(plan, s.deadline)  # ends the epoch early when the rest would overrun the budget
     try:
         ended = train_one_epoch(s.runner, train_loader, epoch, epochs, config.accumulate, s.device, s.stop,
-                                progress, s.main_process, s.out_of_time)
+                                progress, s.main_process, pace.out_of_time)
     except NonFiniteLoss as e:
         where = f"the last good checkpoint is {s.last_good}" if s.last_good else "no checkpoint was saved yet"
         raise TrainingError(f"{e}; stopped, {where}. Try a lower --lr, --clip-grad or --amp off") from None
@@ -471,6 +477,8 @@ def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng):
         if s.main_process:
             print(f"interrupted during epoch {epoch}: saved {path}; continue with --resume {path}")
         raise RunInterrupted
+    if ended == "time" and s.main_process:
+        print(pace.cut_note(epoch, (progress["batch"] // config.accumulate, steps)))
     plan.step_seconds = (time.perf_counter() - start) / max(1, progress["batch"] - first_batch) * config.accumulate
     return ended, progress["loss_sum"] / progress["images"]
 
@@ -519,6 +527,8 @@ def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, pro
     runner.model.train()
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", total=progress["batches"], initial=progress["batch"],
                leave=False, disable=not (main_process and progress_bars()))
+    lines = ProgressLines(f"epoch {epoch}/{epochs}", progress["batches"], "batches", progress["batch"],
+                          enabled=main_process)  # for a log file: a line every 30 s
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         batch = progress["batch"]
@@ -536,6 +546,7 @@ def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, pro
         progress.update(batch=batch + 1, loss_sum=progress["loss_sum"] + batch_loss,
                         images=progress["images"] + int(batch_images))
         bar.set_postfix(loss=f"{batch_loss / batch_images:.4f}")
+        lines.update(batch + 1)
         if ends_step:
             runner.update()
             if batch + 1 < progress["batches"]:  # at the epoch's end, finish it: validate, save
