@@ -234,7 +234,7 @@ def main(argv=None, started=STARTED):
     except torch.OutOfMemoryError as e:  # in the start-up's timed step: nothing was saved
         sys.exit(f"error: out of memory ({one_line(e, 100)}): {OUT_OF_MEMORY_FIX}")
     except KeyboardInterrupt:  # Ctrl-C before the first step: nothing was saved, and nothing changed
-        print(f"interrupted during start-up: nothing was saved"
+        print("interrupted during start-up: nothing was saved"
               + (f"; {config.resume} is unchanged" if config.resume else ""), file=sys.stderr)
         sys.exit(130)
     except RunInterrupted as e:

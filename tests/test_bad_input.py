@@ -10,7 +10,6 @@ import stat
 import subprocess
 import struct
 import sys
-import time
 import zlib
 
 import numpy as np

@@ -15,7 +15,7 @@ import image_stats
 import images
 import predict
 import train
-from checkpoints import load_checkpoint, load_model, save_checkpoint
+from checkpoints import load_model, save_checkpoint
 from datasets import DataConfig, build_dataset, resolve_data
 from errors import DatasetError
 from inference import preprocess
@@ -190,6 +190,15 @@ def test_multi_page_and_multi_sample_tiffs_read_alike(tmp_path):
         assert form == (4, "uint16") and np.array_equal(pixels, bands)
         assert images.header_size(tmp_path / name) == (9, 6)
         assert torch.equal(images.read_image(tmp_path / name, form), torch.from_numpy(bands.astype(np.float32)))
+
+
+@pytest.mark.parametrize("compression", ["lzw", "packbits", "zlib"])
+def test_compressed_tiffs_read_as_they_are(tmp_path, compression):
+    """LZW and PackBits (the usual microscopy compressions) decode through imagecodecs, a requirement."""
+    bands = np.random.default_rng(6).integers(0, 65536, (3, 6, 9), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", bands, photometric="minisblack", compression=compression)
+    pixels, form = images.read_pixels(tmp_path / "c.tif")
+    assert form == (3, "uint16") and np.array_equal(pixels, bands)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
