@@ -5,7 +5,9 @@ multi-page TIFF through tifffile); masks as the raw values they hold (palette in
 An image's form is (channels, dtype), e.g. (1, "uint16") or (5, "float32"); the form None stands for 8-bit RGB,
 into which grey, palette and RGBA files are converted as they always were."""
 from contextlib import contextmanager
+from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 import torch
@@ -70,6 +72,32 @@ def read_tiff(path):
     return orient(array.reshape(-1, *array.shape[-2:]), orientation)
 
 
+def is_deep_colour_png(path):
+    """A PNG of 16-bit RGB or RGBA, which PIL reads as 8-bit RGB (its low bits lost): bit depth 16, colour type
+    2 or 6 in the header."""
+    if not str(path).lower().endswith(".png"):
+        return False
+    with open(path, "rb") as f:
+        header = f.read(26)
+    return header[:8] == b"\x89PNG\r\n\x1a\n" and header[24] == 16 and header[25] in (2, 6)
+
+
+def read_deep_colour_png(path):
+    """A 16-bit RGB(A) PNG as the 3 x H x W uint16 array of its colour bands (alpha dropped, as for 8-bit RGBA)."""
+    with decoding(path):
+        array = imagecodecs.png_decode(Path(path).read_bytes())
+    return np.moveaxis(array[..., :3], -1, 0)
+
+
+def reads_past_pil(path):
+    """Files whose values PIL cannot give as they are: multi-band or deep TIFFs, and 16-bit colour PNGs."""
+    return (is_tiff(path) and not tiff_header(path)[2]) or is_deep_colour_png(path)
+
+
+def read_past_pil(path):
+    return read_tiff(path) if is_tiff(path) else read_deep_colour_png(path)
+
+
 def orient(array, orientation):
     """A C x H x W array turned upright as PIL's exif_transpose turns an image with this EXIF orientation."""
     if orientation in (5, 6, 7, 8):  # transposed: the stored rows are the upright image's columns
@@ -83,8 +111,8 @@ def read_pixels(path):
     """Any image file -> (C x H x W array of its values, in its own dtype, upright; its form). Grey files give one
     channel, colour files (palette, RGBA, CMYK...) three 8-bit ones; TIFFs every band and page (tifffile).
     Float images with NaN or infinite values are refused, naming the file."""
-    if is_tiff(path) and not tiff_header(path)[2]:
-        pixels = read_tiff(path)
+    if reads_past_pil(path):
+        pixels = read_past_pil(path)
     else:
         with decoding(path), Image.open(path) as image:
             image = upright(image)
@@ -215,7 +243,7 @@ def checked_image_size(path):
     """((width, height) of the upright image, its form), after decoding all of it (at 1/8 size for 8-bit JPEGs,
     which is cheap but still reads every byte): a truncated or corrupt file, or a float image with NaN, fails here,
     not in the middle of training."""
-    if is_tiff(path) and not tiff_header(path)[2]:
+    if reads_past_pil(path):
         pixels, form = read_pixels(path)
         return pixels.shape[:0:-1], form
     with decoding(path), Image.open(path) as image:

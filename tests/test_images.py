@@ -192,6 +192,19 @@ def test_multi_page_and_multi_sample_tiffs_read_alike(tmp_path):
         assert torch.equal(images.read_image(tmp_path / name, form), torch.from_numpy(bands.astype(np.float32)))
 
 
+@pytest.mark.parametrize("alpha", [False, True])
+def test_sixteen_bit_colour_png_keeps_its_low_bits(tmp_path, alpha):
+    """PIL reads a 16-bit RGB(A) PNG as 8-bit RGB; it is read as the 3 bands of uint16 values it holds."""
+    import imagecodecs
+    colour = np.random.default_rng(7).integers(0, 65536, (6, 9, 4 if alpha else 3), dtype=np.uint16)
+    (tmp_path / "deep.png").write_bytes(imagecodecs.png_encode(colour))
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode in ("RGB", "RGBA")  # what PIL gives: 8 bits a band
+    pixels, form = images.read_pixels(tmp_path / "deep.png")
+    assert form == (3, "uint16") and np.array_equal(pixels, np.moveaxis(colour[..., :3], -1, 0))
+    assert images.checked_image_size(tmp_path / "deep.png") == ((9, 6), (3, "uint16"))
+
+
 @pytest.mark.parametrize("compression", ["lzw", "packbits", "zlib"])
 def test_compressed_tiffs_read_as_they_are(tmp_path, compression):
     """LZW and PackBits (the usual microscopy compressions) decode through imagecodecs, a requirement."""
