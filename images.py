@@ -37,6 +37,12 @@ def upright(image):
     return ImageOps.exif_transpose(image) if image.getexif().get(EXIF_ORIENTATION, 1) != 1 else image
 
 
+def upright_size(image):
+    """(width, height) of a PIL image once turned upright by its EXIF orientation (before any draft)."""
+    turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # transposed
+    return image.size[::-1] if turned else image.size
+
+
 def describe_form(form):
     """'8-bit RGB' for the form None, else e.g. '5-channel uint16'."""
     return "8-bit RGB" if form is None else f"{form[0]}-channel {form[1]}"
@@ -187,10 +193,9 @@ def open_image(path, scale=1.0, form=None):
     with decoding(path), Image.open(path) as image:
         if form is not None and PIL_FORMS.get(image.mode, COLOUR) != GREY:
             raise wrong_form(path, PIL_FORMS.get(image.mode, COLOUR), GREY)
-        size = image.size
+        size = upright_size(image)
         if scale < 1:
-            image.draft(mode, scaled_size(size, scale))
-        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            image.draft(mode, scaled_size(image.size, scale))
         image = upright(image)
         if image.mode in FORMAT_RANGE:
             # Scaled by the range of the format, never by the image's own values: every image of a set
@@ -199,7 +204,6 @@ def open_image(path, scale=1.0, form=None):
             image = Image.fromarray((pixels * (255.0 / FORMAT_RANGE[image.mode])).clip(0, 255).round()
                                     .astype(np.uint8))
         image = image if image.mode == mode else image.convert(mode)
-        size = size[::-1] if turned else size
         target = scaled_size(size, scale)
         if image.size != target:
             image = image.resize(target, Image.BILINEAR)
@@ -247,8 +251,7 @@ def checked_image_size(path):
         pixels, form = read_pixels(path)
         return pixels.shape[:0:-1], form
     with decoding(path), Image.open(path) as image:
-        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-        size = image.size[::-1] if turned else image.size
+        size = upright_size(image)
         form = PIL_FORMS.get(image.mode, COLOUR)
         if form[1] != "float32":
             image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
@@ -322,5 +325,4 @@ def header_size(path):
     if is_tiff(path):
         return tiff_header(path)[1]
     with decoding(path), Image.open(path) as image:
-        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-        return image.size[::-1] if turned else image.size
+        return upright_size(image)
