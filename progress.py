@@ -21,17 +21,18 @@ def duration(seconds):
 
 
 class Progress:
-    """Counts `total` units (images, tiles) of the job `desc`. bar None: a tqdm bar where stderr is a terminal
+    """Counts `total` units (images, tiles, batches) of the job `desc`, `done` of them done before (a resumed
+    epoch: the rate counts only this session's). bar None: a tqdm bar where stderr is a terminal
     (utils.progress_bars), plain lines to `out` (stdout) every `every` seconds (PLAIN_EVERY) otherwise. Use as a
     context manager, or call close()."""
 
     def __init__(self, total, desc, unit, bar=None, every=None, clock=time.monotonic, out=None, leave=True,
-                 position=None):
+                 position=None, done=0):
         self.total, self.desc, self.unit, self.clock = total, desc, unit, clock
         self.every = PLAIN_EVERY if every is None else every
         self.out = out or sys.stdout
-        self.done, self.start = 0, clock()
-        self.last_line = self.start
+        self.done = self.first_done = done
+        self.start = self.last_line = clock()
         use_bar = progress_bars() if bar is None else bar
         self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", leave=leave, position=position) if use_bar else None
 
@@ -47,7 +48,7 @@ class Progress:
 
     def line(self, now):
         """'predict: 12/100 images (12%), 0.41 images/s, 3m35s left'."""
-        rate = self.done / max(now - self.start, 1e-9)
+        rate = (self.done - self.first_done) / max(now - self.start, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta = duration(left) if left != float("inf") else "unknown"
         return (f"{self.desc}: {self.done}/{self.total} {self.unit} ({self.done / max(self.total, 1):.0%}), "

@@ -28,6 +28,7 @@ from flags import add_augment_args, add_dataset_args, add_model_args, add_precis
 from inference import evaluate
 from interrupts import RunInterrupted, StopRequest
 from precision import Precision, choose_precision
+from progress import Progress
 from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_BUDGET, MIN_STEPS_PER_EPOCH, \
     WARMUP_SHARE, Deadline, EpochPace, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, \
     plan_run, replan, replan_note
@@ -36,7 +37,7 @@ from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, se
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
-from utils import ProgressLines, check_folder, default_workers, derived_seed, pick_device, progress_bars, \
+from utils import check_folder, default_workers, derived_seed, pick_device, progress_bars, \
     rng_states, seed_everything, set_rng_states
 
 
@@ -527,8 +528,9 @@ def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, pro
     runner.model.train()
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", total=progress["batches"], initial=progress["batch"],
                leave=False, disable=not (main_process and progress_bars()))
-    lines = ProgressLines(f"epoch {epoch}/{epochs}", progress["batches"], "batches", progress["batch"],
-                          enabled=main_process)  # for a log file: a line every 30 s
+    # For a log file, where the bar is off: a plain line every 30 s.
+    lines = Progress(progress["batches"], f"epoch {epoch}/{epochs}", "batches", bar=False, done=progress["batch"])
+    lines_wanted = main_process and not progress_bars()
     for images, masks in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         batch = progress["batch"]
@@ -546,7 +548,8 @@ def train_one_epoch(runner, loader, epoch, epochs, accumulate, device, stop, pro
         progress.update(batch=batch + 1, loss_sum=progress["loss_sum"] + batch_loss,
                         images=progress["images"] + int(batch_images))
         bar.set_postfix(loss=f"{batch_loss / batch_images:.4f}")
-        lines.update(batch + 1)
+        if lines_wanted:
+            lines.update()
         if ends_step:
             runner.update()
             if batch + 1 < progress["batches"]:  # at the epoch's end, finish it: validate, save

@@ -5,7 +5,6 @@ import secrets
 import socket
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import numpy as np
 import torch
 
 from errors import ConfigError
-from recipe import duration_text
 
 
 def pick_device(name):
@@ -123,34 +121,6 @@ def progress_bars():
     """Progress bars on a terminal only: in a log file or a pipe they become thousands of carriage returns, and the
     scripts print one line per epoch or image there anyway."""
     return sys.stderr.isatty()
-
-
-PROGRESS_SECONDS = 30.0  # between two plain progress lines
-
-
-class ProgressLines:
-    """Progress for a log file or a cluster job, where a bar would be thousands of carriage returns: where
-    `stream` (stdout by default) is not a terminal, a plain line every PROGRESS_SECONDS with what is done, the
-    rate and the time left; nothing on a terminal, where a tqdm bar shows it. `enabled=False` silences it (the
-    processes other than rank 0). For any long loop: `update(done)` after each item."""
-
-    def __init__(self, what, total, unit, done=0, stream=None, enabled=True, clock=time.monotonic):
-        self.stream = stream or sys.stdout
-        is_terminal = getattr(self.stream, "isatty", lambda: False)()
-        self.enabled = enabled and not is_terminal
-        self.what, self.total, self.unit, self.clock = what, total, unit, clock
-        self.first_done, self.start = done, clock()
-        self.last = self.start
-
-    def update(self, done):
-        now = self.clock()
-        if not self.enabled or now - self.last < PROGRESS_SECONDS:
-            return
-        self.last = now
-        rate = (done - self.first_done) / max(now - self.start, 1e-9)
-        left = f", {duration_text((self.total - done) / rate)} left" if rate > 0 else ""
-        print(f"{self.what}: {done}/{self.total} {self.unit}, {rate:.3g} {self.unit}/s{left}", file=self.stream,
-              flush=True)
 
 
 def count(number, noun):

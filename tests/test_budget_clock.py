@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 
 import engine
+import progress
 import recipe
 import train
-import utils
 from checkpoints import load_checkpoint
 from model import build_model, input_normalization
 from recipe import Deadline, EpochPace, Plan, epoch_end_estimate, replan_note
 from test_checkpoint_files import tensor_bytes
-from utils import ProgressLines
+from progress import Progress
 
 
 class FakeClock:
@@ -108,30 +108,25 @@ def test_a_replanned_run_says_so(tmp_path, monkeypatch, capsys):
 
 
 def test_training_prints_progress_lines_into_a_log(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(utils, "PROGRESS_SECONDS", 0.0)  # a line every batch
-    train.main(RUN + ["--epochs", "1", "--steps-per-epoch", "3", "--checkpoint-dir", str(tmp_path)])
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.0)  # a line every batch
+    train.main(RUN + ["--epochs", "1", "--steps-per-epoch", "3", "--checkpoint-dir", str(tmp_path / "log")])
     out = capsys.readouterr().out  # pytest's capture is no terminal, as a log file is not
-    assert re.findall(r"^epoch 1/1: (\d)/3 batches, [\d.e+]+ batches/s", out, re.MULTILINE) == ["1", "2", "3"]
+    assert re.findall(r"^epoch 1/1: (\d)/3 batches \(\d+%\), [\d.]+ batches/s", out, re.MULTILINE) == ["1", "2", "3"]
+    monkeypatch.setattr(train, "progress_bars", lambda: True)  # on a terminal the bar shows it: no lines
+    train.main(RUN + ["--epochs", "1", "--steps-per-epoch", "3", "--checkpoint-dir", str(tmp_path / "terminal")])
+    assert not re.findall(r"^epoch 1/1: \d/3 batches", capsys.readouterr().out, re.MULTILINE)
 
 
 def test_progress_lines_every_30_seconds_with_rate_and_time_left():
+    """A resumed epoch (10 batches done before): the rate counts this session's batches only."""
     clock, log = FakeClock(100.0), io.StringIO()
-    lines = ProgressLines("epoch 2/5", 100, "batches", done=10, stream=log, clock=clock)
+    lines = Progress(100, "epoch 2/5", "batches", bar=False, done=10, out=log, clock=clock)
     for done, now in [(20, 110.0), (40, 130.0), (41, 131.0), (70, 160.0), (100, 189.0)]:
         clock.now = now
-        lines.update(done)
+        lines.update(done - lines.done)
     # 30 batches in the first 30 s: 1 batch/s, 60 left; then 60 in 60 s
-    assert log.getvalue().splitlines() == ["epoch 2/5: 40/100 batches, 1 batches/s, 1m left",
-                                           "epoch 2/5: 70/100 batches, 1 batches/s, 30s left"]
-    terminal = io.StringIO()
-    terminal.isatty = lambda: True
-    quiet = ProgressLines("x", 10, "images", stream=terminal, clock=clock)
-    clock.now += 100
-    quiet.update(5)
-    silenced = ProgressLines("x", 10, "images", stream=log, clock=clock, enabled=False)
-    clock.now += 100
-    silenced.update(5)
-    assert terminal.getvalue() == "" and len(log.getvalue().splitlines()) == 2
+    assert log.getvalue().splitlines() == ["epoch 2/5: 40/100 batches (40%), 1.00 batches/s, 1m00s left",
+                                           "epoch 2/5: 70/100 batches (70%), 1.00 batches/s, 30s left"]
 
 
 def test_the_pace_of_an_epoch_is_measured_not_the_probes(monkeypatch):
