@@ -1,6 +1,4 @@
 """Pictures: the class palette, label images, overlays, sample grids, training curves and the confusion matrix."""
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -8,6 +6,7 @@ from PIL import Image, ImageDraw
 
 from metrics import IGNORE_INDEX
 from outputs import MARK, PNG_KEY, save_png
+from utils import replaced_atomically
 
 
 def voc_palette(num_colors=256):
@@ -103,10 +102,9 @@ def plot_curves(history, path, metric="miou"):
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    figure.savefig(tmp, dpi=100, metadata={PNG_KEY: MARK})
+    with replaced_atomically(path) as f:  # curves.png is rewritten each epoch: never half-written
+        figure.savefig(f, format="png", dpi=100, metadata={PNG_KEY: MARK})
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 VOID_COLOUR = (255, 255, 255)  # void truth pixels: white, which no class colour is (voc_palette's channels <= 252

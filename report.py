@@ -11,7 +11,6 @@ import heapq
 import html
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from PIL import Image
 from drawing import VOID_COLOUR, colour_table, plot_confusion_matrix
 from metrics import SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 from outputs import HTML_MARK, is_own_output, save_png
+from utils import replaced_atomically
 
 GALLERY_SIZE = 8  # worst and best images shown, each
 THUMBNAIL = 256  # long side of the gallery's pictures, in pixels (smaller images are kept as they are)
@@ -234,9 +234,8 @@ def write_report(folder, *, checkpoint, data, count, metrics, matrix, classes, m
         parts.append(gallery_html(folder, title, kind, entries, colours))
     parts.append(f"<script>{SCRIPT}</script>\n</body>\n</html>\n")
     path = folder / "index.html"
-    tmp = folder / ".index.html.tmp"
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as f:
+        f.write("".join(parts).encode("utf-8"))
     return path
 
 
