@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from errors import one_line
-from utils import count
+from errors import ConfigError, one_line
+from utils import count, pick_device
 
 SCRIPT = Path(__file__).resolve()
 RESULT = "gpu_check result: "  # starts the line of a check's process that carries its result, as JSON
@@ -743,10 +743,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False): nothing to check")
         return 0
-    device = torch.device(args.device)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        print(f"error: --device {args.device}: there are only {torch.cuda.device_count()} CUDA device(s)",
-              file=sys.stderr)
+    try:
+        device = pick_device(args.device)  # the scripts' own check: a GPU this machine has
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"GPU: {describe_gpu(device)}", flush=True)
     checks = [check for check in CHECKS if args.only is None or check.name in args.only]

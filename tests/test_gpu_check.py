@@ -139,7 +139,7 @@ def test_a_gpu_that_is_not_there_is_one_line(fake_gpu, capsys):
     assert gpu_check.main(["--device", "cuda:1"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "error: --device cuda:1: there are only 1 CUDA device(s)\n"
+    assert captured.err == "error: --device cuda:1: there is no such GPU; this machine has cpu, cuda:0\n"
 
 
 FAKE_CHILD = """
