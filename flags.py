@@ -100,8 +100,9 @@ def add_model_args(parser):
     group.add_argument("--decoder-channels", type=int, nargs="+", default=None, metavar="N",
                        help="encoder U-Net: decoder widths, deepest first (None: 256 128 64 32, then 16 for "
                             "ResNet and DenseNet)")
-    group.add_argument("--encoder-lr-factor", type=finite_float, default=0.1,
-                       help="the encoder's learning rate is --lr times this")
+    group.add_argument("--encoder-lr-factor", type=finite_float, default=None,
+                       help="the encoder's learning rate is --lr times this (default: 0.1 for pretrained weights, "
+                            "1 for random ones)")
     group.add_argument("--freeze-encoder-epochs", type=int, default=0,
                        help="train only the decoder (encoder weights and BatchNorm statistics fixed) for this "
                             "many epochs first")

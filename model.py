@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from errors import ConfigError, EncoderWeightsError, check_at_least, one_line
+from model_choice import weights_file_encoder
 
 
 class DoubleConv(nn.Sequential):
@@ -322,13 +323,14 @@ class ModelConfig:
     encoder: str = "none"
     encoder_weights: str = "imagenet"
     decoder_channels: list | None = None
-    encoder_lr_factor: float = 0.1
+    encoder_lr_factor: float | None = None  # None: 0.1 for pretrained encoders, 1 for random ones (encoder_lr)
     freeze_encoder_epochs: int = 0
     base_channels: int = 64
     depth: int = 4
     bilinear: bool = False
     single_logit: bool = False
     in_channels: int = 3  # not a flag: the channels of the data's images (train.py sets it)
+    planned: bool = False  # not a flag: the --time plan chooses the encoder (model_choice.py); none is named
 
     def check(self, reads_weights=True):
         """ConfigError for impossible or clashing flags, before any data is read. reads_weights=False: the
@@ -336,9 +338,14 @@ class ModelConfig:
         if self.arch not in ("unet", "fcn"):
             raise ConfigError(f"--arch must be unet or fcn, got '{self.arch}'")
         check_at_least(1, base_channels=self.base_channels, depth=self.depth)
-        check_at_least(0, encoder_lr_factor=self.encoder_lr_factor, freeze_encoder_epochs=self.freeze_encoder_epochs)
+        check_at_least(0, encoder_lr_factor=self.encoder_lr_factor or 0,
+                       freeze_encoder_epochs=self.freeze_encoder_epochs)
         encoder = self.encoder_name()
         if encoder == "none":
+            if self.planned:  # --encoder-weights: 'none', or a file of one of the encoders the plan chooses from
+                if reads_weights and self.encoder_weights not in ("imagenet", "none"):
+                    weights_file_encoder(self.encoder_weights)
+                return self
             if self.encoder_weights != "imagenet" or self.decoder_channels is not None:
                 raise ConfigError("--encoder-weights and --decoder-channels need --encoder (a pretrained encoder)")
             return self
@@ -351,6 +358,14 @@ class ModelConfig:
         if self.arch == "unet":
             decoder_widths(encoder, self.decoder_channels)
         return self
+
+    def encoder_lr(self):
+        """--encoder-lr-factor, else 0.1 for pretrained weights, which a full learning rate would wash out, and 1
+        for random ones, which have everything to learn (VNC, ResNet-18 U-Net, 10 minutes: test mIoU 0.697 at 0.1,
+        see docs/models.md for 1)."""
+        if self.encoder_lr_factor is not None:
+            return self.encoder_lr_factor
+        return 1.0 if self.encoder_weights == "none" else 0.1
 
     def output_stride(self):
         """Input pixels per pixel of the deepest features (the built model's output_stride), from the flags."""

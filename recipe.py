@@ -231,16 +231,25 @@ class EpochPace:
     A step is timed as this epoch's steps ran so far, data loading included, and never as faster than the plan
     says: a probe misjudges the loop (on one machine its 0.807 s were 0.876 s in the loop)."""
 
-    def __init__(self, plan, deadline):
-        self.plan, self.deadline = plan, deadline
+    def __init__(self, plan, deadline, skip_first=False):
+        self.plan, self.deadline, self.skip_first = plan, deadline, skip_first
         self.start, self.steps = time.monotonic(), 0
 
+    def measured(self):
+        """Seconds a step of this epoch took, None before the first; with `skip_first` (a session's first epoch)
+        the first step is left out once others ran: it set up the kernels (cuDNN's autotuning on GPUs) and
+        compiled the model with --compile, a one-off that would make every later plan pessimistic."""
+        if self.skip_first and self.steps > 1:
+            return (time.monotonic() - self.first_end) / (self.steps - 1)
+        return (time.monotonic() - self.start) / self.steps if self.steps else None
+
     def step_seconds(self):
-        measured = (time.monotonic() - self.start) / self.steps if self.steps else 0.0
-        return max(self.plan.step_seconds or 0.0, measured)
+        return max(self.plan.step_seconds or 0.0, self.measured() or 0.0)
 
     def out_of_time(self):
         self.steps += 1
+        if self.steps == 1:
+            self.first_end = time.monotonic()
         if self.deadline is None:
             return False
         return self.deadline.plannable() < self.step_seconds() + self.plan.epoch_end_seconds

@@ -30,10 +30,12 @@ from interrupts import RunInterrupted, StopRequest
 from precision import Precision, choose_precision
 from progress import Progress
 from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_BUDGET, MIN_STEPS_PER_EPOCH, \
-    WARMUP_SHARE, Deadline, EpochPace, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, parse_duration, \
-    plan_run, replan, replan_note
+    WARMUP_SHARE, Deadline, EpochPace, Fingerprint, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, \
+    parse_duration, plan_budget, plan_run, replan, replan_note
 from image_stats import input_normalization_for
 from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, set_encoder_frozen
+from model_choice import CANDIDATE_STRIDE, NETWORK_FLAGS, as_record, choose, describe, missing_weights_note, \
+    probe as probe_candidates
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
@@ -114,8 +116,10 @@ def parse_args(argv=None):
             p.set_defaults(**{k: v for k, v in resume_defaults(p, args.load, "--load").items() if k in model_flags})
             flags = vars(p.parse_args(argv))
         configs = [config_from(kind, flags).check() for kind in (TrainConfig, DataConfig, AugmentConfig)]
+        planned = args.time is not None and not (args.resume or args.load or given_flags(argv) & set(NETWORK_FLAGS))
+        model_config = dataclasses.replace(config_from(ModelConfig, flags), planned=planned)
         # --resume and --load take the weights of the checkpoint, never --encoder-weights: it may have moved.
-        configs.append(config_from(ModelConfig, flags).check(reads_weights=not (args.resume or args.load)))
+        configs.append(model_config.check(reads_weights=not (args.resume or args.load)))
         _, data, augment, model_config = configs
         if augment.crop_size is not None:
             model_config.check_training_side(augment.crop_size, "--crop-size", zero="0 (no crop) ")
@@ -124,6 +128,14 @@ def parse_args(argv=None):
     except (ConfigError, CheckpointError) as e:
         p.error(str(e))
     return (*configs, flags)
+
+
+def given_flags(argv):
+    """The flags written on the command line `argv`, by their dests (argparse fills in the others' defaults)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def check_same_data(saved, flags, path):
@@ -262,20 +274,24 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     # The run saves the dataset it found, its mask values and the recipe it chose.
     flags = {**flags, **dataclasses.asdict(data), "batch_size": batch_size, "crop_size": augment.crop_size,
              "elastic": augment.elastic}
+    chosen = None
+    if model_config.planned:
+        model_config, chosen = plan_network(config, model_config, train_set, val_set, fp, batch_size, augment,
+                                            device, world_size, started, main_process)
+        flags = {**flags, **model_flags(model_config), "network_choice": chosen and chosen["record"]}
     model, precision, meta = build_run_model(config, model_config, checkpoint, train_set, device, world_size)
     num_logits = meta["model_args"]["num_classes"]
     # Each process scores its own share of the validation set; the confusion matrices are summed.
     val_loader = make_loader(val_set, range(rank, len(val_set), world_size), 1, config, device)
     epoch_sampler = EpochSampler(len(train_set), batch_size, config.seed, rank, world_size)
     train_loader = make_loader(SeededItems(train_set), epoch_sampler, batch_size, config, device)
-    runner = build_runner(model, config, model_config.encoder_lr_factor, precision, meta, device)
+    runner = build_runner(model, config, model_config.encoder_lr(), precision, meta, device)
     if main_process:
         print(f"precision: {precision.describe()}")
+    probe = Probe(config, fp, batch_size, augment.crop_size, len(val_set), world_size)
     plan = plan_run(config, checkpoint, fp, batch_size, augment, world_size, started,
-                    lambda: time_training_step(runner, model, batch_size, augment.crop_size, fp, num_logits,
-                                               config.accumulate, device),
-                    lambda: time_epoch_end(model, meta["normalize"], precision.dtype, fp.val_pixels / len(val_set),
-                                           math.ceil(len(val_set) / world_size), config.optimizer))
+                    lambda: chosen["step"] if chosen else probe.step(runner, model, num_logits, device),
+                    lambda: chosen["end"] if chosen else probe.epoch_end(model, meta["normalize"], precision))
     plan = all_gather_objects(plan)[0]  # each process timed its own step: rank 0's plan is the run's
     runner.scheduler = build_scheduler(runner.optimizer, config.scheduler, plan)
     # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
@@ -297,6 +313,65 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
         used = f" in {duration_text(deadline.used())} of the {duration_text(plan.budget)} budget" if deadline else ""
         print(f"best {config.metric} {session.run['best_score']:.4f}: {session.run_dir / 'best.pth'}{used}")
     return session.run_dir
+
+
+@dataclass
+class Probe:
+    """Times a training step and foresees a validation with its saves, for the plan of a --time run."""
+    config: "TrainConfig"
+    fp: Fingerprint
+    batch_size: int
+    crop_size: int
+    val_images: int
+    world_size: int
+
+    def step(self, runner, model, num_logits, device):
+        return time_training_step(runner, model, self.batch_size, self.crop_size, self.fp, num_logits,
+                                  self.config.accumulate, device)
+
+    def epoch_end(self, model, normalize, precision):
+        return time_epoch_end(model, normalize, precision.dtype, self.fp.val_pixels / self.val_images,
+                              math.ceil(self.val_images / self.world_size), self.config.optimizer)
+
+
+def plan_network(config, model_config, train_set, val_set, fp, batch_size, augment, device, world_size, started,
+                 main_process):
+    """--time with no network named: (ModelConfig of the candidate the plan expects to score best, {"step",
+    "end": its probe's seconds, "record": what args.json keeps}), printing the candidates and the choice
+    (model_choice.py). Images smaller than the candidates' output stride keep the classic U-Net: (config, None)."""
+    side = augment.crop_size or min(fp.median_size)
+    if side < CANDIDATE_STRIDE:
+        print(f"network: the classic U-Net, as the training images ({side} pixels a side) are smaller than the "
+              f"{CANDIDATE_STRIDE} pixels the ResNet U-Nets halve five times")
+        return model_config, None
+    probe = Probe(config, fp, batch_size, augment.crop_size, len(val_set), world_size)
+
+    def time_candidate(encoder, weights):
+        candidate = dataclasses.replace(model_config, encoder=encoder, encoder_weights=weights)
+        model, precision, meta = build_run_model(config, candidate, None, train_set, device, world_size)
+        runner = build_runner(model, config, candidate.encoder_lr(), precision, meta, device)
+        return (probe.step(runner, model, meta["model_args"]["num_classes"], device),
+                probe.epoch_end(model, meta["normalize"], precision))
+
+    def plan_steps(step, end):
+        return plan_budget(config.time, Deadline(config.time, 0.0, started).plannable(), step, end,
+                           fp.train_images, batch_size, augment.crop_size, augment.elastic).total_steps
+
+    timed = probe_candidates(time_candidate, plan_steps, model_config.encoder_weights)
+    chosen = all_gather_objects(choose(timed))[0]  # each process timed its own: rank 0's choice is the run's
+    if main_process:
+        print(describe(timed, chosen))
+        random = [t.encoder for t in timed if t.weights == "none"]
+        if random and model_config.encoder_weights == "imagenet":
+            print(missing_weights_note(random))
+    model_config = dataclasses.replace(model_config, encoder=chosen.encoder, encoder_weights=chosen.weights)
+    return model_config, {"step": chosen.step_seconds, "end": chosen.epoch_end_seconds,
+                          "record": as_record(timed, chosen)}
+
+
+def model_flags(model_config):
+    """The ModelConfig fields that are flags, as args.json keeps them."""
+    return {k: v for k, v in dataclasses.asdict(model_config).items() if k not in ("in_channels", "planned")}
 
 
 def note_batch_of_one(batch_size, synchronised_batch_norm):
@@ -432,13 +507,15 @@ def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_r
         epochs = s.plan.epochs_from(s.run["epoch"], s.step)  # as planned
         planned = (s.plan.step_seconds, s.plan.epoch_end_seconds)
         start = time.perf_counter()
-        ended, loss = train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng)
+        ended, loss = train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng, not epoch_ends)
         trained = time.perf_counter() - start
         if ended == "time":  # the budget ends with this epoch
             s.plan.total_steps = s.step
         validate_and_save(s, epoch, epochs, loss, start)
         epoch_ends.append(time.perf_counter() - start - trained)
-        s.plan.epoch_end_seconds = max(epoch_ends)
+        # The first validation sets up the kernels for each image size (cuDNN autotunes them on GPUs): once later
+        # ones are timed, it no longer counts.
+        s.plan.epoch_end_seconds = max(epoch_ends[1:] or epoch_ends)
         if s.deadline and ended != "time":
             replan(s.plan, s.step, s.deadline)
             note = replan_note(epochs, s.plan.epochs_from(epoch, s.step), planned,
@@ -451,22 +528,20 @@ def train_epochs(s, freeze_encoder_epochs, train_loader, epoch_sampler, resume_r
             raise RunInterrupted
 
 
-def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng):
+def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng, first_of_session=False):
     """(how the epoch ended, its mean training loss): trains epoch `epoch` (of `epochs` planned), or the rest of
-    it after a resume, and measures the seconds a step takes. A stop request saves last.pth and raises
-    RunInterrupted."""
+    it after a resume, and measures the seconds a step takes (EpochPace). A stop request saves last.pth and
+    raises RunInterrupted."""
     config, plan = s.config, s.plan
-    start = time.perf_counter()
     steps = min(plan.steps_per_epoch, plan.total_steps - s.step)
     progress = s.run["epoch_progress"] or {"batch": 0, "batches": steps * config.accumulate, "loss_sum": 0.0,
                                            "images": 0}
     s.run["epoch_progress"] = progress
-    first_batch = progress["batch"]
     seed_everything(derived_seed(config.seed, epoch, s.rank))
     if progress["batch"] and resume_rng:
         set_rng_states(resume_rng)  # resumed mid-epoch
     epoch_sampler.set_epoch(epoch, progress["batches"], progress["batch"])
-    pace = EpochPace(plan, s.deadline)  # ends the epoch early when the rest would overrun the budget
+    pace = EpochPace(plan, s.deadline, first_of_session)  # ends the epoch early when the rest would overrun
     try:
         ended = train_one_epoch(s.runner, train_loader, epoch, epochs, config.accumulate, s.device, s.stop,
                                 progress, s.main_process, pace.out_of_time)
@@ -480,7 +555,7 @@ def train_epoch(s, epoch, epochs, train_loader, epoch_sampler, resume_rng):
         raise RunInterrupted
     if ended == "time" and s.main_process:
         print(pace.cut_note(epoch, (progress["batch"] // config.accumulate, steps)))
-    plan.step_seconds = (time.perf_counter() - start) / max(1, progress["batch"] - first_batch) * config.accumulate
+    plan.step_seconds = pace.measured() or plan.step_seconds
     return ended, progress["loss_sum"] / progress["images"]
 
 

@@ -5,6 +5,8 @@ precision. Prints one line per target; each part runs alone, one at a time (timi
           --isbi-test N holds out slices N to N+4 instead (another fold of the stack)
   street  a street-scene folder (--street DIR holding train/ and test/, each with images/ and masks/):
           test mIoU after --time (30m; target 0.40)
+  choice  the network the plan chooses against the classic U-Net (--encoder none), the same --time (10m) each, on
+          the VNC stack (train -> test) and ISBI (slices 0-24 -> 25-29): test scores at full size of both
   demo    the shapes demo with --time 60s: must end by 63 s with a usable best.pth
   speed   training step of the classic U-Net at 256x256, batch 4: the default precision against fp32 (>= 3x on
           CPUs with native bf16, never slower elsewhere)
@@ -13,6 +15,7 @@ precision. Prints one line per target; each part runs alone, one at a time (timi
 Example: python benchmarks/bench_budget.py --only isbi demo speed
 """
 import argparse
+import csv
 import json
 import re
 import subprocess
@@ -28,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012"  # where the tests' copy lies, if anywhere
+VNC = ROOT.parent / "shared" / "data" / "vnc"
 DEMO = ["--dataset", "shapes", "--image-size", "64", "--num-train", "2000", "--num-val", "200", "--lr", "3e-3",
         "--base-channels", "16", "--depth", "3"]
-PARTS = ("isbi", "street", "demo", "speed", "bf16")
+PARTS = ("isbi", "street", "choice", "demo", "speed", "bf16")
 
 
 def parse_args():
@@ -43,6 +47,9 @@ def parse_args():
     p.add_argument("--street", default=None, help="street-scene folder: train/{images,masks}, test/{images,masks}")
     p.add_argument("--street-time", default="30m")
     p.add_argument("--ignore-index", default=None, help="void mask value of the street-scene set")
+    p.add_argument("--vnc", default=str(VNC), help="VNC folder holding train/ and test/, each with images/ and masks/")
+    p.add_argument("--choice-time", default="10m")
+    p.add_argument("--choice-data", nargs="+", choices=("vnc", "isbi"), default=["vnc", "isbi"])
     p.add_argument("--demo-time", default="60s")
     p.add_argument("--bf16-epochs", type=int, default=3)
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="more train.py flags for isbi and street")
@@ -75,14 +82,22 @@ def linked_folder(files, folder):
     return folder
 
 
+def isbi_split(args, work):
+    """{(train or test, image or label): a folder of links to the slices}, slices isbi_test to +4 the test."""
+    source = Path(args.isbi) / "train"
+    held_out = range(args.isbi_test, args.isbi_test + 5)
+    split = {name: [n for n in range(30) if (n in held_out) != (name == "train")] for name in ("train", "test")}
+    return {(name, kind): linked_folder([source / kind / f"{n}.png" for n in numbers], work / name / kind)
+            for name, numbers in split.items() for kind in ("image", "label")}
+
+
 def isbi(args, work):
     source = Path(args.isbi) / "train"
     if not (source / "image").is_dir():
         return print(f"isbi: skipped, no ISBI 2012 data in {args.isbi} (pass --isbi DIR)")
     held_out = range(args.isbi_test, args.isbi_test + 5)
     split = {name: [n for n in range(30) if (n in held_out) != (name == "train")] for name in ("train", "test")}
-    folders = {(name, kind): linked_folder([source / kind / f"{n}.png" for n in numbers], work / name / kind)
-               for name, numbers in split.items() for kind in ("image", "label")}
+    folders = isbi_split(args, work)
     seconds, scores = train_and_score(["--images", str(folders["train", "image"]), "--masks",
                                        str(folders["train", "label"]), "--time", args.isbi_time, *args.flags],
                                       folders["test", "image"], folders["test", "label"], work)
@@ -108,6 +123,43 @@ def street(args, work):
                                       data / "test" / "images", data / "test" / "masks", work)
     print(f"street: --time {args.street_time}: trained in {seconds:.0f} s; test mIoU {scores['miou']:.3f} "
           f"(target 0.40)")
+
+
+def choice_folders(args, name, work):
+    """(train images, train masks, test images, test masks) of a shared dataset, or None where it is absent."""
+    if name == "vnc":
+        root = Path(args.vnc)
+        return None if not (root / "test").is_dir() else tuple(
+            root / split / kind for split in ("train", "test") for kind in ("images", "masks"))
+    if not (Path(args.isbi) / "train" / "image").is_dir():
+        return None
+    folders = isbi_split(args, work)
+    return tuple(folders[split, kind] for split in ("train", "test") for kind in ("image", "label"))
+
+
+def choice(args, work):
+    """Each dataset twice, the same budget: the plan's choice, then the classic U-Net."""
+    for name in args.choice_data:
+        folders = choice_folders(args, name, work / name)
+        if folders is None:
+            print(f"choice: {name} skipped, no data (pass --{name} DIR)")
+            continue
+        train_images, train_masks, test_images, test_masks = folders
+        results = {}
+        for network, flags in (("chosen", []), ("classic", ["--encoder", "none"])):
+            runs = work / name / network
+            seconds, scores = train_and_score(["--images", str(train_images), "--masks", str(train_masks), "--time",
+                                               args.choice_time, *flags, *args.flags], test_images, test_masks, runs)
+            (run_dir,) = (runs / "runs").glob("*/")
+            saved = json.loads((run_dir / "args.json").read_text())
+            label = (saved["network_choice"] or {}).get("chosen", "classic U-Net") if network == "chosen" else network
+            with open(run_dir / "metrics.csv", newline="") as f:
+                steps = list(csv.DictReader(f))[-1]["step"]
+            per_class = " ".join(f"{iou:.3f}" for iou in scores["iou"])
+            results[network] = (f"{label} ({steps} steps, {seconds:.0f} s): test mIoU "
+                                f"{scores['miou']:.3f} (IoU per class {per_class})")
+        print(f"choice: {name} --time {args.choice_time}: the plan's {results['chosen']}; the classic U-Net's "
+              f"{results['classic'].split(' ', 1)[1]}")
 
 
 def demo(args, work):

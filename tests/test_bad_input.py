@@ -489,7 +489,7 @@ def test_load_takes_this_runs_training_flags_and_resume_the_runs_own(shapes_run,
 
     path = altered(shapes_run / "last.pth", tmp_path, fine_tuned)
     *_, model_config, _ = train.parse_args(["--load", str(path)])
-    assert (model_config.freeze_encoder_epochs, model_config.encoder_lr_factor) == (0, 0.1)  # the defaults
+    assert (model_config.freeze_encoder_epochs, model_config.encoder_lr_factor) == (0, None)  # the defaults
     assert model_config.base_channels == 4  # the architecture is the checkpoint's
     *_, model_config, _ = train.parse_args(["--load", str(path), "--freeze-encoder-epochs", "2"])
     assert model_config.freeze_encoder_epochs == 2

@@ -1,0 +1,132 @@
+"""The network of a --time run that names none (no --arch, --encoder, --base-channels, --depth or
+--decoder-channels): the plan times each candidate's training step on this machine, gives each the steps that
+fit in the budget, and picks the one whose learning curve promises the best score after those steps.
+
+The curves (LEARNING_CURVES) are validation scores after n steps as a share of the best score any candidate
+reached on the dataset, the mean over datasets of different kinds; docs/models.md has the runs they come from.
+The rule rests on measured step times, never on the device's name: a GPU's faster steps move the choice
+towards the deeper network by themselves."""
+import bisect
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+from errors import ConfigError
+
+NETWORK_FLAGS = ("arch", "encoder", "base_channels", "depth", "decoder_channels")  # naming one skips the choice
+
+# Candidates, each a U-Net on a torchvision ResNet (random weights unless ImageNet's are on disk).
+# The classic U-Net is not one: on every dataset measured it scored no better than a ResNet-18 U-Net in the same
+# time (ISBI 10 min: membrane Dice 0.803 against 0.793; VNC 10 min: mIoU 0.541 against 0.697) at 8x its step time.
+CANDIDATES = ("resnet18", "resnet34")
+CANDIDATE_STRIDE = 32  # the ResNets halve the image five times
+
+# (steps, share of the best score) points of each candidate's learning curve; between two points the share is
+# interpolated in log(steps), beyond the last it stays flat, before the first it falls in proportion to the steps.
+LEARNING_CURVES = {
+    "resnet18": ((50, 0.45), (100, 0.6), (200, 0.75), (400, 0.86), (800, 0.94), (1200, 0.97)),
+    "resnet34": ((50, 0.4), (100, 0.55), (200, 0.72), (400, 0.85), (800, 0.95), (1200, 0.99)),
+}
+
+
+def expected_share(curve, steps):
+    """The share of the best score a candidate with learning curve `curve` reaches after `steps` steps."""
+    points, shares = [p for p, _ in curve], [s for _, s in curve]
+    if steps <= points[0]:
+        return shares[0] * steps / points[0]
+    if steps >= points[-1]:
+        return shares[-1]
+    i = bisect.bisect_right(points, steps)
+    t = (math.log(steps) - math.log(points[i - 1])) / (math.log(points[i]) - math.log(points[i - 1]))
+    return shares[i - 1] + t * (shares[i] - shares[i - 1])
+
+
+@dataclass
+class Timed:
+    """A candidate measured by the probe: its step and validation seconds, the steps the budget gives it."""
+    encoder: str
+    weights: str  # 'imagenet' (found in torch's hub cache), a weights file, or 'none'
+    step_seconds: float
+    epoch_end_seconds: float
+    steps: int
+
+    @property
+    def expected(self):
+        return expected_share(LEARNING_CURVES[self.encoder], self.steps)
+
+
+def choose(timed):
+    """The Timed candidate expected to score best; of two within 0.01 of each other, the one of more steps (the
+    curves are means over few datasets: more steps are the safer bet)."""
+    best = max(t.expected for t in timed)
+    return max((t for t in timed if t.expected >= best - 0.01), key=lambda t: t.steps)
+
+
+def imagenet_weights_file(encoder):
+    """The path where torchvision keeps `encoder`'s ImageNet weights once downloaded (torch hub's cache)."""
+    url = torchvision.models.get_model_weights(encoder).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def candidate_weights(encoder, weights="imagenet"):
+    """The weights a candidate starts from, for --encoder-weights `weights`: 'imagenet' where they are in the hub
+    cache (the plan never downloads), a file where it holds this encoder's weights, else 'none'."""
+    if weights == "imagenet":
+        return "imagenet" if imagenet_weights_file(encoder).is_file() else "none"
+    return weights if weights != "none" and weights_file_encoder(weights) == encoder else "none"
+
+
+def weights_file_encoder(path):
+    """The candidate encoder whose torchvision state_dict `path` holds (same names and shapes): ConfigError if
+    none."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"--encoder-weights '{path}' is not a readable PyTorch weights file ({e})") from None
+    shapes = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+    for encoder in CANDIDATES:
+        model = torchvision.models.get_model(encoder, weights=None)
+        if shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}:
+            return encoder
+    raise ConfigError(f"--encoder-weights '{path}' holds the weights of none of the networks the plan chooses "
+                      f"from ({', '.join(CANDIDATES)}); name its network with --encoder")
+
+
+def missing_weights_note(encoders):
+    """One line on the ImageNet weights not on disk: what they would add and how to get them."""
+    files = [imagenet_weights_file(e) for e in encoders]
+    urls = " and ".join(torchvision.models.get_model_weights(e).DEFAULT.url for e in encoders)
+    return (f"note: no ImageNet weights on disk for {' or '.join(encoders)}, so the candidates start from random "
+            f"weights; pretrained encoders learn faster, above all on photographs: fetch {urls} into "
+            f"{files[0].parent} (or run once with --encoder {encoders[0]} where there is internet)")
+
+
+def probe(time_candidate, plan_steps, weights="imagenet", candidates=CANDIDATES):
+    """The Timed candidates, fastest first: `time_candidate(encoder, weights)` -> (step seconds, validation
+    seconds) measures one; `plan_steps(step seconds, validation seconds)` gives the steps the budget left after
+    the whole probe pays for, the same for all."""
+    timings = [(encoder, candidate_weights(encoder, weights)) for encoder in candidates]
+    timings = [(encoder, weights, *time_candidate(encoder, weights)) for encoder, weights in timings]
+    timed = [Timed(encoder, weights, step, end, plan_steps(step, end)) for encoder, weights, step, end in timings]
+    return sorted(timed, key=lambda t: t.step_seconds)
+
+
+def describe(timed, chosen):
+    """The plan's lines on the choice: each candidate with its step time, planned steps and expected share."""
+    lines = ["network: the plan chose among U-Nets on these encoders (--encoder NAME or --base-channels N names one):"]
+    for t in timed:
+        weights = {"imagenet": "ImageNet weights", "none": "random weights"}.get(t.weights, f"weights {t.weights}")
+        mark = "  <- chosen" if t is chosen else ""
+        lines.append(f"  {t.encoder:9} ({weights}): a step {t.step_seconds:.3g}s, {t.steps} steps in the budget, "
+                     f"expected {t.expected:.2f} of the best score{mark}")
+    return "\n".join(lines)
+
+
+def as_record(timed, chosen):
+    """What args.json and the checkpoint keep of the choice."""
+    return {"chosen": chosen.encoder, "weights": chosen.weights,
+            "candidates": [{**asdict(t), "expected": round(t.expected, 3)} for t in timed]}
