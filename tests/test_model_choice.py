@@ -147,3 +147,11 @@ def test_the_encoder_learning_rate_follows_its_weights():
     assert config.encoder_lr() == 1.0
     assert dataclasses.replace(config, encoder_weights="imagenet").encoder_lr() == 0.1
     assert dataclasses.replace(config, encoder_lr_factor=0.5).encoder_lr() == 0.5
+
+
+def test_a_candidate_with_pretrained_weights_on_disk_comes_first():
+    random18 = Timed("resnet18", "none", 0.5, 1.0, 1000)
+    pretrained34 = Timed("resnet34", "imagenet", 0.8, 1.0, 600)
+    assert random18.expected > pretrained34.expected  # by the curves alone, the faster network
+    assert choose([random18, pretrained34]) is pretrained34
+    assert choose([random18, Timed("resnet34", "none", 0.8, 1.0, 600)]) is random18
