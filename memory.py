@@ -28,10 +28,13 @@ from errors import ConfigError
 OVERHEAD = 1.25  # tracked tensor bytes -> process memory: allocator slack and kernel scratch (x1.15 measured)
 # On a CPU a larger pass buys no throughput, only memory. CPU seconds per megapixel of one forward pass of the
 # classic U-Net (base 64, depth 4; bf16 autocast + channels_last; one thread; CPU time, so other jobs matter little:
-# `nice -n 19 python benchmarks/bench_cpu_pass.py` on a 2-core AMD EPYC Zen 4 VM with AVX512-BF16), tiles x batch:
+# `nice -n 19 python benchmarks/bench_cpu_pass.py` on a 2-core AMD EPYC Zen 4 VM with AVX512-BF16), tile x batch:
 #   256 x 1: 8.26, x 2: 7.42 | 512: 7.62, 8.05 | 768: 7.95, 8.50 | 1024: 8.45, 8.45 | 1536: 9.14, 8.64
-# The smallest pass within 5% of the best is 256 x 256 x 2: on a CPU tiles and batches stop there, whatever the
-# memory. GPUs fill their memory instead: there larger batches pay.
+# and again for the small ones (--sides 256 384 512 --batches 1 2 4 --repeats 4):
+#   256 x 1: 8.28, x 2: 7.70, x 4: 7.60 | 384: 7.33, 7.87, 8.29 | 512: 7.73, 8.10, 8.22
+# Over both runs the best is 7.33 (384 x 1) and the smallest pass within 5% of it 256 x 256 x 2 (7.56 on average;
+# the second run alone: 7.70, just over): on a CPU tiles and batches stop there, whatever the memory. GPUs fill
+# their memory instead: there larger batches pay.
 CPU_PASS_PIXELS = 2 * 256 * 256
 # Whole images up to this side on a CPU, larger ones tiled: tiles at the default overlap (0.125) take 1.25 to 1.4
 # times the image's pixels, more than a whole image's larger pass costs a pixel (1536 x 1536: +23%).

@@ -160,8 +160,8 @@ def mask_paths(inputs, output, pixels):
     if len(output) == 1 and is_folder_name(output[0]):
         return [Path(output[0]) / name for name in names]
     if len(output) != len(inputs):
-        raise ConfigError(f"{len(inputs)} input images but {len(output)} output names; give one .png per image "
-                         f"or a single folder")
+        raise ConfigError(f"{len(inputs)} input images but {len(output)} output names; give one .png or .tif per "
+                          f"image, or a single folder")
     for name, image, size in zip(output, inputs, pixels):
         suffix = Path(name).suffix.lower()
         if suffix not in (".png", *TIFF_SUFFIXES):
