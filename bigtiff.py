@@ -107,18 +107,20 @@ def write_by_rows(path, shape, dtype, bands, description=""):
     row of tiles encoded as soon as its rows have come: memory holds a band and a row of tiles, never the image.
     Written atomically (utils.replaced_atomically): a failure or Ctrl-C midway leaves `path` as it was."""
     height, width = shape[:2]
-    done = 0
+    runs, done = tile_rows(bands, WRITE_TILE), 0
 
     def tiles():
         nonlocal done
-        for run in tile_rows(bands, WRITE_TILE):
+        for run in runs:
             done += len(run)
             yield from (run[:, left:left + WRITE_TILE] for left in range(0, width, WRITE_TILE))  # padded by tifffile
-        if done != height:  # tifffile would stop at a short count with an error that names no cause
-            raise ValueError(f"{done} rows for an image of {height}")
+        raise ValueError(f"{done} rows for an image of {height}")  # tifffile wants more: its own error names no cause
 
     with replaced_atomically(path) as f, tifffile.TiffWriter(f, bigtiff=True) as tiff:
         # One encoding thread: tifffile's pool would read ahead up to 256 MB of tiles, most of a large label image.
         tiff.write(tiles(), shape=tuple(shape), dtype=dtype, tile=(WRITE_TILE, WRITE_TILE), compression="zlib",
                    photometric="rgb" if len(shape) == 3 else "minisblack", software=MARK, description=description,
                    metadata=None, maxworkers=1)
+        done += sum(len(run) for run in runs)  # rows past the last tile, which tifffile did not ask for
+        if done != height:  # a short last row of tiles, which tifffile pads, or rows to spare
+            raise ValueError(f"{done} rows for an image of {height}")

@@ -93,6 +93,22 @@ def test_rows_regrouped_into_runs_as_they_come():
     np.testing.assert_array_equal(np.concatenate(runs), np.concatenate(bands))
 
 
+@pytest.mark.parametrize("rows, tile", [(40, 32), (17, 32), (80, 32), (60, 16)])
+def test_a_tiff_of_the_wrong_row_count_is_refused_and_not_written(tmp_path, monkeypatch, rows, tile):
+    """write_by_rows for a 60-row image: too few rows (a row of tiles missing, or a short last one) or too many
+    raise ValueError, and nothing is left behind (the temporary file is removed)."""
+    import bigtiff
+    monkeypatch.setattr(bigtiff, "WRITE_TILE", tile)
+    bands = iter([np.zeros((rows, 5), np.uint8)])
+    if rows == 60:
+        bigtiff.write_by_rows(tmp_path / "ok.tif", (60, 5), np.uint8, bands)
+        assert tifffile.imread(tmp_path / "ok.tif").shape == (60, 5)
+        return
+    with pytest.raises(ValueError, match=f"{rows} rows for an image of 60"):
+        bigtiff.write_by_rows(tmp_path / "m.tif", (60, 5), np.uint8, bands)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("mask_values, dtype, samples", [((0, 10, 20), np.uint8, ()), ((0, 300, 7), np.uint16, ()),
                                                          (((0, 0, 0), (255, 0, 0), (0, 9, 9)), np.uint8, (3,))])
 def test_label_tiff_holds_the_mask_pixels_of_the_png(tmp_path, huge_above_1000, mask_values, dtype, samples):
