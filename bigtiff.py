@@ -1,14 +1,19 @@
 """Images larger than memory: striped or tiled TIFF and BigTIFF files read by windows of rows, through tifffile,
-decoding only the strips or tiles under the rows asked for. predict.py segments such an image band by band
-(inference.sliding_window_bands), so that it never holds the whole image."""
+decoding only the strips or tiles under the rows asked for, and written by rows (write_by_rows), a row of tiles at a
+time. predict.py segments such an image band by band (inference.sliding_window_bands) and writes its labels as
+they are final, so that it never holds the whole image nor its labels."""
 import math
 
 import numpy as np
 import tifffile
 import torch
 
+from images import is_tiff
+from outputs import MARK
+from utils import replaced_atomically
+
 WINDOW_PIXELS = 2 ** 26  # TIFFs of more pixels (64 M: 192 MB as RGB) are read by windows when their format allows
-TIFF_SUFFIXES = (".tif", ".tiff")
+WRITE_TILE = 256  # tiles of the TIFFs written: TIFF wants multiples of 16; 64 KB each in uint8
 
 
 class TiffWindows:
@@ -72,7 +77,7 @@ class TiffWindows:
 def open_windows(path, min_pixels=None):
     """TiffWindows for a TIFF of at least `min_pixels` pixels that can be read by windows; None for any other
     file (read whole, as usual). min_pixels None: WINDOW_PIXELS."""
-    if str(path).lower().endswith(TIFF_SUFFIXES):
+    if is_tiff(path):
         try:
             windows = TiffWindows(path)
         except (ValueError, OSError, tifffile.TiffFileError):
@@ -81,3 +86,41 @@ def open_windows(path, min_pixels=None):
             return windows
         windows.close()
     return None
+
+
+def tile_rows(bands, rows):
+    """Arrays of rows (any heights, top to bottom) regrouped into runs of `rows` rows, the last one shorter where
+    the height is not a multiple: each run is yielded as soon as its rows have come."""
+    pending = None
+    for band in bands:
+        pending = band if pending is None or not len(pending) else np.concatenate([pending, band])
+        whole = len(pending) // rows * rows
+        yield from (pending[top:top + rows] for top in range(0, whole, rows))
+        pending = pending[whole:].copy()  # a copy, so that the band it came from is freed
+    if pending is not None and len(pending):
+        yield pending
+
+
+def write_by_rows(path, shape, dtype, bands, description=""):
+    """Write an image of `shape` (H, W) or (H, W, 3 for RGB) from `bands`, arrays of its rows top to bottom (any
+    heights), as a tiled, deflate-compressed BigTIFF with this tool's mark (the Software tag, outputs.MARK), each
+    row of tiles encoded as soon as its rows have come: memory holds a band and a row of tiles, never the image.
+    Written atomically (utils.replaced_atomically): a failure or Ctrl-C midway leaves `path` as it was."""
+    height, width = shape[:2]
+    runs, done = tile_rows(bands, WRITE_TILE), 0
+
+    def tiles():
+        nonlocal done
+        for run in runs:
+            done += len(run)
+            yield from (run[:, left:left + WRITE_TILE] for left in range(0, width, WRITE_TILE))  # padded by tifffile
+        raise ValueError(f"{done} rows for an image of {height}")  # tifffile wants more: its own error names no cause
+
+    with replaced_atomically(path) as f, tifffile.TiffWriter(f, bigtiff=True) as tiff:
+        # One encoding thread: tifffile's pool would read ahead up to 256 MB of tiles, most of a large label image.
+        tiff.write(tiles(), shape=tuple(shape), dtype=dtype, tile=(WRITE_TILE, WRITE_TILE), compression="zlib",
+                   photometric="rgb" if len(shape) == 3 else "minisblack", software=MARK, description=description,
+                   metadata=None, maxworkers=1)
+        done += sum(len(run) for run in runs)  # rows past the last tile, which tifffile did not ask for
+        if done != height:  # a short last row of tiles, which tifffile pads, or rows to spare
+            raise ValueError(f"{done} rows for an image of {height}")

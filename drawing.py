@@ -1,12 +1,21 @@
 """Pictures: the class palette, label images, overlays, sample grids, training curves and the confusion matrix."""
+import json
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from bigtiff import WINDOW_PIXELS, WRITE_TILE, write_by_rows
+from images import is_tiff
 from metrics import IGNORE_INDEX
 from outputs import MARK, PNG_KEY, save_png
 from utils import replaced_atomically
+
+
+# Label images of this many pixels or more are written as BigTIFF: the size above which TIFFs are read by windows
+# (64 M), below PIL's own limits (a warning at 89 M pixels, DecompressionBombError at 179 M), and a PNG is encoded
+# from the whole image at once.
+TIFF_MASK_PIXELS = WINDOW_PIXELS
 
 
 def voc_palette(num_colors=256):
@@ -49,30 +58,67 @@ def plot_confusion_matrix(matrix, classes, path):
     plt.close(fig)
 
 
-def label_image(labels, mask_values):
-    """Class map (HxW ints) -> PIL image in the mask format of the data, which images.open_mask reads back as the
-    mask values: each class's colour for colour-coded masks (mask values [R, G, B]), 0/255 greyscale for two
-    classes, a VOC-palette PNG of the mask values up to 255, a 16-bit grey PNG of them when a value is larger
-    (16-bit id masks). The one place where labels become mask pixels."""
+def mask_pixels(labels, mask_values):
+    """Class map (ints, any shape) -> the pixels of the data's mask format, which images.open_mask reads back as
+    the mask values: each class's colour (an extra axis of 3) for colour-coded masks (mask values [R, G, B]), 0/255
+    for two classes, else the mask values (uint8, or uint16 when a value is larger than 255: 16-bit id masks). The
+    one place where labels become mask pixels."""
     labels = np.asarray(labels)
     if np.ndim(mask_values) == 2:
-        return Image.fromarray(np.asarray(mask_values, dtype=np.uint8)[labels])
+        return np.asarray(mask_values, dtype=np.uint8)[labels]
     if len(mask_values) <= 2:
-        return Image.fromarray((labels > 0).astype(np.uint8) * 255)
+        return (labels > 0).astype(np.uint8) * 255
     values = np.asarray(mask_values)
-    if values.max() > 255:
-        return Image.fromarray(values.astype(np.uint16)[labels])  # mode I;16: a 16-bit grey PNG
-    image = Image.fromarray(values.astype(np.uint8)[labels])  # uint8 lookup: no int64 copy of a huge label map
-    image.putpalette(voc_palette().flatten().tolist())  # turns the greyscale image into mode P
+    return values.astype(np.uint16 if values.max() > 255 else np.uint8)[labels]  # no int64 copy of a huge map
+
+
+def label_image(labels, mask_values):
+    """Class map (HxW ints) -> PIL image of its mask pixels (mask_pixels): RGB, 0/255 grey, a 16-bit grey PNG, or
+    the mask values up to 255 in a VOC-palette PNG."""
+    pixels = mask_pixels(labels, mask_values)
+    image = Image.fromarray(pixels)  # mode I;16 for uint16: a 16-bit grey PNG
+    if np.ndim(mask_values) == 1 and len(mask_values) > 2 and pixels.dtype == np.uint8:
+        image.putpalette(voc_palette().flatten().tolist())  # turns the greyscale image into mode P
     return image
+
+
+def is_huge(pixels):
+    """Whether an image of `pixels` pixels gets a BigTIFF label image (mask_suffix) and no overlay or side-by-side
+    picture: one of that size could not be viewed, and drawing it would take several copies of the image."""
+    return pixels >= TIFF_MASK_PIXELS
+
+
+def mask_suffix(pixels):
+    """The label image file of an image of `pixels` pixels: .tif (a BigTIFF written by rows) when huge, else .png."""
+    return ".tif" if is_huge(pixels) else ".png"
+
+
+def write_label_tiff(path, size, label_bands, classes, mask_values):
+    """The label image of an image of `size` (H, W) as a BigTIFF of its mask pixels (mask_pixels) at `path`, from
+    `label_bands`, its class maps (rows x W) top to bottom, each written as it comes (bigtiff.write_by_rows). Its
+    ImageDescription says which pixel value each class has, as JSON."""
+    key = mask_pixels(np.arange(len(classes))[None], mask_values)  # each class's pixel: the file's dtype and samples
+    description = json.dumps({"classes": list(classes), "pixel_values": key[0].tolist()})
+    write_by_rows(path, (*size, *key.shape[2:]), key.dtype,
+                  (mask_pixels(band, mask_values) for band in label_bands), description)
+
+
+def write_label_file(labels, path, classes, mask_values):
+    """The label image of `labels` (H x W class indices) at `path`, with the mark: a BigTIFF written a few rows at a
+    time for a .tif path (write_label_tiff), else a PNG (label_image)."""
+    if is_tiff(path):
+        bands = (labels[top:top + WRITE_TILE] for top in range(0, len(labels), WRITE_TILE))
+        write_label_tiff(path, labels.shape, bands, classes, mask_values)
+    else:
+        save_png(label_image(labels, mask_values), path)
 
 
 def write_pictures(image, labels, classes, mask_values, label_path=None, overlay_path=None, viz_path=None):
     """eval.py's and predict.py's pictures of one prediction, each written (with the mark, outputs.save_png) when
-    its path is given: the label image, the overlay with its key, and image | labels with its key. `image` uint8
-    3xHxW tensor, `labels` HxW class indices (numpy)."""
+    its path is given: the label image (write_label_file: a PNG, or a BigTIFF for a .tif path), the overlay with its
+    key, and image | labels with its key. `image` uint8 3xHxW tensor, `labels` HxW class indices (numpy)."""
     if label_path:
-        save_png(label_image(labels, mask_values), label_path)
+        write_label_file(labels, label_path, classes, mask_values)
     photo = image.permute(1, 2, 0).numpy() if overlay_path or viz_path else None  # image None: labels only
     if overlay_path:
         save_png(with_key(overlay_image(photo, labels, mask_values), labels, classes, mask_values), overlay_path)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from checkpoints import find_checkpoint, load_model
 from class_tables import check_class_names, read_class_names
 from datasets import DataConfig, build_dataset, trained_scale, void_value, with_tables
-from drawing import greyed, plot_confusion_matrix, viewable, write_pictures
+from drawing import greyed, is_huge, mask_suffix, plot_confusion_matrix, viewable, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--confusion", default=None, metavar="FILE",
                    help="draw the confusion matrix, rows normalised (default: eval/confusion.png in eval/ mode)")
     p.add_argument("--save-labels", default=None, metavar="DIR",
-                   help="write predicted label images DIR/<stem>.png (default: eval/labels in eval/ mode)")
+                   help="write predicted label images DIR/<stem>.png (<stem>.tif, a BigTIFF, for images of 64 M "
+                        "pixels or more; default: eval/labels in eval/ mode)")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write DIR/<stem>.png, the classes tinted on the image")
     p.add_argument("--report", default=None, metavar="DIR",
@@ -228,12 +229,21 @@ def segment(model, checkpoint, dataset, inference, batch_size, workers, confusio
                         on_image(image, mask, label, name)
             if save_labels or overlays:
                 for image, label, name in zip(images, labels.to(torch.uint8).cpu().numpy(), names):
-                    write_pictures(image, label, checkpoint["classes"], checkpoint["mask_values"],
-                                   label_path=save_labels and Path(save_labels) / f"{name}.png",
-                                   overlay_path=overlays and Path(overlays) / f"{name}.png")
+                    write_image_files(image, label, name, checkpoint, save_labels, overlays)
             done += len(batch)
             bar.update(len(batch))
     return done, failures
+
+
+def write_image_files(image, labels, name, checkpoint, save_labels, overlays):
+    """The label image (<name>.png, or .tif for a huge image: drawing.mask_suffix) and overlay of one image into
+    the folders asked for (None: not asked); a huge image gets no overlay, said in a warning."""
+    huge = is_huge(labels.size)
+    if overlays and huge:
+        warn(f"{name}: no overlay for an image of {labels.size / 2 ** 20:.0f} M pixels: it could not be viewed")
+    write_pictures(image, labels, checkpoint["classes"], checkpoint["mask_values"],
+                   label_path=save_labels and Path(save_labels) / f"{name}{mask_suffix(labels.size)}",
+                   overlay_path=overlays and not huge and Path(overlays) / f"{name}.png")
 
 
 def format_table(metrics, classes):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from errors import ConfigError
 from images import scaled_size
-from memory import CPU_MAX_TILE, CPU_PASS_PIXELS, measure_footprint, memory_budget, parse_memory, plan_memory
+from memory import CPU_MAX_WHOLE, CPU_PASS_PIXELS, measure_footprint, memory_budget, parse_memory, plan_memory
 from metrics import ConfusionMatrix
 from precision import AMP_DTYPES, choose_precision
 from utils import progress_bars, warn
@@ -371,9 +371,9 @@ class Planner:
             if self.footprint is None:
                 self.footprint = measure_footprint(self._probe, getattr(self.model, "output_stride", 1))
             stride = getattr(self.model, "output_stride", 1)
-            on_cpu = model_device(self.model).type == "cpu"
+            on_cpu = model_device(self.model).type == "cpu"  # a CPU stops at its ceilings; a GPU fills its memory
             plan = plan_memory(self.footprint, size, self.budget, self.num_classes, self.tile, self.batch_size,
-                               self.max_batch, stride, *((CPU_PASS_PIXELS, CPU_MAX_TILE) if on_cpu else (None, None)))
+                               self.max_batch, stride, *((CPU_PASS_PIXELS, CPU_MAX_WHOLE) if on_cpu else (None, None)))
             if plan.tile and not self.tile:  # a planned tile, not the user's: spread evenly over the image
                 plan.tile = balanced_tile(max(size), plan.tile, self.options.get("overlap", 0.5), stride)
             plan.source = self.source

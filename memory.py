@@ -26,8 +26,19 @@ from torch.utils._pytree import tree_flatten
 from errors import ConfigError
 
 OVERHEAD = 1.25  # tracked tensor bytes -> process memory: allocator slack and kernel scratch (x1.15 measured)
-CPU_PASS_PIXELS = 2 ** 20  # a CPU's cores are busy with 1 M pixels a pass: larger batches only take memory
-CPU_MAX_TILE = 2048  # larger passes (tiles, or whole images) save a CPU little time for much memory
+# On a CPU a larger pass buys no throughput, only memory. CPU seconds per megapixel of one forward pass of the
+# classic U-Net (base 64, depth 4; bf16 autocast + channels_last; one thread; CPU time, so other jobs matter little:
+# `nice -n 19 python benchmarks/bench_cpu_pass.py` on a 2-core AMD EPYC Zen 4 VM with AVX512-BF16), tile x batch:
+#   256 x 1: 8.26, x 2: 7.42 | 512: 7.62, 8.05 | 768: 7.95, 8.50 | 1024: 8.45, 8.45 | 1536: 9.14, 8.64
+# and again for the small ones (--sides 256 384 512 --batches 1 2 4 --repeats 4):
+#   256 x 1: 8.28, x 2: 7.70, x 4: 7.60 | 384: 7.33, 7.87, 8.29 | 512: 7.73, 8.10, 8.22
+# Over both runs the best is 7.33 (384 x 1) and the smallest pass within 5% of it 256 x 256 x 2 (7.56 on average;
+# the second run alone: 7.70, just over): on a CPU tiles and batches stop there, whatever the memory. GPUs fill
+# their memory instead: there larger batches pay.
+CPU_PASS_PIXELS = 2 * 256 * 256
+# Whole images up to this side on a CPU, larger ones tiled: tiles at the default overlap (0.125) take 1.25 to 1.4
+# times the image's pixels, more than a whole image's larger pass costs a pixel (1536 x 1536: +23%).
+CPU_MAX_WHOLE = 2048
 SAFETY = 0.8  # share of the available memory that a plan may fill: the system, readers and other jobs keep the rest
 IMAGE_BYTES = 4  # per pixel held outside the pass: the uint8 RGB image and its uint8 label image
 TILE_SIDES = (4096, 3072, 2048, 1536, 1024, 768, 512, 384, 256, 192, 128, 96, 64, 32)  # tried largest first
@@ -203,23 +214,25 @@ def tiled_bytes(footprint, size, tile, batch, num_classes):
 
 
 def plan_memory(footprint, size, budget, num_classes, tile=None, batch_size=None, max_batch=4, stride=1,
-                max_pixels=None, max_tile=None):
+                max_pixels=None, max_whole=None):
     """The plan for images of `size` (H, W): whole images when one fits `budget` (and has no more pixels than a
-    `max_tile` tile), else the largest tile (a multiple of `stride`, at most `max_tile`) that fits; then as many per
-    pass as fit, up to `max_batch` and to `max_pixels` pixels a pass (at least one). A `tile` or `batch_size` given
-    is kept as is (the user's override); budget None (unknown) keeps the defaults: whole images, max_batch."""
+    `max_whole` x `max_whole` image), else the largest tile (a multiple of `stride`, of at most `max_pixels` pixels)
+    that fits; then as many per pass as fit, up to `max_batch` and to `max_pixels` pixels a pass (at least one). A
+    `tile` or `batch_size` given is kept as is (the user's override); budget None (unknown) keeps the defaults:
+    whole images, max_batch."""
     def batches(pixels):
         most = max_batch if max_pixels is None else max(1, min(max_batch, max_pixels // pixels))
         return [batch_size] if batch_size else range(most, 0, -1)
 
-    whole_fits_pass = max_tile is None or size[0] * size[1] <= max_tile ** 2
+    whole_fits_pass = max_whole is None or size[0] * size[1] <= max_whole ** 2
     if tile is None and whole_fits_pass:
         for batch in batches(size[0] * size[1]):
             estimate = whole_bytes(footprint, size, batch)
             if budget is None or estimate <= budget:
                 return MemoryPlan(None, batch, int(estimate), budget)
     side = max(size)
-    tiles = [tile] if tile else [t for t in TILE_SIDES if t % stride == 0 and t < side and t <= (max_tile or t)]
+    tiles = [tile] if tile else [t for t in TILE_SIDES if t % stride == 0 and t < side
+                                 and (max_pixels is None or t * t <= max_pixels)]
     tiles = tiles or [max(stride, 32)]
     for candidate in tiles:
         for batch in batches(candidate * candidate):

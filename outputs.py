@@ -1,10 +1,10 @@
 """What the scripts write, and what they may write over: the one rule of eval.py, predict.py and export.py.
 
-Every file they write carries a mark of this tool (a PNG text chunk, a JSON key, an HTML meta tag, an ONNX metadata
-key, a TorchScript extra file). An existing file is replaced only when it carries the mark and is not one of the
-run's inputs (compared by device and inode, so that a hard link or a symlink to an input counts as the input).
-Checkpoints, images, masks and every other file are never replaced: the run stops before any work, with one line
-naming the file and what to do."""
+Every file they write carries a mark of this tool (a PNG text chunk, a TIFF Software tag, a JSON key, an HTML meta
+tag, an ONNX metadata key, a TorchScript extra file). An existing file is replaced only when it carries the mark and
+is not one of the run's inputs (compared by device and inode, so that a hard link or a symlink to an input counts
+as the input). Checkpoints, images, masks and every other file are never replaced: the run stops before any work,
+with one line naming the file and what to do."""
 import json
 import os
 import zipfile
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image, PngImagePlugin
 
 from errors import ConfigError
@@ -19,7 +20,8 @@ from images import IMAGE_EXTENSIONS
 from utils import check_folder
 
 MARK = "unet-segmentation"
-PNG_KEY = "Software"  # PNG's keyword for the program that wrote the file
+PNG_KEY = "Software"  # PNG's keyword for the program that wrote the file (TIFF's Software tag holds MARK too)
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little- and big-endian TIFF, then BigTIFF
 MARK_KEY = "written_by"  # the JSON key, ONNX metadata key and TorchScript extra file that hold MARK
 HTML_MARK = f'<meta name="generator" content="{MARK}">'
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
@@ -47,6 +49,9 @@ def is_own_output(path):
         if head.startswith(b"\x89PNG"):
             with Image.open(path) as image:
                 return image.info.get(PNG_KEY) == MARK
+        if head.startswith(TIFF_MAGIC):
+            with tifffile.TiffFile(path) as tiff:
+                return tiff.pages.first.software == MARK
         if head.startswith(b"PK\x03\x04"):  # a zip: TorchScript, or a torch.save checkpoint (never marked)
             with zipfile.ZipFile(path) as archive:
                 return any(name.endswith(f"/extra/{MARK_KEY}") and archive.read(name) == MARK.encode()
@@ -62,7 +67,7 @@ def is_own_output(path):
                 return HTML_MARK in f.read(4096)
         if Path(path).suffix.lower() == ".onnx":
             return is_own_onnx(path)
-    except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError):
+    except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError, tifffile.TiffFileError):
         return False
     return False
 
@@ -141,12 +146,13 @@ def check_outputs(planned, inputs=(), fix="choose another output"):
 
 
 def check_folder_outputs(folder, flag, paths=None):
-    """Before any work: the files of `folder` that `flag` may write over (`paths`, or every .png file there) were
-    all written by this tool. ConfigError naming the first foreign one otherwise."""
+    """Before any work: the files of `folder` that `flag` may write over (`paths`, or every .png and .tif file
+    there: eval.py's label images, drawing.mask_suffix) were all written by this tool. ConfigError naming the first
+    foreign one otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    candidates = paths if paths is not None else sorted(folder.glob("*.png"))
+    candidates = paths if paths is not None else sorted([*folder.glob("*.png"), *folder.glob("*.tif")])
     foreign = [path for path in candidates if path.is_file() and not is_own_output(path)]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""

@@ -1,12 +1,14 @@
 """Segment images with a trained checkpoint. Example: python predict.py -i img.jpg -o mask.png
 
 Inputs are image files, folders (the images directly inside) or glob patterns; outputs are written beside each
-input as <stem>_mask.png unless -o names files or a folder, and never replace an input, a checkpoint, a true mask
-or any file this tool did not write (outputs.py). Unreadable files are reported and skipped; the run ends with a
-summary and a non-zero exit status if anything failed."""
+input as <stem>_mask.png (<stem>_mask.tif, a BigTIFF written by rows, for images of 64 M pixels or more) unless -o
+names files or a folder, and never replace an input, a checkpoint, a true mask or any file this tool did not write
+(outputs.py). Unreadable files are reported and skipped; the run ends with a summary and a non-zero exit status
+if anything failed."""
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import os
 import sys
@@ -24,10 +26,10 @@ from bigtiff import TiffWindows, open_windows
 from checkpoints import find_checkpoint, load_model
 from datasets import trained_scale
 from distributed import all_gather_objects, init_distributed, is_distributed
-from drawing import viewable, viz_picture, write_pictures
+from drawing import TIFF_MASK_PIXELS, is_huge, mask_suffix, viewable, viz_picture, write_label_tiff, write_pictures
 from errors import ConfigError, DatasetError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from, finite_float
-from images import IMAGE_EXTENSIONS, read_image
+from images import IMAGE_EXTENSIONS, TIFF_SUFFIXES, header_size, is_tiff, read_image
 from inference import (InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, sliding_window_bands,
                        stack_batch, tile_grid, use_precision)
 from outputs import Planned, check_outputs, is_own_output
@@ -45,15 +47,17 @@ def parse_args(argv=None):
                    help="checkpoint file (default: the newest best.pth under checkpoints/)")
     p.add_argument("-i", "--input", nargs="+", required=True, help="image files, folders or glob patterns")
     p.add_argument("-o", "--output", nargs="+", default=None,
-                   help="one .png mask file per input image, or one folder (default: <stem>_mask.png beside "
-                        "each input)")
+                   help="one .png (or .tif: BigTIFF) mask file per input image, or one folder (default: "
+                        "<stem>_mask.png beside each input; <stem>_mask.tif for images of 64 M pixels or more)")
     p.add_argument("-t", "--mask-threshold", type=finite_float, default=None,
                    help="foreground probability threshold of single-logit models (default: 0.5)")
     p.add_argument("-v", "--viz", action="store_true",
-                   help="also write <stem>_viz.png, the image and its mask side by side (with -n: show them)")
+                   help="also write <stem>_viz.png, the image and its mask side by side (with -n: show them); "
+                        "not for images of 64 M pixels or more")
     p.add_argument("-n", "--no-save", action="store_true", help="write no files")
     p.add_argument("--overlay", action="store_true",
-                   help="also write <stem>_overlay.png, the classes tinted on the image")
+                   help="also write <stem>_overlay.png, the classes tinted on the image; not for images of 64 M "
+                        "pixels or more")
     p.add_argument("--probs", action="store_true",
                    help="also write <stem>_probs.npy, the class probabilities as float16 K x H x W "
                         "(K = 1 for single-logit models: the foreground probability)")
@@ -138,24 +142,46 @@ def is_folder_name(name):
     return Path(name).is_dir() or name.endswith(("/", os.sep)) or not Path(name).suffix
 
 
-def mask_paths(inputs, output):
-    """Where each input's mask goes: <stem>_mask.png beside it or in the -o folder, or the -o files in order."""
+def header_pixels(path):
+    """The pixel count of an image from its file's header (0 where that cannot be read: reported when read)."""
+    try:
+        width, height = header_size(path)
+    except (UserError, OSError):
+        return 0
+    return width * height
+
+
+def mask_paths(inputs, output, pixels):
+    """Where each input's mask goes: <stem>_mask.png (.tif for an image of `pixels` that is huge: a BigTIFF, see
+    drawing.mask_suffix) beside it or in the -o folder, or the -o files in order (.png, or .tif for a BigTIFF)."""
+    names = [f"{path.stem}_mask{mask_suffix(size)}" for path, size in zip(inputs, pixels)]
     if output is None:
-        return [p.with_name(f"{p.stem}_mask.png") for p in inputs]
+        return [path.with_name(name) for path, name in zip(inputs, names)]
     if len(output) == 1 and is_folder_name(output[0]):
-        return [Path(output[0]) / f"{p.stem}_mask.png" for p in inputs]
+        return [Path(output[0]) / name for name in names]
     if len(output) != len(inputs):
-        raise ConfigError(f"{len(inputs)} input images but {len(output)} output names; give one .png per image "
-                         f"or a single folder")
-    wrong = [name for name in output if Path(name).suffix.lower() != ".png"]
-    if wrong:
-        raise ConfigError(f"-o '{wrong[0]}': masks are written as PNG (lossless); give a .png name or a folder")
+        raise ConfigError(f"{len(inputs)} input images but {len(output)} output names; give one .png or .tif per "
+                          f"image, or a single folder")
+    for name, image, size in zip(output, inputs, pixels):
+        suffix = Path(name).suffix.lower()
+        if suffix not in (".png", *TIFF_SUFFIXES):
+            raise ConfigError(f"-o '{name}': masks are written as PNG or BigTIFF (lossless); give a .png or .tif "
+                              f"name, or a folder")
+        if suffix == ".png" and is_huge(size):
+            raise ConfigError(f"-o '{name}': '{image}' has {size / 2 ** 20:.0f} M pixels, too many for a PNG mask "
+                              f"({TIFF_MASK_PIXELS / 2 ** 20:.0f} M or more are written as BigTIFF); give a .tif "
+                              f"name, or a folder")
     return [Path(name) for name in output]
 
 
 def extra_path(mask_path, kind, suffix=".png"):
     """<stem>_overlay.png and friends, beside the mask and named after it."""
     return mask_path.with_name(f"{mask_path.stem.removesuffix('_mask')}_{kind}{suffix}")
+
+
+def drawn(outputs, pixels):
+    """`outputs` less the pictures (overlay, viz) that an image of `pixels` does not get when huge (is_huge)."""
+    return dataclasses.replace(outputs, overlay=False, viz=False) if is_huge(pixels) else outputs
 
 
 def outputs_of(mask_path, outputs):
@@ -165,10 +191,24 @@ def outputs_of(mask_path, outputs):
     return [mask_path] + [extra_path(mask_path, kind, suffix) for on, kind, suffix in wanted if on]
 
 
-def planned_outputs(inputs, masks, outputs, output_flag):
+def planned_outputs(inputs, masks, pixels, outputs, output_flag):
     """Every file to be written (outputs.Planned), in input order."""
-    return [Planned(out, output_flag, image) for image, mask in zip(inputs, masks)
-            for out in outputs_of(mask, outputs)]
+    return [Planned(out, output_flag, image) for image, mask, size in zip(inputs, masks, pixels)
+            for out in outputs_of(mask, drawn(outputs, size))]
+
+
+def huge_note(inputs, pixels, outputs):
+    """The line that says how huge inputs (is_huge) are written, or None when there is none."""
+    huge = [path for path, size in zip(inputs, pixels) if is_huge(size)]
+    pictures = outputs.overlay or outputs.viz
+    if not huge or (outputs.no_save and not outputs.viz):
+        return None
+    images = f"{count(len(huge), 'image')} of {TIFF_MASK_PIXELS / 2 ** 20:.0f} M pixels or more ('{huge[0]}'" + \
+        (" and others)" if len(huge) > 1 else ")")
+    if outputs.no_save:
+        return f"note: {images} cannot be shown (-v -n): a picture that large cannot be viewed"
+    return (f"note: {images}: their masks are BigTIFFs written by rows (.tif), as PNG readers refuse masks that "
+            f"large" + ("; they get no --overlay or --viz picture, which could not be viewed" if pictures else ""))
 
 
 def try_read(path, form=None):
@@ -214,9 +254,11 @@ def readable(read, failures):
 
 
 def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
-    """Write (or show) what `outputs` asks for; returns the paths written. probs None: written already (by bands);
-    `image` may be a TiffWindows, read whole only for an overlay or a side-by-side view."""
+    """Write (or show) what `outputs` asks for, less the pictures of a huge image (drawn); returns the paths written.
+    labels or probs None: written already (by bands); `image` may be a TiffWindows, read whole only for an overlay
+    or a side-by-side view."""
     classes, mask_values = checkpoint["classes"], checkpoint["mask_values"]
+    outputs = drawn(outputs, image.shape[-2] * image.shape[-1])
     if isinstance(image, TiffWindows):  # read whole only for the pictures that show it
         image = image.read() if outputs.overlay or outputs.viz else None
     image = None if image is None else viewable(image, checkpoint["normalize"])  # the picture: uint8 RGB
@@ -225,7 +267,7 @@ def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
             show(viz_picture(image.permute(1, 2, 0).numpy(), labels, classes, mask_values), mask_path.stem)
         return []
     mask_path.parent.mkdir(parents=True, exist_ok=True)
-    write_pictures(image, labels, classes, mask_values, label_path=mask_path,
+    write_pictures(image, labels, classes, mask_values, label_path=labels is not None and mask_path,
                    overlay_path=outputs.overlay and extra_path(mask_path, "overlay"),
                    viz_path=outputs.viz and extra_path(mask_path, "viz"))
     if outputs.probs and probs is not None:
@@ -233,38 +275,53 @@ def save_outputs(image, labels, probs, mask_path, checkpoint, outputs):
     return outputs_of(mask_path, outputs)
 
 
-def labels_by_bands(model, image, normalize, threshold, probs_path=None, name="image", **options):
+def labels_by_bands(model, image, normalize, threshold, probs_path=None, name="image", write_labels=None, **options):
     """Labels (uint8 1 x H x W array) of one image (a uint8 C x H x W tensor or a TiffWindows) in overlap tiles,
-    blended band by band: memory holds the labels and one band of probabilities, which go to `probs_path` (float16
-    .npy, as save_probabilities writes) when given. An image of TILE_PROGRESS tiles or more gets its own progress
-    (bar or plain lines, named `name`)."""
+    blended band by band (label_bands). With `write_labels`, a function of an iterator of label bands (uint8 rows x
+    W, top to bottom), each band goes to it as soon as it is final and None is returned: the labels are never held
+    whole."""
+    bands = label_bands(model, image, normalize, threshold, probs_path, name, **options)
+    if write_labels:
+        write_labels(band for _, band in bands)
+        return None
+    labels = np.empty((1, *image.shape[-2:]), np.uint8)
+    for top, band in bands:
+        labels[0, top:top + len(band)] = band
+    return labels
+
+
+def label_bands(model, image, normalize, threshold, probs_path=None, name="image", **options):
+    """(first row, uint8 rows x W labels) of one image in overlap tiles, top to bottom, each band as soon as it is
+    final (inference.sliding_window_bands): memory holds one band of probabilities, which go to `probs_path`
+    (float16 .npy, as save_probabilities writes) when given. An image of TILE_PROGRESS tiles or more gets its own
+    progress (bar or plain lines, named `name`)."""
     height, width = image.shape[-2:]
-    labels, out = np.empty((1, height, width), np.uint8), None
+    out = None
     _, _, ys, xs = tile_grid(model, (height, width), options["tile"], options["overlap"])
     tiles = len(ys) * len(xs)
     with Progress(tiles, name, "tiles", leave=False) if tiles >= TILE_PROGRESS else contextlib.nullcontext() as bar:
         bands = sliding_window_bands(model, image, normalize, options["tile"], options["overlap"], options["flips"],
                                      options["amp_dtype"], options["batch_size"], on_tiles=bar and bar.update)
         for top, band in bands:
-            rows = slice(top, top + band.shape[1])
-            labels[0, rows] = probs_to_labels(band[None], threshold, torch.uint8)[0].cpu().numpy()
             if probs_path:
                 if out is None:
                     out = np.lib.format.open_memmap(probs_path, mode="w+", dtype=np.float16,
                                                     shape=(len(band), height, width))
-                out[:, rows] = band.cpu().numpy()
+                out[:, top:top + band.shape[1]] = band.cpu().numpy()
+            yield top, probs_to_labels(band[None], threshold, torch.uint8)[0].cpu().numpy()
     if out is not None:
         out.flush()
-    return labels
 
 
-def segment(model, images, normalize, options, threshold, probs_path=None, name="image"):
-    """(labels B x H x W uint8 array, probabilities B x K x H x W or None where written already, options that
-    worked): one tiled image at the input's scale by bands (labels_by_bands), others whole through
-    predict_probs; both fall back to smaller tiles on running out of memory."""
+def segment(model, images, normalize, options, threshold, probs_path=None, name="image", write_labels=None):
+    """(labels B x H x W uint8 array, probabilities B x K x H x W, options that worked), labels or probabilities
+    None where written already: one tiled image at the input's scale by bands (labels_by_bands, which hands the
+    labels to `write_labels` when given), others whole through predict_probs; both fall back to smaller tiles on
+    running out of memory."""
     if options["tile"] and options["scale"] == 1.0 and len(images) == 1:
         labels, used = predict_probs_or_tile(model, images[0], normalize, log=warn, predict=labels_by_bands,
-                                             threshold=threshold, probs_path=probs_path, name=name, **options)
+                                             threshold=threshold, probs_path=probs_path, name=name,
+                                             write_labels=write_labels, **options)
         return labels, None, used
     images = [image.read() if isinstance(image, TiffWindows) else image for image in images]
     probs, used = predict_probs_or_tile(model, stack_batch(images), normalize, log=warn, **options)
@@ -299,6 +356,18 @@ def check_display(outputs):
                               "drop -n to write <stem>_viz.png files instead")
 
 
+def band_writers(mask_path, image, checkpoint, outputs):
+    """The files that segment may write by bands for a tiled image: its --probs file (probs_path) and its BigTIFF
+    mask (write_labels: write_label_tiff)."""
+    if outputs.no_save:
+        return {}
+    write_labels = is_tiff(mask_path) and functools.partial(write_label_tiff, mask_path, image.shape[-2:],
+                                                            classes=checkpoint["classes"],
+                                                            mask_values=checkpoint["mask_values"])
+    return {"probs_path": outputs.probs and extra_path(mask_path, "probs", ".npy") or None,
+            "write_labels": write_labels or None}
+
+
 def segment_all(model, checkpoint, planner, inputs, masks, outputs, threshold, workers, failures, written):
     """Segment `inputs` into `masks` (and the other `outputs`) with progress; the reasons of failed inputs are
     appended to `failures`, the inputs done to `written` (as they are done: what a Ctrl-C keeps)."""
@@ -306,11 +375,10 @@ def segment_all(model, checkpoint, planner, inputs, masks, outputs, threshold, w
     with Progress(len(inputs), "predict", "images") as progress:
         for batch, options in planner.batches(images_read, lambda item: item[2]):
             indices, paths, images = zip(*batch)
-            probs_path = extra_path(masks[indices[0]], "probs", ".npy") if outputs.probs and not outputs.no_save \
-                else None
             try:
-                labels, probs, used = segment(model, images, checkpoint["normalize"], options, threshold, probs_path,
-                                              name=paths[0].name)
+                labels, probs, used = segment(model, images, checkpoint["normalize"], options, threshold,
+                                              name=paths[0].name, **band_writers(masks[indices[0]], images[0],
+                                                                                 checkpoint, outputs))
                 planner.remember(images[0].shape[-2:], used)
             except RuntimeError as e:  # out of memory even at the smallest tile, or an input the model cannot take
                 for path in paths:
@@ -318,8 +386,8 @@ def segment_all(model, checkpoint, planner, inputs, masks, outputs, threshold, w
                 continue
             for i, index in enumerate(indices):
                 try:
-                    saved = save_outputs(images[i], labels[i], None if probs is None else probs[i], masks[index],
-                                         checkpoint, outputs)
+                    saved = save_outputs(images[i], None if labels is None else labels[i],
+                                         None if probs is None else probs[i], masks[index], checkpoint, outputs)
                 except OSError as e:  # a full disk, a folder that became read-only
                     skip(f"'{paths[i]}': could not write its outputs ({e})", failures)
                     continue
@@ -336,16 +404,20 @@ def main(argv=None):
     args, inference, outputs = parse_args(argv)
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     inputs, failures = expand_inputs(args.input)
+    pixels = [header_pixels(path) for path in inputs]
     try:
-        masks = mask_paths(inputs, args.output)
-        check_outputs(planned_outputs(inputs, masks, outputs, "-o" if args.output else None), inputs,
-                      fix="choose another -o (a .png file per image, or a folder)")
+        masks = mask_paths(inputs, args.output, pixels)
+        check_outputs(planned_outputs(inputs, masks, pixels, outputs, "-o" if args.output else None), inputs,
+                      fix="choose another -o (a .png or .tif file per image, or a folder)")
         check_display(outputs)
         device, rank, world_size = init_distributed(pick_device(args.device))
         model, checkpoint = load_model(find_checkpoint(args.model), device)
     except UserError as e:
         sys.exit(f"error: {e}")
     say = print if rank == 0 else (lambda *_: None)  # under torchrun, rank 0 speaks for all
+    note = huge_note(inputs, pixels, outputs)
+    if note:
+        say(note)
     failures = failures if rank == 0 else []  # and counts the inputs that were not found
     classes = checkpoint["model_args"]["num_classes"]
     if args.mask_threshold is not None and classes > 1:

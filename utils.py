@@ -79,9 +79,9 @@ def replaced_atomically(path):
     path = Path(path)
     remove_stale_temporaries(path)
     tmp = path.with_name(f"{temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    f = open(tmp, "xb")  # x: created here, never an existing file; named, as writers such as tifffile need
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -103,10 +103,40 @@ def test_plan_whole_images_tiles_and_batches():
     assert plan_memory(footprint, size, 1, 2, stride=64).tile == 64  # nothing fits: the smallest tile
     assert plan_memory(footprint, size, None, 2).tile is None  # memory unknown: whole images
     assert plan_memory(footprint, size, 10 ** 9, 2, max_pixels=300_000).batch_size == 1  # 1 M pixels a pass: 1
-    assert plan_memory(footprint, (4000, 4000), 10 ** 9, 2, max_tile=1024).tile == 1024  # 2048 would fit
-    assert plan_memory(footprint, size, 10 ** 12, 2, max_tile=1024).tile is None  # 1 M pixels: whole
-    assert plan_memory(footprint, (1001, 1000), 10 ** 12, 2, max_tile=1000).tile == 768  # more: tiles
+    assert plan_memory(footprint, (200, 300), 10 ** 9, 2, max_pixels=150_000).batch_size == 2  # 60,000 pixels
+    assert plan_memory(footprint, (4000, 4000), 10 ** 9, 2, max_pixels=2 ** 20).tile == 1024  # 2048 would fit
+    assert plan_memory(footprint, (4000, 4000), 10 ** 9, 2, max_pixels=2 ** 20 - 1).tile == 768
+    assert plan_memory(footprint, size, 10 ** 12, 2, max_whole=1000).tile is None  # 1 M pixels: whole
+    assert plan_memory(footprint, (1001, 1000), 10 ** 12, 2, max_whole=1000).tile == 768  # more: tiles
     assert "in 256-pixel tiles, 1 per pass" in tiled.describe(size)
+
+
+def test_plan_stops_at_the_cpu_ceiling_but_fills_a_gpu(monkeypatch):
+    """With memory to spare, a CPU plans passes of at most CPU_PASS_PIXELS (256-pixel tiles two at a time for a
+    6000 x 6000 image; whole images up to 2048 x 2048, as many a pass as the ceiling holds), while a GPU with 80 GB
+    free (mocked torch.cuda.mem_get_info) takes the whole image, and 4 of 2048 x 2048 a pass: there batches pay."""
+    import inference
+    from model import IMAGENET_NORMALIZE, UNet
+    options = {"scale": 1.0, "tile": None, "overlap": 0.125, "flips": ((),), "amp_dtype": None}
+    model = UNet(3, 2, base_channels=4, depth=2)  # output stride 4
+    monkeypatch.setattr(memory, "meminfo_available", lambda: 2 ** 40)  # 1 TB
+    monkeypatch.setattr(memory, "cgroup_free", lambda: None)
+    cpu = inference.Planner(model, IMAGENET_NORMALIZE, options, 2, log=lambda line: None)
+    cpu.footprint = Footprint([(0, 1000)])  # 1,250 bytes a pixel with the overhead: about the classic U-Net's
+    assert memory.CPU_PASS_PIXELS == 2 * 256 * 256 and memory.CPU_MAX_WHOLE == 2048
+    plans = {size: cpu.plan(size) for size in [(6000, 6000), (2048, 2048), (2049, 2048), (200, 300)]}
+    # 2049 rows: 10 tiles of 256 at overlap 0.125, or of 236 (inference.balanced_tile)
+    assert [(plan.tile, plan.batch_size) for plan in plans.values()] == [(256, 2), (None, 1), (236, 2), (None, 2)]
+    monkeypatch.setattr(inference, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10 ** 9, 80 * 10 ** 9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    gpu = inference.Planner(model, IMAGENET_NORMALIZE, options, 2, log=lambda line: None)
+    gpu.footprint = cpu.footprint
+    assert "free CUDA memory" in gpu.source
+    # 6000 x 6000: 1,254 bytes a pixel x 36 M = 45 GB of the 64 GB budget (80%); 2048 x 2048: 5.3 GB each
+    assert (gpu.plan((6000, 6000)).tile, gpu.plan((6000, 6000)).batch_size) == (None, 1)
+    assert (gpu.plan((2048, 2048)).tile, gpu.plan((2048, 2048)).batch_size) == (None, 4)
 
 
 @pytest.mark.parametrize("available, expected", [(10 ** 12, "whole 200x300 images"),
