@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import torchvision
 
 from errors import ConfigError, EncoderWeightsError, check_at_least, one_line
-from model_choice import weights_file_encoder
 
 
 class DoubleConv(nn.Sequential):
@@ -138,7 +137,7 @@ def backbone(name, weights="none"):
                 f"(or --encoder-weights none for random weights)") from None
     model = torchvision.models.get_model(name, weights=None)
     try:
-        model.load_state_dict(_read_state_dict(weights))
+        model.load_state_dict(read_state_dict(weights))
     except RuntimeError as e:
         raise EncoderWeightsError(f"--encoder-weights '{weights}' does not hold torchvision {name} weights "
                                   f"({one_line(e)})") from None
@@ -150,7 +149,7 @@ _OLD_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
 
 
-def _read_state_dict(path):
+def read_state_dict(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -342,9 +341,7 @@ class ModelConfig:
                        freeze_encoder_epochs=self.freeze_encoder_epochs)
         encoder = self.encoder_name()
         if encoder == "none":
-            if self.planned:  # --encoder-weights: 'none', or a file of one of the encoders the plan chooses from
-                if reads_weights and self.encoder_weights not in ("imagenet", "none"):
-                    weights_file_encoder(self.encoder_weights)
+            if self.planned:  # --encoder-weights for the plan's candidates (model_choice.weights_file_encoder)
                 return self
             if self.encoder_weights != "imagenet" or self.decoder_channels is not None:
                 raise ConfigError("--encoder-weights and --decoder-channels need --encoder (a pretrained encoder)")

@@ -16,6 +16,7 @@ import torch
 import torchvision
 
 from errors import ConfigError
+from model import read_state_dict
 
 NETWORK_FLAGS = ("arch", "encoder", "base_channels", "depth", "decoder_channels")  # naming one skips the choice
 
@@ -88,12 +89,8 @@ def candidate_weights(encoder, weights="imagenet"):
 
 def weights_file_encoder(path):
     """The candidate encoder whose torchvision state_dict `path` holds (same names and shapes): ConfigError if
-    none."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"--encoder-weights '{path}' is not a readable PyTorch weights file ({e})") from None
-    shapes = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+    none, EncoderWeightsError if the file is no state_dict."""
+    shapes = {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
     for encoder in CANDIDATES:
         model = torchvision.models.get_model(encoder, weights=None)
         if shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}:
@@ -104,11 +101,11 @@ def weights_file_encoder(path):
 
 def missing_weights_note(encoders):
     """One line on the ImageNet weights not on disk: what they would add and how to get them."""
-    files = [imagenet_weights_file(e) for e in encoders]
     urls = " and ".join(torchvision.models.get_model_weights(e).DEFAULT.url for e in encoders)
     return (f"note: no ImageNet weights on disk for {' or '.join(encoders)}, so the candidates start from random "
             f"weights; pretrained encoders learn faster, above all on photographs: fetch {urls} into "
-            f"{files[0].parent} (or run once with --encoder {encoders[0]} where there is internet)")
+            f"{imagenet_weights_file(encoders[0]).parent} (or run once with --encoder {encoders[0]} where there is "
+            f"internet)")
 
 
 def probe(time_candidate, plan_steps, weights="imagenet", candidates=CANDIDATES):
@@ -126,7 +123,7 @@ def describe(timed, chosen):
     lines = ["network: the plan chose among U-Nets on these encoders (--encoder NAME or --base-channels N names one):"]
     for t in timed:
         weights = {"imagenet": "ImageNet weights", "none": "random weights"}.get(t.weights, f"weights {t.weights}")
-        mark = "  <- chosen" if t is chosen else ""
+        mark = "  <- chosen" if t.encoder == chosen.encoder else ""  # under torchrun, `chosen` is rank 0's copy
         lines.append(f"  {t.encoder:9} ({weights}): a step {t.step_seconds:.3g}s, {t.steps} steps in the budget, "
                      f"expected {t.expected:.2f} of the best score{mark}")
     return "\n".join(lines)

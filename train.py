@@ -22,8 +22,8 @@ from distributed import all_gather_objects, all_reduce_sum, average_across_proce
     is_distributed
 from engine import StepRunner, build_runner, build_scheduler, load_all_weights, load_weights, \
     prepare_model, restore_training, time_epoch_end, time_training_step, wrap_for_steps
-from errors import CheckpointError, ConfigError, DatasetError, UserError, check_at_least, check_seeds, error_line, \
-    one_line
+from errors import CheckpointError, ConfigError, DatasetError, EncoderWeightsError, UserError, check_at_least, \
+    check_seeds, error_line, one_line
 from flags import add_augment_args, add_dataset_args, add_model_args, add_precision_args, config_from, finite_float
 from inference import evaluate
 from interrupts import RunInterrupted, StopRequest
@@ -35,7 +35,7 @@ from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_BU
 from image_stats import input_normalization_for
 from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, set_encoder_frozen
 from model_choice import CANDIDATE_STRIDE, NETWORK_FLAGS, as_record, choose, describe, missing_weights_note, \
-    probe as probe_candidates
+    probe as probe_candidates, weights_file_encoder
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
@@ -120,12 +120,14 @@ def parse_args(argv=None):
         model_config = dataclasses.replace(config_from(ModelConfig, flags), planned=planned)
         # --resume and --load take the weights of the checkpoint, never --encoder-weights: it may have moved.
         configs.append(model_config.check(reads_weights=not (args.resume or args.load)))
+        if planned and model_config.encoder_weights not in ("imagenet", "none"):
+            weights_file_encoder(model_config.encoder_weights)  # a file of one of the candidates' networks
         _, data, augment, model_config = configs
         if augment.crop_size is not None:
             model_config.check_training_side(augment.crop_size, "--crop-size", zero="0 (no crop) ")
         if data.dataset == "shapes":
             model_config.check_training_side(data.image_size, "--image-size")
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, EncoderWeightsError) as e:
         p.error(str(e))
     return (*configs, flags)
 
@@ -274,10 +276,10 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     # The run saves the dataset it found, its mask values and the recipe it chose.
     flags = {**flags, **dataclasses.asdict(data), "batch_size": batch_size, "crop_size": augment.crop_size,
              "elastic": augment.elastic}
+    probe = Probe(config, fp, batch_size, augment.crop_size, len(val_set), world_size)
     chosen = None
     if model_config.planned:
-        model_config, chosen = plan_network(config, model_config, train_set, val_set, fp, batch_size, augment,
-                                            device, world_size, started, main_process)
+        model_config, chosen = plan_network(probe, model_config, train_set, augment, device, started, main_process)
         flags = {**flags, **model_flags(model_config), "network_choice": chosen and chosen["record"]}
     model, precision, meta = build_run_model(config, model_config, checkpoint, train_set, device, world_size)
     num_logits = meta["model_args"]["num_classes"]
@@ -288,7 +290,6 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     runner = build_runner(model, config, model_config.encoder_lr(), precision, meta, device)
     if main_process:
         print(f"precision: {precision.describe()}")
-    probe = Probe(config, fp, batch_size, augment.crop_size, len(val_set), world_size)
     plan = plan_run(config, checkpoint, fp, batch_size, augment, world_size, started,
                     lambda: chosen["step"] if chosen else probe.step(runner, model, num_logits, device),
                     lambda: chosen["end"] if chosen else probe.epoch_end(model, meta["normalize"], precision))
@@ -334,28 +335,27 @@ class Probe:
                               math.ceil(self.val_images / self.world_size), self.config.optimizer)
 
 
-def plan_network(config, model_config, train_set, val_set, fp, batch_size, augment, device, world_size, started,
-                 main_process):
+def plan_network(probe, model_config, train_set, augment, device, started, main_process):
     """--time with no network named: (ModelConfig of the candidate the plan expects to score best, {"step",
     "end": its probe's seconds, "record": what args.json keeps}), printing the candidates and the choice
     (model_choice.py). Images smaller than the candidates' output stride keep the classic U-Net: (config, None)."""
+    config, fp = probe.config, probe.fp
     side = augment.crop_size or min(fp.median_size)
     if side < CANDIDATE_STRIDE:
         print(f"network: the classic U-Net, as the training images ({side} pixels a side) are smaller than the "
               f"{CANDIDATE_STRIDE} pixels the ResNet U-Nets halve five times")
         return model_config, None
-    probe = Probe(config, fp, batch_size, augment.crop_size, len(val_set), world_size)
 
     def time_candidate(encoder, weights):
         candidate = dataclasses.replace(model_config, encoder=encoder, encoder_weights=weights)
-        model, precision, meta = build_run_model(config, candidate, None, train_set, device, world_size)
+        model, precision, meta = build_run_model(config, candidate, None, train_set, device, probe.world_size)
         runner = build_runner(model, config, candidate.encoder_lr(), precision, meta, device)
         return (probe.step(runner, model, meta["model_args"]["num_classes"], device),
                 probe.epoch_end(model, meta["normalize"], precision))
 
     def plan_steps(step, end):
         return plan_budget(config.time, Deadline(config.time, 0.0, started).plannable(), step, end,
-                           fp.train_images, batch_size, augment.crop_size, augment.elastic).total_steps
+                           fp.train_images, probe.batch_size, augment.crop_size, augment.elastic).total_steps
 
     timed = probe_candidates(time_candidate, plan_steps, model_config.encoder_weights)
     chosen = all_gather_objects(choose(timed))[0]  # each process timed its own: rank 0's choice is the run's

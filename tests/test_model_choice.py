@@ -155,3 +155,18 @@ def test_a_candidate_with_pretrained_weights_on_disk_comes_first():
     assert random18.expected > pretrained34.expected  # by the curves alone, the faster network
     assert choose([random18, pretrained34]) is pretrained34
     assert choose([random18, Timed("resnet34", "none", 0.8, 1.0, 600)]) is random18
+
+
+def test_an_unreadable_weights_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "shapes", "--time", "1m", "--encoder-weights", str(path)])
+    assert "is not a readable PyTorch weights file" in capsys.readouterr().err
+
+
+def test_the_chosen_mark_follows_the_name_not_the_object():
+    """Under torchrun the choice is rank 0's, a copy of its Timed: the line still marks it."""
+    timed = [Timed("resnet18", "none", 0.5, 1.0, 1000), Timed("resnet34", "none", 0.8, 1.0, 600)]
+    lines = model_choice.describe(timed, Timed("resnet18", "none", 0.5, 1.0, 1000)).splitlines()
+    assert lines[1].endswith("<- chosen") and "chosen" not in lines[2]
