@@ -23,7 +23,7 @@ from metrics import IGNORE_INDEX
 from pairs import check_values, data_form, existing, found_mask_values, held_out, list_files, pair_by_stem, \
     read_ids, read_pairs_file, scan_pairs, size_mismatch, unknown_colours, unknown_values
 from synthetic import Shapes
-from transforms import fit_canvas, random_zoom_crop, resample_mask, train_transform
+from transforms import class_centre, fit_canvas, random_zoom_crop, resample_mask, train_transform
 
 DATASETS = ["auto", "shapes", "voc", "sbd", "sbd-voc", "trainaug", "carvana", "folder"]
 
@@ -123,19 +123,20 @@ class SegmentationFiles(torch.utils.data.Dataset):
     `with_names` adds the image's file stem to each item: (image, mask, stem). Mask values that are [R, G, B]
     colours (and such a `void_value`) read the masks as colour-coded. `rois` ({image path: region-of-interest
     mask path}, or None) makes the pixels outside each image's region void. `form` is the images' form
-    (images.open_image; None: 8-bit RGB)."""
+    (images.open_image; None: 8-bit RGB). `class_crops` is the share of training crops centred on a pixel of a
+    random class of the mask (transforms.class_centre)."""
 
     ignore_index = IGNORE_INDEX
 
     def __init__(self, pairs, classes, mask_values, void_value=None, scale=1.0, transform=None, canvas=None,
-                 skip_bad=False, zoom_crop=None, with_names=False, rois=None, form=None):
+                 skip_bad=False, zoom_crop=None, with_names=False, rois=None, form=None, class_crops=0.0):
         if len(mask_values) >= IGNORE_INDEX:
             raise DatasetError(f"the masks hold {len(mask_values)} distinct values; masks must hold class ids "
                                f"(at most {IGNORE_INDEX - 1} classes)")
         self.pairs, self.classes, self.mask_values = pairs, list(classes), list(mask_values)
         self.void_value, self.scale, self.transform, self.canvas = void_value, scale, transform, canvas
         # (crop side, (min zoom, max zoom), largest rotation) for training, cut before anything else
-        self.zoom_crop = zoom_crop
+        self.zoom_crop, self.class_crops = zoom_crop, class_crops  # class_crops: see transforms.class_centre
         self.colours, self.rois = colour_coded(self.mask_values), rois
         values, void_value = packed_values(self.mask_values, void_value)
         # mask value -> class index, as sorted values and their classes: a look-up for any value, colours too
@@ -174,12 +175,16 @@ class SegmentationFiles(torch.utils.data.Dataset):
         mask = open_mask(mask_path, self.colours)
         if mask.size != size:
             raise size_mismatch(image_path, size, mask_path, mask.size)
-        early = self.colours or self.rois is not None  # class indices before the crop, which resamples them
+        centred = self.zoom_crop is not None and self.class_crops and float(torch.rand(())) < self.class_crops
+        early = self.colours or self.rois is not None or centred  # class indices before the crop resamples them
         if early:
             mask = Image.fromarray(self.classes_in_region(np.array(mask), mask_path, image_path, size))
         outside = None
         if self.zoom_crop is not None:
-            image, mask, outside = random_zoom_crop(image, mask, *self.zoom_crop)
+            centre = class_centre(np.asarray(mask)) if centred else None
+            if centre is not None:  # from the mask's pixels to the image's (they differ under --scale)
+                centre = centre[0] * image.size[0] / mask.width, centre[1] * image.size[1] / mask.height
+            image, mask, outside = random_zoom_crop(image, mask, *self.zoom_crop, centre=centre)
         elif mask.size != image.size:  # a --scale without a crop
             mask = resample_mask(mask, (0, 0, *mask.size), lambda layer, x, y: layer.resize(image.size, Image.BILINEAR))
         classes = np.array(mask) if early else self.to_classes(np.array(mask), mask_path)
@@ -494,7 +499,7 @@ def build_dataset(config, split, augment=None, full_resolution=False):
         canvas = None if name == "carvana" else (round(VOC_MAX_SIDE * scale),) * 2
     transform = train_transform(augment) if augment is not None else None
     return SegmentationFiles(pairs, classes, mask_values, void, scale, transform, canvas, config.skip_bad, zoom_crop,
-                             rois=rois, form=form)
+                             rois=rois, form=form, class_crops=augment.class_crops if zoom_crop else 0.0)
 
 
 def found_pairs(config, split):

@@ -84,6 +84,10 @@ def add_augment_args(parser):
     group.add_argument("--elastic", type=finite_float, default=None, metavar="PROB",
                        help="probability of a smooth random elastic deformation (U-Net paper; 0: off; default: on "
                             "for small datasets, chosen by the training recipe)")
+    group.add_argument("--class-crops", type=finite_float, default=1 / 3, metavar="PROB",
+                       help="probability that a training crop is centred on a pixel of a class drawn at random from "
+                            "those its mask holds, so that rare classes are seen (nnU-Net's; 0: every crop random; "
+                            "default: 1/3)")
     group.add_argument("--no-augment", action="store_true", help="no random augmentation at all")
     return group
 

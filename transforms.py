@@ -25,6 +25,7 @@ class AugmentConfig:
     rotate: float = 10.0
     jitter: float = 0.0
     elastic: float | None = None  # probability of an elastic deformation; None: the training recipe decides (0 here)
+    class_crops: float = 1 / 3  # probability that a crop is centred on a pixel of a random class (class_centre)
     no_augment: bool = False
 
     def check(self):
@@ -33,8 +34,9 @@ class AugmentConfig:
                               f"[0, 1], got {self.crop_size}, {self.rotate:g}, {self.jitter:g}, {self.hflip:g}")
         if not 0 < self.zoom[0] <= self.zoom[1]:
             raise ConfigError(f"--zoom needs 0 < MIN <= MAX, got {self.zoom[0]:g} {self.zoom[1]:g}")
-        if self.elastic is not None and not 0 <= self.elastic <= 1:
-            raise ConfigError(f"--elastic is a probability in [0, 1], got {self.elastic:g}")
+        for flag, probability in (("--elastic", self.elastic), ("--class-crops", self.class_crops)):
+            if probability is not None and not 0 <= probability <= 1:
+                raise ConfigError(f"{flag} is a probability in [0, 1], got {probability:g}")
         return self
 
     def zoom_crop(self):
@@ -50,9 +52,26 @@ def fit_canvas(image, mask, height, width):
     return F.pad(image, pad), F.pad(mask, pad, value=IGNORE_INDEX)
 
 
-def random_zoom_crop(image, mask, size, zoom, rotate=0.0):
+def class_centre(classes):
+    """A random point (x, y) of the mask `classes` (H x W uint8 class ids): the centre of a random pixel of a class
+    drawn uniformly from those present, void aside; None when every pixel is void. nnU-Net centres a third of its
+    crops so, as a class of a few hundredths of the pixels (synapses, a thin vessel) is otherwise seen too rarely
+    to be learnt in a short run."""
+    counts = np.bincount(classes.ravel(), minlength=IGNORE_INDEX + 1)
+    counts[IGNORE_INDEX] = 0
+    present = np.flatnonzero(counts)
+    if not len(present):
+        return None
+    chosen = present[int(torch.randint(len(present), ()))]
+    pixel = np.flatnonzero(classes.ravel() == chosen)[int(torch.randint(int(counts[chosen]), ()))]
+    y, x = divmod(int(pixel), classes.shape[1])
+    return x + 0.5, y + 0.5
+
+
+def random_zoom_crop(image, mask, size, zoom, rotate=0.0, centre=None):
     """Zoom by a random factor drawn from `zoom`, rotate by a random angle in [-rotate, rotate] degrees, and cut a
-    random window of at most size x size (fit_canvas pads the rest). Works on the decoded PIL image and the
+    random window of at most size x size (fit_canvas pads the rest), or the window centred on `centre` (x, y in
+    the image's pixels) as far as the image allows. Works on the decoded PIL image and the
     full-size mask before either becomes a tensor and resamples only the window's pixels (bilinear, and
     antialiased when zoomed out; the mask through resample_mask, straight from the file's resolution), which keeps
     large photos cheap. Image and mask share one geometry, so they stay aligned. Returns (image, mask, boolean map
@@ -62,8 +81,12 @@ def random_zoom_crop(image, mask, size, zoom, rotate=0.0):
     factor = float(torch.empty(()).uniform_(*zoom))
     out_w, out_h = (max(1, min(size, round(side * factor))) for side in (width, height))
     crop_w, crop_h = min(width, max(1, round(out_w / factor))), min(height, max(1, round(out_h / factor)))
-    left = int(torch.randint(0, width - crop_w + 1, ()))
-    top = int(torch.randint(0, height - crop_h + 1, ()))
+    if centre is None:
+        left = int(torch.randint(0, width - crop_w + 1, ()))
+        top = int(torch.randint(0, height - crop_h + 1, ()))
+    else:
+        left = min(max(0, round(centre[0] - crop_w / 2)), width - crop_w)
+        top = min(max(0, round(centre[1] - crop_h / 2)), height - crop_h)
     angle = math.radians(float(torch.empty(()).uniform_(-rotate, rotate))) if rotate else 0.0
     fx, fy = mask.width / width, mask.height / height
     margin = max(fx, fy) / factor + 1  # mask pixels per output pixel, plus one: the filter's reach

@@ -227,6 +227,34 @@ def test_scaled_masks_follow_their_scaled_images(tmp_path):
     assert agreement(image[0].numpy().astype(int), mask.numpy(), ...) >= 0.995
 
 
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_class_crops_show_a_rare_class_as_often_as_a_common_one(tmp_path, scale):
+    """One 6x6 square of class 1 in a 200x240 mask (0.075% of the pixels): a random 48-pixel crop holds it in 6%
+    of the cases (the windows that overlap it), a crop centred on a pixel of a class drawn uniformly from the two
+    in half, so --class-crops 1 shows it in half the crops plus the random share of the others."""
+    mask = np.zeros((200, 240), np.uint8)
+    mask[150:156, 30:36] = 255
+    image = np.stack([np.where(mask > 0, 230, 40)] * 3, axis=2).astype(np.uint8)
+    save_pair(tmp_path, "rare", image, mask)
+    crop = round(48 * scale)
+    shares = {}
+    for class_crops in (0, 1):
+        args = data_args("--data", tmp_path, "--dataset", "folder", "--val-percent", "0", "--crop-size", crop,
+                         "--zoom", "1", "1", "--rotate", "0", "--hflip", "0", "--scale", scale,
+                         "--mask-values", "0", "255", "--class-crops", class_crops)
+        dataset = build_dataset(args, "train")
+        torch.manual_seed(0)
+        items = [dataset[0] for _ in range(400)]
+        shares[class_crops] = np.mean([(mask == 1).any().item() for _, mask in items])
+        for image, mask in items:  # the crop still cuts the image and its mask alike
+            assert ((image[0] > 135) == (mask == 1)).float().mean() > 0.99
+    tops, lefts = np.arange(200 - 48 + 1), np.arange(240 - 48 + 1)  # every window of a random crop, alike
+    random_share = np.mean((tops[:, None] + 48 > 150) & (tops[:, None] < 156) & (lefts + 48 > 30) & (lefts < 36))
+    assert abs(shares[0] - random_share) < 0.03
+    assert abs(shares[1] - (0.5 + 0.5 * random_share)) < 0.08
+
+
 # --- bad data -----------------------------------------------------------------------------------------------
 
 def folder_error(tmp_path, *flags):

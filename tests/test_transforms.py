@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 
 from errors import ConfigError
 from flags import add_augment_args, config_from
-from transforms import AugmentConfig, SmoothElastic, random_zoom_crop, train_transform
+from transforms import AugmentConfig, SmoothElastic, class_centre, random_zoom_crop, train_transform
 
 
 def checkerboard(side):
@@ -129,14 +129,44 @@ def test_no_elastic_step_unless_asked(elastic):
     assert train_transform(AugmentConfig(elastic=1.0, no_augment=True)) is None
 
 
+@pytest.mark.parametrize("flag", ["--elastic", "--class-crops"])
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])
-def test_bad_elastic_is_a_config_error(value):
+def test_bad_probability_is_a_config_error(flag, value):
     parser = argparse.ArgumentParser()
     add_augment_args(parser)
     assert parser.parse_args([]).elastic is None
-    config = config_from(AugmentConfig, vars(parser.parse_args(["--elastic", value])))
-    with pytest.raises(ConfigError, match=r"--elastic .*\[0, 1\]"):
+    config = config_from(AugmentConfig, vars(parser.parse_args([flag, value])))
+    with pytest.raises(ConfigError, match=flag + r" .*\[0, 1\]"):
         config.check()
+
+
+def test_class_centre_draws_each_present_class_alike_and_never_void():
+    """Classes 0 (most pixels), 2 (one pixel) and void: class 2's pixel is drawn about half the time, the
+    centre of a pixel of class 0 the rest, never a void one; an all-void mask has no centre."""
+    classes = np.zeros((30, 40), np.uint8)
+    classes[:, :10] = 255
+    classes[7, 25] = 2
+    torch.manual_seed(0)
+    centres = [class_centre(classes) for _ in range(2000)]
+    on_rare = [centre == (25.5, 7.5) for centre in centres]
+    assert abs(np.mean(on_rare) - 0.5) < 0.04
+    assert all(classes[int(y), int(x)] == 0 and x % 1 == y % 1 == 0.5
+               for (x, y), rare in zip(centres, on_rare) if not rare)
+    assert class_centre(np.full((5, 5), 255, np.uint8)) is None
+
+
+@pytest.mark.parametrize("centre", [(100.5, 60.5), (2.5, 118.5)])
+def test_centred_crop_holds_its_centre_and_stays_in_the_image(centre):
+    """A window centred on the point where the image allows it, pushed inside where it does not."""
+    image, mask = blobs(120, 160)
+    mask[int(centre[1]), int(centre[0])] = 2
+    window, window_mask, outside = random_zoom_crop(Image.fromarray(image), Image.fromarray(mask), 32, (1, 1),
+                                                    centre=centre)
+    assert outside is None and window.size == (32, 32)
+    rows, cols = np.nonzero(np.array(window_mask) == 2)
+    left, top = min(max(0, round(centre[0] - 16)), 160 - 32), min(max(0, round(centre[1] - 16)), 120 - 32)
+    assert (rows.tolist(), cols.tolist()) == ([int(centre[1]) - top], [int(centre[0]) - left])
+    assert np.array_equal(np.asarray(window), image[top:top + 32, left:left + 32])
 
 
 def test_nan_elastic_is_refused_by_the_parser_and_the_config(capsys):
