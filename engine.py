@@ -141,8 +141,9 @@ def classes_only_differ(shape, their_shape, num_logits, their_logits):
 
 
 def time_training_step(runner, model, batch_size, crop_size, fp, num_logits, accumulate, device, repeats=2):
-    """Seconds of one optimisation step on random data (the first pass, which sets up the kernels, untimed).
-    Nothing is updated, and the weights and BatchNorm statistics are restored afterwards."""
+    """(seconds of one optimisation step on random data, seconds the first pass took beyond them: setting up the
+    kernels, and compiling a torch.compile'd `runner.model`). Nothing is updated, and the weights and BatchNorm
+    statistics are restored afterwards."""
     saved = copy.deepcopy(model.state_dict())
     height, width = (crop_size, crop_size) if crop_size else fp.median_size
     channels = len(runner.normalize["mean"])
@@ -158,7 +159,8 @@ def time_training_step(runner, model, batch_size, crop_size, fp, num_logits, acc
         seconds.append(time.perf_counter() - start)
     runner.optimizer.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
-    return min(seconds[1:]) * accumulate
+    step = min(seconds[1:])
+    return step * accumulate, seconds[0] - step
 
 
 def time_epoch_end(model, normalize, amp_dtype, image_pixels, val_images, optimizer_name, largest_side=256):

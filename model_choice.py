@@ -57,6 +57,7 @@ class Timed:
     step_seconds: float
     epoch_end_seconds: float
     steps: int
+    one_off_seconds: float = 0.0  # what the first step costs beyond the others: compiling, with --compile
 
     @property
     def expected(self):
@@ -110,22 +111,26 @@ def missing_weights_note(encoders):
 
 def probe(time_candidate, plan_steps, weights="imagenet", candidates=CANDIDATES):
     """The Timed candidates, fastest first: `time_candidate(encoder, weights)` -> (step seconds, validation
-    seconds) measures one; `plan_steps(step seconds, validation seconds)` gives the steps the budget left after
-    the whole probe pays for, the same for all."""
+    seconds, one-off seconds of the first step) measures one; `plan_steps(step, validation, one-off seconds)`
+    gives the steps the budget left after the whole probe pays for: a candidate that takes longer to compile
+    (--compile) has fewer."""
     timings = [(encoder, candidate_weights(encoder, weights)) for encoder in candidates]
     timings = [(encoder, weights, *time_candidate(encoder, weights)) for encoder, weights in timings]
-    timed = [Timed(encoder, weights, step, end, plan_steps(step, end)) for encoder, weights, step, end in timings]
+    timed = [Timed(encoder, weights, step, end, plan_steps(step, end, one_off), one_off)
+             for encoder, weights, step, end, one_off in timings]
     return sorted(timed, key=lambda t: t.step_seconds)
 
 
-def describe(timed, chosen):
-    """The plan's lines on the choice: each candidate with its step time, planned steps and expected share."""
+def describe(timed, chosen, compiled=False):
+    """The plan's lines on the choice: each candidate with its step time, planned steps (and with --compile
+    `compiled`, its compile time) and expected share."""
     lines = ["network: the plan chose among U-Nets on these encoders (--encoder NAME or --base-channels N names one):"]
     for t in timed:
         weights = {"imagenet": "ImageNet weights", "none": "random weights"}.get(t.weights, f"weights {t.weights}")
         mark = "  <- chosen" if t.encoder == chosen.encoder else ""  # under torchrun, `chosen` is rank 0's copy
-        lines.append(f"  {t.encoder:9} ({weights}): a step {t.step_seconds:.3g}s, {t.steps} steps in the budget, "
-                     f"expected {t.expected:.2f} of the best score{mark}")
+        compiling = f" after {t.one_off_seconds:.0f}s to compile" if compiled else ""
+        lines.append(f"  {t.encoder:9} ({weights}): a step {t.step_seconds:.3g}s, {t.steps} steps in the budget"
+                     f"{compiling}, expected {t.expected:.2f} of the best score{mark}")
     return "\n".join(lines)
 
 

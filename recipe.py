@@ -292,12 +292,13 @@ def fit_recipe(config, augment, fp, device_type):
 
 def plan_run(config, checkpoint, fp, batch_size, augment, world_size, started, time_step, time_end):
     """The run's Plan: a resumed run's own (with the --time or --epochs given now), else a new one for
-    --epochs, or for --time (counted from `started`) from the seconds a training step takes (`time_step()`)
-    and those of a validation with its saves (`time_end()`), both measured by a probe."""
+    --epochs, or for --time (counted from `started`) from the seconds a training step takes and those its first
+    costs beyond them (`time_step()`: (step, one-off), compiling with --compile) and those of a validation with
+    its saves (`time_end()`), all measured by a probe."""
     if config.resume and checkpoint.get("plan"):
         plan = Plan(**checkpoint["plan"])
         if config.time and plan.epoch_end_seconds is None:  # a run of epochs stopped in its first, given a budget
-            plan.step_seconds = time_step()
+            plan.step_seconds = time_step()[0]
             plan.epoch_end_seconds = time_end() + 1.0
         if config.time:
             plan.budget = config.time
@@ -308,8 +309,8 @@ def plan_run(config, checkpoint, fp, batch_size, augment, world_size, started, t
     settings = {"warmup_epochs": config.warmup_epochs, "steps_per_epoch": config.steps_per_epoch}
     if config.time is None:
         return plan_epochs(config.epochs or DEFAULT_EPOCHS, *recipe, world_size * config.accumulate, **settings)
-    step, end = time_step(), time_end()
-    seconds_left = Deadline(config.time, 0.0, started).plannable()
+    (step, one_off), end = time_step(), time_end()
+    seconds_left = Deadline(config.time, 0.0, started).plannable() - one_off
     return plan_budget(config.time, seconds_left, step, end, *recipe, **settings)
 
 

@@ -327,6 +327,10 @@ class Probe:
     world_size: int
 
     def step(self, runner, model, num_logits, device):
+        """(seconds of a training step, seconds the run's first step costs beyond them): with --compile, of the
+        compiled model, and its compilation, which the run pays once too."""
+        if self.config.compile:
+            runner = dataclasses.replace(runner, model=torch.compile(model))
         return time_training_step(runner, model, self.batch_size, self.crop_size, self.fp, num_logits,
                                   self.config.accumulate, device)
 
@@ -336,8 +340,9 @@ class Probe:
 
 
 def plan_network(probe, model_config, train_set, augment, device, started, main_process):
-    """--time with no network named: (ModelConfig of the candidate the plan expects to score best, {"step",
-    "end": its probe's seconds, "record": what args.json keeps}), printing the candidates and the choice
+    """--time with no network named: (ModelConfig of the candidate the plan expects to score best, {"step":
+    (step, one-off seconds), "end": validation seconds, as its probe measured them, "record": what args.json
+    keeps}), printing the candidates and the choice
     (model_choice.py). Images smaller than the candidates' output stride keep the classic U-Net: (config, None)."""
     config, fp = probe.config, probe.fp
     side = augment.crop_size or min(fp.median_size)
@@ -350,22 +355,22 @@ def plan_network(probe, model_config, train_set, augment, device, started, main_
         candidate = dataclasses.replace(model_config, encoder=encoder, encoder_weights=weights)
         model, precision, meta = build_run_model(config, candidate, None, train_set, device, probe.world_size)
         runner = build_runner(model, config, candidate.encoder_lr(), precision, meta, device)
-        return (probe.step(runner, model, meta["model_args"]["num_classes"], device),
-                probe.epoch_end(model, meta["normalize"], precision))
+        step, one_off = probe.step(runner, model, meta["model_args"]["num_classes"], device)
+        return step, probe.epoch_end(model, meta["normalize"], precision), one_off
 
-    def plan_steps(step, end):
-        return plan_budget(config.time, Deadline(config.time, 0.0, started).plannable(), step, end,
+    def plan_steps(step, end, one_off):
+        return plan_budget(config.time, Deadline(config.time, 0.0, started).plannable() - one_off, step, end,
                            fp.train_images, probe.batch_size, augment.crop_size, augment.elastic).total_steps
 
     timed = probe_candidates(time_candidate, plan_steps, model_config.encoder_weights)
     chosen = all_gather_objects(choose(timed))[0]  # each process timed its own: rank 0's choice is the run's
     if main_process:
-        print(describe(timed, chosen))
+        print(describe(timed, chosen, config.compile))
         random = [t.encoder for t in timed if t.weights == "none"]
         if random and model_config.encoder_weights == "imagenet":
             print(missing_weights_note(random))
     model_config = dataclasses.replace(model_config, encoder=chosen.encoder, encoder_weights=chosen.weights)
-    return model_config, {"step": chosen.step_seconds, "end": chosen.epoch_end_seconds,
+    return model_config, {"step": (chosen.step_seconds, chosen.one_off_seconds), "end": chosen.epoch_end_seconds,
                           "record": as_record(timed, chosen)}
 
 

@@ -4,6 +4,7 @@ run says so; progress lines for a log file."""
 import csv
 import io
 import re
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -63,7 +64,11 @@ def on_fake_clock(monkeypatch, step, forward, save, loop_extra=0.0, probe_factor
 
     monkeypatch.setattr(train.StepRunner, "update", slower_update)
     monkeypatch.setattr(train, "save_checkpoint", timed_save)
-    monkeypatch.setattr(train, "time_training_step", lambda *a, **k: time_step(*a, **k) * probe_factor)
+    def probe_step(*args, **kwargs):
+        step, one_off = time_step(*args, **kwargs)
+        return step * probe_factor, one_off
+
+    monkeypatch.setattr(train, "time_training_step", probe_step)
     return clock
 
 
@@ -181,3 +186,17 @@ def test_the_epoch_end_probe_counts_the_images_their_size_and_the_checkpoints(mo
     small = engine.time_epoch_end(model, input_normalization(model_args), None, 64 * 64, 3, "sgd")
     assert sides == [64] * 3
     assert small == pytest.approx(0.1 / 16 * 3 * 1.25 + (2 * weights + parameters) / 200e6)
+
+
+def test_the_plan_keeps_the_first_steps_one_off_seconds_out_of_the_budget():
+    """plan_run's probe says a step takes 0.5 s and the first costs 30 s more (compiling): the steps planned are
+    those of a budget 30 s shorter."""
+    config = SimpleNamespace(resume=None, time=300.0, epochs=None, warmup_epochs=None, steps_per_epoch=None)
+    fp = SimpleNamespace(train_images=100)
+    augment = SimpleNamespace(crop_size=256, elastic=0.0)
+
+    def planned(one_off):
+        started = time.monotonic()
+        return recipe.plan_run(config, None, fp, 4, augment, 1, started, lambda: (0.5, one_off), lambda: 2.0)
+
+    assert planned(0.0).total_steps - planned(30.0).total_steps == pytest.approx(60, abs=8)  # give or take a validation

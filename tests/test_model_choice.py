@@ -35,9 +35,9 @@ def test_expected_share_interpolates_in_log_steps_and_is_flat_beyond_the_curve()
 
 def timed(seconds_per_candidate, budget_seconds):
     """probe() with mocked step times: each candidate gets the steps a `budget_seconds` budget pays for."""
-    def plan_steps(step, end):
+    def plan_steps(step, end, one_off):
         return plan_budget(budget_seconds, budget_seconds, step, end, 100, 4, 256, 0.0).total_steps
-    return probe(lambda encoder, weights: (seconds_per_candidate[encoder], 1.0), plan_steps, weights="none")
+    return probe(lambda encoder, weights: (seconds_per_candidate[encoder], 1.0, 0.0), plan_steps, weights="none")
 
 
 def test_a_short_budget_takes_the_fastest_candidate_a_long_one_the_best_curve():
@@ -106,7 +106,7 @@ def fake_probe(monkeypatch, seconds_by_encoder):
     """time_training_step of train.py returns these seconds for the ResNet-18 and ResNet-34 U-Nets."""
     def time_training_step(runner, model, *args, **kwargs):
         layers = len(model.encoder.stages[-1][0])  # resnet18's layer4 holds 2 blocks, resnet34's 3
-        return seconds_by_encoder[{2: "resnet18", 3: "resnet34"}[layers]]
+        return seconds_by_encoder[{2: "resnet18", 3: "resnet34"}[layers]], 0.0
     monkeypatch.setattr(train, "time_training_step", time_training_step)
 
 
@@ -170,3 +170,45 @@ def test_the_chosen_mark_follows_the_name_not_the_object():
     timed = [Timed("resnet18", "none", 0.5, 1.0, 1000), Timed("resnet34", "none", 0.8, 1.0, 600)]
     lines = model_choice.describe(timed, Timed("resnet18", "none", 0.5, 1.0, 1000)).splitlines()
     assert lines[1].endswith("<- chosen") and "chosen" not in lines[2]
+
+
+def test_compile_time_is_measured_per_candidate_and_leaves_fewer_steps(tmp_path, monkeypatch, capsys):
+    """With --compile the probe compiles each candidate: the first step's extra seconds (here a fake compiler's
+    20 s on the fake clock) are printed, kept, and taken from that candidate's budget."""
+    clock = on_fake_clock(monkeypatch, step=0.3, forward=0.01, save=0.1)
+    compiled = []
+
+    class FakeCompiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.first = model, True
+            compiled.append(model)
+
+        def forward(self, x):
+            if self.first:
+                clock.now, self.first = clock.now + 20.0, False
+            return self.model(x)
+
+    monkeypatch.setattr(torch, "compile", FakeCompiled)
+    run_dir = train.main(SHAPES + ["--time", "2m", "--compile", "--checkpoint-dir", str(tmp_path)], started=0.0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("resnet18", "resnet34"))]
+    assert len(lines) == 2 and all("after 20s to compile" in line for line in lines)
+    assert len(compiled) == 3  # each candidate in the probe, then the run's model
+    choice = json.loads((run_dir / "args.json").read_text())["network_choice"]
+    assert [c["one_off_seconds"] for c in choice["candidates"]] == pytest.approx([20.0, 20.0])
+
+
+def test_a_candidate_slow_to_compile_gets_the_steps_of_a_shorter_budget():
+    seen = []
+
+    def plan_steps(step, end, one_off):
+        seen.append(one_off)
+        return plan_budget(120, 120 - one_off, step, end, 100, 4, 256, 0.0).total_steps
+
+    timed = probe(lambda encoder, weights: (0.5, 1.0, {"resnet18": 0.0, "resnet34": 40.0}[encoder]), plan_steps,
+                  weights="none")
+    steps = {t.encoder: t.steps for t in timed}
+    assert sorted(seen) == [0.0, 40.0]
+    assert steps["resnet18"] == plan_budget(120, 120, 0.5, 1.0, 100, 4, 256, 0.0).total_steps
+    assert steps["resnet34"] == plan_budget(120, 80, 0.5, 1.0, 100, 4, 256, 0.0).total_steps < steps["resnet18"]
+    assert "after 40s to compile" in model_choice.describe(timed, timed[0], compiled=True)
