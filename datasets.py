@@ -198,6 +198,14 @@ class SegmentationFiles(torch.utils.data.Dataset):
         item = image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
         return (*item, image_path.stem) if self.with_names else item
 
+    def class_pixels(self, index):
+        """Pixels of each class id (an array of IGNORE_INDEX + 1 counts) in pair `index`'s mask as read: void
+        and pixels outside the region of interest left out."""
+        image_path, mask_path = self.pairs[index]
+        mask = open_mask(mask_path, self.colours)
+        classes = self.classes_in_region(np.array(mask), mask_path, image_path, mask.size)
+        return np.bincount(classes.ravel(), minlength=IGNORE_INDEX + 1)
+
     def to_classes(self, values, mask_path):
         """Raw mask values (or packed colours) -> uint8 class indices (255 = ignore)."""
         if self.values_are_classes and values.dtype == np.uint8 and values.max() < len(self.mask_values):
@@ -224,6 +232,19 @@ class SegmentationFiles(torch.utils.data.Dataset):
                 raise roi_size_mismatch(image_path, size, roi_path, roi.size)
             classes[np.asarray(roi) == 0] = IGNORE_INDEX
         return classes
+
+
+def class_shares(dataset, num_classes, limit=64):
+    """Each class's share of the labelled pixels of up to `limit` masks spread over `dataset` (synthetic shapes:
+    its first items)."""
+    count = min(limit, len(dataset))
+    picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
+    counts = np.zeros(IGNORE_INDEX + 1)
+    for i in picks:
+        counts += dataset.class_pixels(i) if hasattr(dataset, "class_pixels") else \
+            np.bincount(dataset[i][1].numpy().ravel(), minlength=IGNORE_INDEX + 1)
+    counts = counts[:num_classes]
+    return counts / max(1.0, counts.sum())
 
 
 def packed_values(mask_values, void_value):

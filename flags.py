@@ -76,14 +76,17 @@ def add_augment_args(parser):
                        help="side of the random training crop (0: none; else at least the model's output stride; "
                             "default: 256 on CPUs, 512 on GPUs, at most the typical image's shorter side)")
     group.add_argument("--zoom", type=finite_float, nargs=2, default=[0.7, 1.4], metavar=("MIN", "MAX"),
-                       help="random zoom range applied before the crop (nnU-Net's)")
+                       help="random zoom range applied before the crop (nnU-Net's; default 0.7 1.4, off in a --time "
+                            "run too short for it)")
     group.add_argument("--hflip", type=finite_float, default=0.5, help="probability of a horizontal flip (0: off)")
-    group.add_argument("--rotate", type=finite_float, default=10.0, help="largest random rotation in degrees (0: off)")
+    group.add_argument("--rotate", type=finite_float, default=10.0,
+                       help="largest random rotation in degrees (0: off; default 10, off in a --time run too short "
+                            "for it)")
     group.add_argument("--jitter", type=finite_float, default=0.0,
                        help="brightness, contrast and saturation jitter (0: off)")
     group.add_argument("--elastic", type=finite_float, default=None, metavar="PROB",
                        help="probability of a smooth random elastic deformation (U-Net paper; 0: off; default: on "
-                            "for small datasets, chosen by the training recipe)")
+                            "for small datasets, chosen by the training recipe; off in a --time run too short for it)")
     group.add_argument("--class-crops", type=finite_float, default=1 / 3, metavar="PROB",
                        help="probability that a training crop is centred on a pixel of a class drawn at random from "
                             "those its mask holds, so that rare classes are seen (nnU-Net's; 0: every crop random; "

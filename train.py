@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import check_resumable, load_checkpoint, save_checkpoint, without_resume_state
-from datasets import DataConfig, build_dataset, load_scale, resolve_data
+from datasets import DataConfig, build_dataset, class_shares, load_scale, resolve_data
 from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
     is_distributed
 from engine import StepRunner, build_runner, build_scheduler, load_all_weights, load_weights, \
@@ -27,11 +27,12 @@ from errors import CheckpointError, ConfigError, DatasetError, EncoderWeightsErr
 from flags import add_augment_args, add_dataset_args, add_model_args, add_precision_args, config_from, finite_float
 from inference import evaluate
 from interrupts import RunInterrupted, StopRequest
+from losses import balanced_class_weights
 from precision import Precision, choose_precision
 from progress import Progress
-from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, MAX_VALIDATIONS, MIN_BUDGET, MIN_STEPS_PER_EPOCH, \
-    WARMUP_SHARE, Deadline, EpochPace, Fingerprint, Plan, check_unfinished, duration_text, fingerprint, fit_recipe, \
-    parse_duration, plan_budget, plan_run, replan, replan_note
+from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, LIGHT_AUGMENT, MAX_VALIDATIONS, MIN_BUDGET, \
+    MIN_STEPS_PER_EPOCH, WARMUP_SHARE, Deadline, EpochPace, Fingerprint, Plan, budget_augment, check_unfinished, \
+    duration_text, fingerprint, fit_recipe, parse_duration, plan_budget, plan_run, replan, replan_note
 from image_stats import input_normalization_for
 from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, set_encoder_frozen
 from model_choice import CANDIDATE_STRIDE, NETWORK_FLAGS, as_record, choose, describe, missing_weights_note, \
@@ -73,8 +74,9 @@ def get_args_parser():
     o.add_argument("--clip-grad", type=finite_float, default=0.0, help="clip the gradient norm to this (0: off)")
     o.add_argument("--loss", default="ce+dice", choices=["ce", "dice", "ce+dice"],
                    help="cross-entropy (BCE for a single logit), soft Dice, or their sum (nnU-Net's default)")
-    o.add_argument("--class-weights", type=finite_float, nargs="+", default=None, metavar="W",
-                   help="cross-entropy weight of each class, background first (two for a single logit)")
+    o.add_argument("--class-weights", type=class_weight, nargs="+", default=["balanced"], metavar="W",
+                   help="cross-entropy weight of each class, background first (two for a single logit); "
+                        "'balanced' (the default): 1/sqrt of each class's share of the training pixels; 'none'")
     o.add_argument("--metric", default="miou", choices=["miou", "dice"],
                    help="validation score that picks best.pth (dice: foreground Dice for two classes)")
     s = p.add_argument_group("speed")
@@ -116,8 +118,11 @@ def parse_args(argv=None):
             p.set_defaults(**{k: v for k, v in resume_defaults(p, args.load, "--load").items() if k in model_flags})
             flags = vars(p.parse_args(argv))
         configs = [config_from(kind, flags).check() for kind in (TrainConfig, DataConfig, AugmentConfig)]
-        planned = args.time is not None and not (args.resume or args.load or given_flags(argv) & set(NETWORK_FLAGS))
+        given = given_flags(argv)
+        planned = args.time is not None and not (args.resume or args.load or given & set(NETWORK_FLAGS))
         model_config = dataclasses.replace(config_from(ModelConfig, flags), planned=planned)
+        if args.time is not None and not args.resume:
+            configs[2] = dataclasses.replace(configs[2], planned=tuple(sorted(set(LIGHT_AUGMENT) - given)))
         # --resume and --load take the weights of the checkpoint, never --encoder-weights: it may have moved.
         configs.append(model_config.check(reads_weights=not (args.resume or args.load)))
         if planned and model_config.encoder_weights not in ("imagenet", "none"):
@@ -213,7 +218,11 @@ class TrainConfig:
         check_at_least(0, weight_decay=self.weight_decay, momentum=self.momentum,
                        warmup_epochs=self.warmup_epochs or 0, clip_grad=self.clip_grad, workers=self.workers or 0,
                        sample_every=self.sample_every)
-        if self.class_weights and min(self.class_weights) < 0:
+        words = [w for w in self.class_weights or [] if isinstance(w, str)]
+        if words and len(self.class_weights) > 1:
+            raise ConfigError(f"--class-weights takes 'balanced' or 'none' alone, or one number per class, got "
+                              f"{' '.join(map(str, self.class_weights))}")
+        if self.class_weights and not words and min(self.class_weights) < 0:
             raise ConfigError(f"--class-weights cannot be negative, got {self.class_weights}")
         check_seeds(seed=self.seed)
         pick_device(self.device)
@@ -276,6 +285,9 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     # The run saves the dataset it found, its mask values and the recipe it chose.
     flags = {**flags, **dataclasses.asdict(data), "batch_size": batch_size, "crop_size": augment.crop_size,
              "elastic": augment.elastic}
+    if config.class_weights in (["balanced"], ["none"]):
+        weights = balanced_weights(train_set, main_process) if config.class_weights == ["balanced"] else None
+        config, flags = dataclasses.replace(config, class_weights=weights), {**flags, "class_weights": weights}
     probe = Probe(config, fp, batch_size, augment.crop_size, len(val_set), world_size)
     chosen = None
     if model_config.planned:
@@ -284,9 +296,6 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     model, precision, meta = build_run_model(config, model_config, checkpoint, train_set, device, world_size)
     num_logits = meta["model_args"]["num_classes"]
     # Each process scores its own share of the validation set; the confusion matrices are summed.
-    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), 1, config, device)
-    epoch_sampler = EpochSampler(len(train_set), batch_size, config.seed, rank, world_size)
-    train_loader = make_loader(SeededItems(train_set), epoch_sampler, batch_size, config, device)
     runner = build_runner(model, config, model_config.encoder_lr(), precision, meta, device)
     if main_process:
         print(f"precision: {precision.describe()}")
@@ -294,6 +303,15 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
                     lambda: chosen["step"] if chosen else probe.step(runner, model, num_logits, device),
                     lambda: chosen["end"] if chosen else probe.epoch_end(model, meta["normalize"], precision))
     plan = all_gather_objects(plan)[0]  # each process timed its own step: rank 0's plan is the run's
+    augment, note = budget_augment(augment, plan, fp, world_size * config.accumulate)
+    if note:
+        train_set = build_dataset(data, "train", augment)
+        flags = {**flags, "zoom": list(augment.zoom), "rotate": augment.rotate, "elastic": augment.elastic}
+        if main_process:
+            print(note)
+    val_loader = make_loader(val_set, range(rank, len(val_set), world_size), 1, config, device)
+    epoch_sampler = EpochSampler(len(train_set), batch_size, config.seed, rank, world_size)
+    train_loader = make_loader(SeededItems(train_set), epoch_sampler, batch_size, config, device)
     runner.scheduler = build_scheduler(runner.optimizer, config.scheduler, plan)
     # What a checkpoint records of the run's progress; "epoch" counts finished epochs.
     run = {"epoch": 0, "best_score": -1.0, "metrics": None, "epoch_progress": None}
@@ -377,6 +395,21 @@ def plan_network(probe, model_config, train_set, augment, device, started, main_
 def model_flags(model_config):
     """The ModelConfig fields that are flags, as args.json keeps them."""
     return {k: v for k, v in dataclasses.asdict(model_config).items() if k not in ("in_channels", "planned")}
+
+
+def balanced_weights(train_set, main_process):
+    """--class-weights balanced: the weights of the classes' shares of up to 64 training masks, printed."""
+    shares = class_shares(train_set, len(train_set.classes))
+    weights = [round(w, 3) for w in balanced_class_weights(shares)]
+    if main_process:
+        print("class weights (balanced, from the training masks' pixels): " + ", ".join(
+            f"{name} {w:g} ({share:.2%})" for name, w, share in zip(train_set.classes, weights, shares)))
+    return weights
+
+
+def class_weight(text):
+    """argparse type of --class-weights: a number, or the word 'balanced' or 'none'."""
+    return text if text in ("balanced", "none") else finite_float(text)
 
 
 def note_batch_of_one(batch_size, synchronised_batch_norm):

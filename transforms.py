@@ -27,6 +27,7 @@ class AugmentConfig:
     elastic: float | None = None  # probability of an elastic deformation; None: the training recipe decides (0 here)
     class_crops: float = 1 / 3  # probability that a crop is centred on a pixel of a random class (class_centre)
     no_augment: bool = False
+    planned: tuple = ()  # of zoom, rotate, elastic: those no flag set, which a --time plan may turn off
 
     def check(self):
         if (self.crop_size or 0) < 0 or self.rotate < 0 or self.jitter < 0 or not 0 <= self.hflip <= 1:

@@ -3,11 +3,14 @@ early, keeping the time its validation and saves need, foreseen by a probe befor
 run says so; progress lines for a log file."""
 import csv
 import io
+import json
 import re
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import engine
 import progress
@@ -200,3 +203,30 @@ def test_the_plan_keeps_the_first_steps_one_off_seconds_out_of_the_budget():
         return recipe.plan_run(config, None, fp, 4, augment, 1, started, lambda: (0.5, one_off), lambda: 2.0)
 
     assert planned(0.0).total_steps - planned(30.0).total_steps == pytest.approx(60, abs=8)  # give or take a validation
+
+
+def test_a_short_budget_trains_without_the_zoom_and_rotation_no_flag_asked_for(tmp_path, monkeypatch, capsys):
+    """Four 64x64 images, 30 s of steps of 0.3 s: a few tens of passes over the pixels, so the plan turns off
+    the zoom and the elastic deformation; the --rotate given stays."""
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray((rng.random((64, 64)) > 0.5).astype(np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+    on_fake_clock(monkeypatch, step=0.3, forward=0.01, save=0.1)
+    built = []
+    build_dataset = train.build_dataset
+    monkeypatch.setattr(train, "build_dataset", lambda data, split, augment=None, **kwargs: (
+        built.append(augment), build_dataset(data, split, augment, **kwargs))[1])
+    argv = ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--val-percent", "25",
+            "--crop-size", "32", "--rotate", "5", "--time", "30s", "--base-channels", "4", "--depth", "2",
+            "--workers", "0", "--sample-every", "0", "--amp", "off", "--channels-last", "off",
+            "--checkpoint-dir", str(tmp_path / "runs")]
+    run_dir = train.main(argv, started=0.0)
+    assert "augmentation: zoom and elastic deformation off, as the budget shows the training pixels" \
+        in capsys.readouterr().out
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert (saved["zoom"], saved["rotate"], saved["elastic"]) == ([1.0, 1.0], 5.0, 0.0)
+    trained_on = [augment for augment in built if augment is not None][-1]
+    assert (tuple(trained_on.zoom), trained_on.rotate, trained_on.elastic) == ((1.0, 1.0), 5.0, 0.0)

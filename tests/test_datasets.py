@@ -424,3 +424,15 @@ def test_rotation_brings_in_void_only_from_beyond_the_image():
         inside = ~outside
         assert (labels[inside] == 1).mean() > 0.97 and (pixels[inside] > 100).mean() > 0.97
     assert voids > 0  # at 45 degrees and zoomed out, some windows reach beyond the image
+
+
+def test_class_shares_count_the_masks_labelled_pixels(tmp_path):
+    """Three masks with a void value: the shares are numpy's counts of the classes over all of them, void aside."""
+    rng = np.random.default_rng(0)
+    masks = [rng.choice([0, 10, 20, 99], size=(30, 40), p=[0.6, 0.25, 0.1, 0.05]).astype(np.uint8) for _ in range(3)]
+    for i, mask in enumerate(masks):
+        save_pair(tmp_path, f"m{i}", np.zeros((30, 40, 3), np.uint8), mask)
+    args = data_args("--data", tmp_path, "--dataset", "folder", "--val-percent", "0", "--mask-values", "0", "10",
+                     "20", "--ignore-index", "99")
+    counts = np.array([sum((m == v).sum() for m in masks) for v in (0, 10, 20)])
+    assert datasets.class_shares(build_dataset(args, "train"), 3) == pytest.approx(counts / counts.sum())

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import cross_entropy_loss, dice_loss, segmentation_loss
+from losses import balanced_class_weights, cross_entropy_loss, dice_loss, segmentation_loss
 
 
 def test_weighted_cross_entropy_matches_torch_and_numpy():
@@ -61,3 +61,12 @@ def test_dice_for_one_logit_counts_background_when_foreground_is_absent():
     background = 1 - fg
     dice_bg = (2 * background.sum() + 1) / (background.sum() + 2 + 1)  # foreground absent: not averaged
     assert dice_loss(logits, target).item() == pytest.approx(1 - dice_bg, rel=1e-5)
+
+
+def test_balanced_class_weights_by_hand():
+    # shares 0.75 and 0.25: 1/sqrt gives 1.1547 and 2, whose pixel-weighted mean is 0.866 + 0.5 = 1.366
+    assert balanced_class_weights([0.75, 0.25]) == pytest.approx([1.1547 / 1.366, 2 / 1.366], rel=1e-4)
+    weights = balanced_class_weights([0.6, 0.0, 0.4])  # a class the sample never saw weighs as the rarest seen
+    assert weights[1] == weights[2] > weights[0]
+    assert 0.6 * weights[0] + 0.4 * weights[2] == pytest.approx(1.0)
+    assert balanced_class_weights([0.0, 0.0]) == [1.0, 1.0]

@@ -5,8 +5,10 @@ import math
 
 import pytest
 
-from recipe import (MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, Deadline, Fingerprint, Plan, default_batch_and_crop,
-                    default_elastic, duration_text, image_sizes, parse_duration, plan_budget, plan_epochs)
+from recipe import (AUGMENT_PASSES, MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, Deadline, Fingerprint, Plan,
+                    budget_augment, default_batch_and_crop, default_elastic, duration_text, image_sizes,
+                    parse_duration, passes_over_pixels, plan_budget, plan_epochs)
+from transforms import AugmentConfig
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400),
@@ -156,3 +158,26 @@ def test_the_plan_says_when_validation_eats_the_budget():
     slow = plan_budget(600, 590, 1.0, 400.0, 1449, 4, 256, 0.0).describe()
     assert quick.startswith("plan: ") and "budget 10m: a step takes 1s" in quick and "note" not in quick
     assert "note: one validation takes about 401s of the 10m" in slow and "--val-percent" in slow
+
+
+def test_passes_over_the_training_pixels_by_hand():
+    vnc = Fingerprint(14, (1024, 1024), 2 * 1024 ** 2)  # 14 sections of 1024x1024
+    plan = Plan(4, 256, 0.5, 88, 1310, 39, 600.0)  # 1310 steps of 4 crops of 256x256
+    assert passes_over_pixels(plan, vnc, 1) == pytest.approx(1310 * 4 * 256 ** 2 / (14 * 1024 ** 2))  # 23.4
+    assert passes_over_pixels(plan, vnc, 2) == pytest.approx(2 * 23.39, abs=0.01)  # two processes
+    small = Fingerprint(10, (100, 200), 0)  # images smaller than the crop: a crop shows all of an image
+    assert passes_over_pixels(plan, small, 1) == pytest.approx(1310 * 4 / 10)
+
+
+def test_a_short_budget_turns_off_the_geometric_augmentation_no_flag_set():
+    vnc = Fingerprint(14, (1024, 1024), 2 * 1024 ** 2)
+    augment = AugmentConfig(crop_size=256, zoom=[0.7, 1.4], rotate=10.0, elastic=0.5, planned=("elastic", "zoom"))
+    plan = Plan(4, 256, 0.5, 88, 1310, 39, 600.0)
+    light, note = budget_augment(augment, plan, vnc, 1)
+    assert (light.zoom, light.rotate, light.elastic, light.hflip) == ((1.0, 1.0), 10.0, 0.0, 0.5)  # --rotate given
+    assert plan.elastic == 0.0 and note.startswith("augmentation: zoom and elastic deformation off")
+    assert "23 times" in note
+    long_plan = Plan(4, 256, 0.5, 88, math.ceil(1310 * AUGMENT_PASSES / 23.39), 39, 3600.0)
+    assert budget_augment(augment, long_plan, vnc, 1) == (augment, None)  # enough passes: all of it stays
+    shapes = Fingerprint(2000, (64, 64), 0, fixed_size=True)  # made at their size: no augmentation to turn off
+    assert budget_augment(augment, Plan(8, 0, 0.0, 50, 100, 5, 60.0), shapes, 1) == (augment, None)

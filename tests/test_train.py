@@ -303,6 +303,22 @@ def test_wrong_number_of_class_weights_is_one_line(tmp_path):
         train.main(TINY + ["--class-weights", "1", "2", "--checkpoint-dir", str(tmp_path)])
 
 
+def test_balanced_class_weights_are_measured_printed_and_saved(tmp_path, capsys):
+    run_dir = train.main(TINY + ["--epochs", "1", "--checkpoint-dir", str(tmp_path)])  # balanced by default
+    counts = np.zeros(4)
+    for i in np.linspace(0, 31, 32).round().astype(int):  # the 32 training images (all: fewer than 64)
+        counts += np.bincount(Shapes(32, 32, 0, "train")[i][1].numpy().ravel(), minlength=4)
+    shares = counts / counts.sum()
+    expected = shares ** -0.5 / (shares * shares ** -0.5).sum()
+    saved = json.loads((run_dir / "args.json").read_text())["class_weights"]
+    assert saved == pytest.approx(expected, abs=1e-3)
+    assert "class weights (balanced, from the training masks' pixels): background " in capsys.readouterr().out
+    unweighted = train.main(TINY + ["--epochs", "1", "--class-weights", "none", "--checkpoint-dir", str(tmp_path)])
+    assert json.loads((unweighted / "args.json").read_text())["class_weights"] is None
+    with pytest.raises(SystemExit, match="--class-weights takes 'balanced' or 'none' alone, or one number per class"):
+        train.main(TINY + ["--class-weights", "balanced", "2", "--checkpoint-dir", str(tmp_path)])
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_bad_mask_found_while_loading_is_one_line(tmp_path, shared_data, workers):
     """Without --verify, a corrupt Carvana mask is only met when loaded, maybe in a worker: still one line."""
