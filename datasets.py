@@ -234,15 +234,22 @@ class SegmentationFiles(torch.utils.data.Dataset):
         return classes
 
 
-def class_shares(dataset, num_classes, limit=64):
+def class_shares(dataset, num_classes, limit=64, most_pixels=64_000_000):
     """Each class's share of the labelled pixels of up to `limit` masks spread over `dataset` (synthetic shapes:
-    its first items)."""
+    its items), read in a seeded random order until they hold `most_pixels` (huge masks are slow to read);
+    with --skip-bad an unreadable mask is left out."""
     count = min(limit, len(dataset))
     picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
     counts = np.zeros(IGNORE_INDEX + 1)
-    for i in picks:
-        counts += dataset.class_pixels(i) if hasattr(dataset, "class_pixels") else \
-            np.bincount(dataset[i][1].numpy().ravel(), minlength=IGNORE_INDEX + 1)
+    for i in np.random.default_rng(0).permutation(picks):
+        try:
+            counts += dataset.class_pixels(i) if hasattr(dataset, "class_pixels") else \
+                np.bincount(dataset[i][1].numpy().ravel(), minlength=IGNORE_INDEX + 1)
+        except DatasetError:
+            if not getattr(dataset, "skip_bad", False):
+                raise
+        if counts.sum() >= most_pixels:
+            break
     counts = counts[:num_classes]
     return counts / max(1.0, counts.sum())
 

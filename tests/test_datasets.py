@@ -436,3 +436,29 @@ def test_class_shares_count_the_masks_labelled_pixels(tmp_path):
                      "20", "--ignore-index", "99")
     counts = np.array([sum((m == v).sum() for m in masks) for v in (0, 10, 20)])
     assert datasets.class_shares(build_dataset(args, "train"), 3) == pytest.approx(counts / counts.sum())
+
+
+def test_class_shares_stop_at_their_pixel_budget_and_skip_bad_masks():
+    class Stub:
+        """Ten masks of 1,000 pixels: mask i all of class i % 2; mask 3 unreadable."""
+        skip_bad = True
+
+        def __len__(self):
+            return 10
+
+        def class_pixels(self, index):
+            if index == 3:
+                raise DatasetError("mask 3 is corrupt")
+            read.append(index)
+            return np.bincount([index % 2], minlength=256) * 1000
+
+    read = []
+    shares = datasets.class_shares(Stub(), 2, most_pixels=4000)
+    assert len(read) == 4 and len(set(read)) == 4 and 3 not in read
+    assert shares == pytest.approx([sum(i % 2 == 0 for i in read) / 4, sum(i % 2 for i in read) / 4])
+    read.clear()
+    datasets.class_shares(Stub(), 2)
+    assert sorted(read) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    Stub.skip_bad = False
+    with pytest.raises(DatasetError, match="mask 3 is corrupt"):
+        datasets.class_shares(Stub(), 2)
