@@ -24,6 +24,7 @@ from pairs import check_values, data_form, existing, found_mask_values, held_out
     read_ids, read_pairs_file, scan_pairs, size_mismatch, unknown_colours, unknown_values
 from synthetic import Shapes
 from transforms import class_centre, fit_canvas, random_zoom_crop, resample_mask, train_transform
+from utils import spread_indices
 
 DATASETS = ["auto", "shapes", "voc", "sbd", "sbd-voc", "trainaug", "carvana", "folder"]
 
@@ -238,10 +239,8 @@ def class_shares(dataset, num_classes, limit=64, most_pixels=64_000_000):
     """Each class's share of the labelled pixels of up to `limit` masks spread over `dataset` (synthetic shapes:
     its items), read in a seeded random order until they hold `most_pixels` (huge masks are slow to read);
     with --skip-bad an unreadable mask is left out."""
-    count = min(limit, len(dataset))
-    picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
     counts = np.zeros(IGNORE_INDEX + 1)
-    for i in np.random.default_rng(0).permutation(picks):
+    for i in np.random.default_rng(0).permutation(spread_indices(len(dataset), limit)):
         try:
             counts += dataset.class_pixels(i) if hasattr(dataset, "class_pixels") else \
                 np.bincount(dataset[i][1].numpy().ravel(), minlength=IGNORE_INDEX + 1)

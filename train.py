@@ -305,10 +305,10 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
     plan = all_gather_objects(plan)[0]  # each process timed its own step: rank 0's plan is the run's
     augment, note = budget_augment(augment, plan, fp, world_size * config.accumulate)
     if note:
-        train_set = build_dataset(data, "train", augment)
         flags = {**flags, "zoom": list(augment.zoom), "rotate": augment.rotate, "elastic": augment.elastic}
         if main_process:
             print(note)
+    train_set = build_dataset(data, "train", augment)  # augmented as the plan decided
     val_loader = make_loader(val_set, range(rank, len(val_set), world_size), 1, config, device)
     epoch_sampler = EpochSampler(len(train_set), batch_size, config.seed, rank, world_size)
     train_loader = make_loader(SeededItems(train_set), epoch_sampler, batch_size, config, device)
@@ -704,16 +704,18 @@ def resume_hints(last_good):
 
 def prepare_data(config, data, augment, device, main_process):
     """(resolved DataConfig, training set, validation set, Fingerprint, batch size, AugmentConfig): the data
-    found, and the batch and augmentation the recipe fits to it. Validation scores whole images at the files'
-    resolution, as eval.py does, so that best.pth follows eval.py's number."""
+    found, and the batch and augmentation the recipe fits to it. The training set is not augmented yet: the
+    plan may still lighten the augmentation (recipe.budget_augment). Validation scores whole images at the
+    files' resolution, as eval.py does, so that best.pth follows eval.py's number."""
     data = resolve_data(data)
     if data.dataset == "shapes" and augment.crop_size and main_process:
         print(f"note: --crop-size {augment.crop_size} does not apply to the synthetic shapes, made at --image-size "
               f"{data.image_size}", file=sys.stderr)
     val_set = build_dataset(data, "val", full_resolution=True)
-    fp = fingerprint(build_dataset(data, "train"), val_set, load_scale(data.dataset, data.scale))
+    train_set = build_dataset(data, "train")
+    fp = fingerprint(train_set, val_set, load_scale(data.dataset, data.scale))
     batch_size, augment = fit_recipe(config, augment, fp, device.type)
-    return data, build_dataset(data, "train", augment), val_set, fp, batch_size, augment
+    return data, train_set, val_set, fp, batch_size, augment
 
 
 if __name__ == "__main__":
