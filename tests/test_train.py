@@ -1,4 +1,5 @@
 """train.py at scale: exact resume, Ctrl-C, the NaN stop, atomic saves, logs, curves, samples, torchrun."""
+import copy
 import csv
 import json
 import math
@@ -260,6 +261,30 @@ def test_schedules_scale_every_parameter_group():
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 6 / 25)))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_fused_optimizer_updates_the_weights_as_the_per_tensor_loop_does(name):
+    torch.manual_seed(0)
+    # (no bias before BatchNorm: its gradient is rounding noise, which Adam scales up to whole steps)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    config = train.TrainConfig(optimizer=name, lr=0.01, weight_decay=1e-2, momentum=0.9)
+    optimizer = engine.build_optimizer(model, config, encoder_lr_factor=1.0)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    twin = copy.deepcopy(model)
+    twin_of = dict(zip(map(id, model.parameters()), twin.parameters()))
+    groups = [{"params": [twin_of[id(p)] for p in group["params"]], "weight_decay": group["weight_decay"]}
+              for group in optimizer.param_groups]  # parameter_groups spares BatchNorm and biases the decay
+    momentum = {"momentum": 0.9} if name == "sgd" else {}
+    looped = type(optimizer)(groups, lr=0.01, foreach=False, **momentum)
+    for _ in range(3):
+        x = torch.randn(2, 1, 8, 8)
+        for net, opt in ((model, optimizer), (twin, looped)):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for fused_weight, looped_weight in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(fused_weight, looped_weight)
 
 
 def test_load_takes_matching_weights_for_a_new_number_of_classes(full_run, tmp_path, capsys):
