@@ -4,6 +4,8 @@ multi-page TIFF through tifffile); masks as the raw values they hold (palette in
 
 An image's form is (channels, dtype), e.g. (1, "uint16") or (5, "float32"); the form None stands for 8-bit RGB,
 into which grey, palette and RGBA files are converted as they always were."""
+import functools
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,7 +57,15 @@ def wrong_form(path, found, wanted):
 
 def tiff_header(path):
     """(form, (width, height) upright, whether PIL reads the file as it is: one page of 8-bit grey or RGB) of a
-    TIFF, from its header."""
+    TIFF, from its header. Training reads each file many times, and tifffile's parse of an ImageJ header alone
+    takes longer than decoding a 1024x1024 grey image, so the answer is kept while the file is unchanged."""
+    with decoding(path):
+        stat = os.stat(path)
+    return parsed_tiff_header(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def parsed_tiff_header(path, modified_ns, size):
     with decoding(path), tifffile.TiffFile(path) as tiff:
         series, pages = tiff.series[0], len(tiff.pages)
         height, width = series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]

@@ -192,6 +192,22 @@ def test_multi_page_and_multi_sample_tiffs_read_alike(tmp_path):
         assert torch.equal(images.read_image(tmp_path / name, form), torch.from_numpy(bands.astype(np.float32)))
 
 
+def test_a_tiff_header_is_parsed_once_until_the_file_changes(tmp_path, monkeypatch):
+    path = tmp_path / "slice.tif"
+    tifffile.imwrite(path, np.zeros((6, 9), np.uint8))
+    opened, tiff_file = [], tifffile.TiffFile
+    monkeypatch.setattr(tifffile, "TiffFile", lambda *a, **k: opened.append(a) or tiff_file(*a, **k))
+    for _ in range(3):
+        assert images.tiff_header(path) == ((1, "uint8"), (9, 6), True)
+    assert len(opened) == 1
+    tifffile.imwrite(path, np.zeros((2, 7, 5), np.uint16), photometric="minisblack")  # the same name, new content
+    assert images.tiff_header(path) == ((2, "uint16"), (5, 7), False)
+    assert len(opened) == 2
+    path.unlink()
+    with pytest.raises(DatasetError, match="does not exist"):
+        images.tiff_header(path)
+
+
 @pytest.mark.parametrize("alpha", [False, True])
 def test_sixteen_bit_colour_png_keeps_its_low_bits(tmp_path, alpha):
     """PIL reads a 16-bit RGB(A) PNG as 8-bit RGB; it is read as the 3 bands of uint16 values it holds."""
