@@ -35,8 +35,8 @@ from recipe import CPU_BATCH, DEFAULT_EPOCHS, GPU_BATCH, LIGHT_AUGMENT, MAX_VALI
     duration_text, fingerprint, fit_recipe, parse_duration, plan_budget, plan_run, replan, replan_note
 from image_stats import input_normalization_for
 from model import TRAINING_FLAGS, ModelConfig, build_model, count_parameters, set_encoder_frozen
-from model_choice import CANDIDATE_STRIDE, NETWORK_FLAGS, as_record, choose, describe, missing_weights_note, \
-    probe as probe_candidates, weights_file_encoder
+from model_choice import CANDIDATE_STRIDE, ENCODERS, NETWORK_FLAGS, as_record, candidate_config, choose, describe, \
+    missing_weights_note, probe as probe_candidates, weights_file_encoder
 from rundir import RunLog, check_run_name, new_run_dir, removed_if_unsaved, save_samples
 from sampling import EpochSampler, SeededItems, make_loader
 from transforms import AugmentConfig
@@ -369,8 +369,8 @@ def plan_network(probe, model_config, train_set, augment, device, started, main_
               f"{CANDIDATE_STRIDE} pixels the ResNet U-Nets halve five times")
         return model_config, None
 
-    def time_candidate(encoder, weights):
-        candidate = dataclasses.replace(model_config, encoder=encoder, encoder_weights=weights)
+    def time_candidate(network, weights):
+        candidate = candidate_config(model_config, network, weights)
         model, precision, meta = build_run_model(config, candidate, None, train_set, device, probe.world_size)
         runner = build_runner(model, config, candidate.encoder_lr(), precision, meta, device)
         step, one_off = probe.step(runner, model, meta["model_args"]["num_classes"], device)
@@ -384,10 +384,10 @@ def plan_network(probe, model_config, train_set, augment, device, started, main_
     chosen = all_gather_objects(choose(timed))[0]  # each process timed its own: rank 0's choice is the run's
     if main_process:
         print(describe(timed, chosen, config.compile))
-        random = [t.encoder for t in timed if t.weights == "none"]
+        random = [t.network for t in timed if t.weights == "none" and t.network in ENCODERS]
         if random and model_config.encoder_weights == "imagenet":
             print(missing_weights_note(random))
-    model_config = dataclasses.replace(model_config, encoder=chosen.encoder, encoder_weights=chosen.weights)
+    model_config = candidate_config(model_config, chosen.network, chosen.weights)
     return model_config, {"step": (chosen.step_seconds, chosen.one_off_seconds), "end": chosen.epoch_end_seconds,
                           "record": as_record(timed, chosen)}
 

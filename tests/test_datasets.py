@@ -255,6 +255,44 @@ def test_class_crops_show_a_rare_class_as_often_as_a_common_one(tmp_path, scale)
     assert abs(shares[1] - (0.5 + 0.5 * random_share)) < 0.08
 
 
+def test_kept_pairs_give_the_items_files_give_and_are_decoded_once(tmp_path, monkeypatch):
+    """Training pairs kept decoded in memory (datasets.DecodedPairs) give, for the same seed, the items read from
+    the files every time give, over two epochs (rotation, zoom, class-centred crops and a --scale included), and
+    each file is decoded once; a budget of one pair keeps one."""
+    rng = np.random.default_rng(3)
+    for stem in ("a", "b", "c"):
+        mask = (rng.random((50, 70)) > 0.7).astype(np.uint8) * 255
+        save_pair(tmp_path, stem, np.stack([mask // 2 + 40] * 3, axis=2), mask)
+    args = data_args("--data", tmp_path, "--dataset", "folder", "--val-percent", "0", "--crop-size", "24",
+                     "--rotate", "20", "--zoom", "0.8", "1.3", "--class-crops", "0.5", "--scale", "0.8")
+    kept = build_dataset(args, "train")
+    assert kept.decoded is not None  # the training preset keeps pairs
+    read = build_dataset(args, "train")
+    read.decoded = None
+    opened = []
+    monkeypatch.setattr(datasets, "open_image", lambda *a: opened.append(a[0].stem) or images.open_image(*a))
+    items, decoded = {}, {}
+    for name, dataset in (("read", read), ("kept", kept)):
+        opened.clear()
+        torch.manual_seed(0)
+        items[name] = [dataset[i % 3] for i in range(6)]
+        decoded[name] = sorted(opened)
+    for (image, mask), (kept_image, kept_mask) in zip(items["read"], items["kept"]):
+        assert torch.equal(image, kept_image) and torch.equal(mask, kept_mask)
+    assert decoded == {"read": ["a", "a", "b", "b", "c", "c"], "kept": ["a", "b", "c"]}
+    one_pair = sum(map(datasets.decoded_bytes, kept.decode(*kept.pairs[0], as_classes=True)))
+    assert one_pair == 56 * 40 * 3 + 70 * 50  # the image at --scale 0.8, the mask's class ids at full size
+    kept = datasets.SegmentationFiles(kept.pairs, kept.classes, kept.mask_values, scale=0.8, cache_bytes=one_pair)
+    for i in (0, 1, 2, 0, 1):
+        kept[i]
+    assert list(kept.decoded.pairs) == [0] and kept.decoded.used == one_pair
+    worker = type("WorkerInfo", (), {"num_workers": 2})
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
+    halved = datasets.SegmentationFiles(kept.pairs, kept.classes, kept.mask_values, scale=0.8, cache_bytes=one_pair)
+    halved[0]
+    assert not halved.decoded.pairs  # each of two workers keeps half the bytes: not this pair
+
+
 # --- bad data -----------------------------------------------------------------------------------------------
 
 def folder_error(tmp_path, *flags):

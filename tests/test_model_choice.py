@@ -13,7 +13,7 @@ import model_choice
 import train
 from checkpoints import load_checkpoint
 from errors import ConfigError
-from model import ModelConfig
+from model import ModelConfig, build_model
 from model_choice import LEARNING_CURVES, Timed, candidate_weights, choose, expected_share, probe, \
     weights_file_encoder
 from recipe import plan_budget
@@ -37,18 +37,19 @@ def timed(seconds_per_candidate, budget_seconds):
     """probe() with mocked step times: each candidate gets the steps a `budget_seconds` budget pays for."""
     def plan_steps(step, end, one_off):
         return plan_budget(budget_seconds, budget_seconds, step, end, 100, 4, 256, 0.0).total_steps
-    return probe(lambda encoder, weights: (seconds_per_candidate[encoder], 1.0, 0.0), plan_steps, weights="none")
+    return probe(lambda network, weights: (seconds_per_candidate[network], 1.0, 0.0), plan_steps, weights="none",
+                 candidates=list(seconds_per_candidate))
 
 
 def test_a_short_budget_takes_the_fastest_candidate_a_long_one_the_best_curve():
     seconds = {"resnet18": 0.5, "resnet34": 0.8}
     short = timed(seconds, 30)
-    assert [t.encoder for t in short] == ["resnet18", "resnet34"]  # fastest first
-    assert short[0].steps > short[1].steps and choose(short).encoder == "resnet18"
+    assert [t.network for t in short] == ["resnet18", "resnet34"]  # fastest first
+    assert short[0].steps > short[1].steps and choose(short).network == "resnet18"
     long = timed(seconds, 36_000)  # 10 h: every candidate beyond its curve's last point
-    best = max(LEARNING_CURVES, key=lambda encoder: LEARNING_CURVES[encoder][-1][1])
+    best = max(seconds, key=lambda network: LEARNING_CURVES[network][-1][1])
     assert min(t.steps for t in long) > max(c[-1][0] for c in LEARNING_CURVES.values())
-    assert choose(long).encoder == best
+    assert choose(long).network == best
 
 
 def test_choose_prefers_more_steps_between_near_equals():
@@ -102,34 +103,59 @@ def test_a_weights_file_is_matched_to_its_encoder(tmp_path):
         train.parse_args(["--dataset", "shapes", "--time", "1m", "--encoder-weights", str(other)])
 
 
-def fake_probe(monkeypatch, seconds_by_encoder):
-    """time_training_step of train.py returns these seconds for the ResNet-18 and ResNet-34 U-Nets."""
+def fake_probe(monkeypatch, seconds_by_network):
+    """time_training_step of train.py returns these seconds for the classic U-Net and the ResNet-18 and ResNet-34
+    U-Nets."""
     def time_training_step(runner, model, *args, **kwargs):
+        if not hasattr(model, "encoder"):
+            return seconds_by_network["unet16"], 0.0
         layers = len(model.encoder.stages[-1][0])  # resnet18's layer4 holds 2 blocks, resnet34's 3
-        return seconds_by_encoder[{2: "resnet18", 3: "resnet34"}[layers]], 0.0
+        return seconds_by_network[{2: "resnet18", 3: "resnet34"}[layers]], 0.0
     monkeypatch.setattr(train, "time_training_step", time_training_step)
 
 
 def test_a_budgeted_run_prints_saves_and_trains_the_choice(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights
     on_fake_clock(monkeypatch, step=0.3, forward=0.01, save=0.1)
-    fake_probe(monkeypatch, {"resnet18": 0.3, "resnet34": 0.6})
+    fake_probe(monkeypatch, {"unet16": 2.0, "resnet18": 0.3, "resnet34": 0.6})
     run_dir = train.main(SHAPES + ["--time", "20s", "--checkpoint-dir", str(tmp_path)], started=0.0)
     out = capsys.readouterr().out
-    assert "network: the plan chose among U-Nets" in out and "note: no ImageNet weights on disk" in out
-    lines = {encoder: line for line in out.splitlines() for encoder in ("resnet18", "resnet34")
-             if line.strip().startswith(encoder)}
+    assert "network: the plan chose among these U-Nets" in out and "note: no ImageNet weights on disk" in out
+    lines = {network: line for line in out.splitlines() for network in ("unet16", "resnet18", "resnet34")
+             if line.strip().startswith(network)}
     assert "a step 0.3s" in lines["resnet18"] and "<- chosen" in lines["resnet18"]
     assert "a step 0.6s" in lines["resnet34"] and "chosen" not in lines["resnet34"]
+    assert "a step 2s" in lines["unet16"] and "chosen" not in lines["unet16"]
     saved = json.loads((run_dir / "args.json").read_text())
     choice = saved["network_choice"]
     assert choice["chosen"] == "resnet18" and saved["encoder"] == "resnet18" and saved["encoder_weights"] == "none"
-    steps = {c["encoder"]: c["steps"] for c in choice["candidates"]}
-    assert steps["resnet18"] > steps["resnet34"] > 0
+    steps = {c["network"]: c["steps"] for c in choice["candidates"]}
+    assert steps["resnet18"] > steps["resnet34"] > steps["unet16"] > 0
     checkpoint = load_checkpoint(run_dir / "best.pth")
     assert checkpoint["model_args"]["encoder"] == "resnet18" and checkpoint["args"]["network_choice"] == choice
+    # the candidates' lighter decoder, timed and trained, and rebuilt from the checkpoint
+    assert "decoder widths 128 64 32 16 16" in out and saved["decoder_channels"] == [128, 64, 32, 16, 16]
+    model = build_model(checkpoint["model_args"])
+    assert [up.conv[3].out_channels for up in model.ups] == [128, 64, 32, 16, 16]
+    model.load_state_dict(checkpoint["model"])
     # the choice's own probe planned the run: its step time, not another timing
     assert math.isclose(saved["plan"]["step_seconds"], 0.3, rel_tol=0.2)
+
+
+def test_the_classic_candidate_chosen_trains_a_classic_unet_of_width_16(tmp_path, monkeypatch, capsys):
+    on_fake_clock(monkeypatch, step=0.3, forward=0.01, save=0.1)
+    fake_probe(monkeypatch, {"unet16": 0.2, "resnet18": 0.3, "resnet34": 0.6})
+    flat = {network: ((10, share),) for network, share in (("unet16", 1.0), ("resnet18", 0.9), ("resnet34", 0.9))}
+    monkeypatch.setattr(model_choice, "LEARNING_CURVES", flat)
+    run_dir = train.main(SHAPES + ["--time", "20s", "--checkpoint-dir", str(tmp_path)], started=0.0)
+    (chosen,) = [line for line in capsys.readouterr().out.splitlines() if line.endswith("<- chosen")]
+    assert chosen.strip().startswith("unet16 ") and "(random weights)" in chosen
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert saved["network_choice"]["chosen"] == "unet16"
+    assert (saved["encoder"], saved["base_channels"], saved["decoder_channels"]) == ("none", 16, None)
+    checkpoint = load_checkpoint(run_dir / "best.pth")
+    assert "encoder" not in checkpoint["model_args"] and checkpoint["model_args"]["base_channels"] == 16
+    build_model(checkpoint["model_args"]).load_state_dict(checkpoint["model"])
 
 
 def test_images_smaller_than_the_candidates_stride_keep_the_classic_unet(tmp_path, monkeypatch, capsys):
@@ -191,11 +217,12 @@ def test_compile_time_is_measured_per_candidate_and_leaves_fewer_steps(tmp_path,
 
     monkeypatch.setattr(torch, "compile", FakeCompiled)
     run_dir = train.main(SHAPES + ["--time", "2m", "--compile", "--checkpoint-dir", str(tmp_path)], started=0.0)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("resnet18", "resnet34"))]
-    assert len(lines) == 2 and all("after 20s to compile" in line for line in lines)
-    assert len(compiled) == 3  # each candidate in the probe, then the run's model
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith(model_choice.CANDIDATES)]
+    assert len(lines) == 3 and all("after 20s to compile" in line for line in lines)
+    assert len(compiled) == 4  # each candidate in the probe, then the run's model
     choice = json.loads((run_dir / "args.json").read_text())["network_choice"]
-    assert [c["one_off_seconds"] for c in choice["candidates"]] == pytest.approx([20.0, 20.0])
+    assert [c["one_off_seconds"] for c in choice["candidates"]] == pytest.approx([20.0, 20.0, 20.0])
 
 
 def test_a_candidate_slow_to_compile_gets_the_steps_of_a_shorter_budget():
@@ -205,9 +232,9 @@ def test_a_candidate_slow_to_compile_gets_the_steps_of_a_shorter_budget():
         seen.append(one_off)
         return plan_budget(120, 120 - one_off, step, end, 100, 4, 256, 0.0).total_steps
 
-    timed = probe(lambda encoder, weights: (0.5, 1.0, {"resnet18": 0.0, "resnet34": 40.0}[encoder]), plan_steps,
-                  weights="none")
-    steps = {t.encoder: t.steps for t in timed}
+    timed = probe(lambda network, weights: (0.5, 1.0, {"resnet18": 0.0, "resnet34": 40.0}[network]), plan_steps,
+                  weights="none", candidates=["resnet18", "resnet34"])
+    steps = {t.network: t.steps for t in timed}
     assert sorted(seen) == [0.0, 40.0]
     assert steps["resnet18"] == plan_budget(120, 120, 0.5, 1.0, 100, 4, 256, 0.0).total_steps
     assert steps["resnet34"] == plan_budget(120, 80, 0.5, 1.0, 100, 4, 256, 0.0).total_steps < steps["resnet18"]
