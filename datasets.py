@@ -251,8 +251,8 @@ class SegmentationFiles(torch.utils.data.Dataset):
 class DecodedPairs:
     """Decoded pairs kept in memory, first come first kept, up to `max_bytes` in all: a training set that fits is
     decoded once a run instead of once an epoch. Each data-loader worker keeps its own, within its share of the
-    bytes. The 14 grey 1024x1024 TIFF sections of the VNC stack, with PNG masks, cost 10.6 ms an item to read,
-    decode and crop on a 2-core CPU, 3.5 of them once kept."""
+    bytes. A training item of the VNC stack (grey 1024x1024 TIFF sections, PNG masks, a 256x256 crop) took 6.5 ms
+    of CPU time read from its files, 1.7 ms kept (one thread, AMD EPYC Zen 4): 19 ms of a 0.33 s step of 4."""
 
     def __init__(self, max_bytes):
         self.max_bytes, self.used, self.pairs = max_bytes, 0, {}
