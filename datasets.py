@@ -6,6 +6,7 @@ Normalisation happens on the device, in inference.preprocess, so loaders move co
 Readers: synthetic `shapes`; Pascal VOC 2012 (`voc`); SBD (`sbd`); the two VOC+SBD training protocols
 (`sbd-voc`, `trainaug`); Kaggle Carvana (`carvana`); any image/mask folders (`folder`)."""
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,9 +279,11 @@ def decoded_bytes(image):
 
 
 def decoded_cache_bytes(share=0.25, most=8 << 30):
-    """The bytes of decoded training pairs to keep: a quarter of the memory free now, at most 8 GiB."""
+    """The bytes of decoded training pairs this process keeps: a quarter of the memory free now, at most 8 GiB,
+    shared among the training processes torchrun started on this machine."""
     available, _ = available_memory(torch.device("cpu"))
-    return int(min(most, share * available)) if available else 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return int(min(most, share * available) / processes) if available else 0
 
 
 def class_shares(dataset, num_classes, limit=64, most_pixels=64_000_000):

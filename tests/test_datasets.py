@@ -291,6 +291,10 @@ def test_kept_pairs_give_the_items_files_give_and_are_decoded_once(tmp_path, mon
     halved = datasets.SegmentationFiles(kept.pairs, kept.classes, kept.mask_values, scale=0.8, cache_bytes=one_pair)
     halved[0]
     assert not halved.decoded.pairs  # each of two workers keeps half the bytes: not this pair
+    monkeypatch.setattr(datasets, "available_memory", lambda device: (8 << 30, "MemAvailable"))
+    assert datasets.decoded_cache_bytes() == 2 << 30  # a quarter of the free memory
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes on this machine share it
+    assert datasets.decoded_cache_bytes() == 512 << 20
 
 
 # --- bad data -----------------------------------------------------------------------------------------------
