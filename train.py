@@ -52,7 +52,8 @@ def get_args_parser():
     o = p.add_argument_group("optimisation")
     o.add_argument("--time", type=parse_duration, default=None, metavar="DURATION",
                    help=f"wall-clock budget of the whole run (90s, 10m, 2h; at least {MIN_BUDGET:g}s): the run plans "
-                        f"its steps to end within it")
+                        f"its steps to end within it and, when no network flag names one, chooses the network "
+                        f"(the classic U-Net at width 16, or a ResNet-18 or ResNet-34 U-Net; docs/models.md)")
     o.add_argument("--epochs", type=int, default=None,
                    help=f"train for this many epochs instead of a --time budget (default without --time: "
                         f"{DEFAULT_EPOCHS})")
