@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageMode
 from torchvision import tv_tensors
 
 from class_tables import check_class_names, read_class_names, read_colour_table
@@ -272,10 +272,12 @@ class DecodedPairs:
 
 
 def decoded_bytes(image):
-    """The bytes a decoded PIL image (or Bands: a float32 layer a channel) holds."""
+    """The bytes of pixel values a decoded PIL image (or Bands: a float32 layer a channel) holds, by PIL's own
+    table of its modes' bands and value types."""
     layers = image.layers if isinstance(image, Bands) else [image]
-    depth = {"I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
-    return sum(layer.width * layer.height * len(layer.getbands()) * depth.get(layer.mode, 1) for layer in layers)
+    modes = [ImageMode.getmode(layer.mode) for layer in layers]
+    return sum(layer.width * layer.height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+               for layer, mode in zip(layers, modes))
 
 
 def decoded_cache_bytes(share=0.25, most=8 << 30):

@@ -56,11 +56,11 @@ def default_workers(device_type=None):
     return 0 if device_type == "cpu" and cores <= 2 else min(4, max(0, cores - 1))
 
 
-
 def spread_indices(length, count):
     """Up to `count` indices of a sequence of `length`, spread evenly from its first to its last."""
     count = min(count, length)
     return sorted({round(i * (length - 1) / max(1, count - 1)) for i in range(count)})
+
 
 def check_folder(folder, flag):
     """Make `folder` if needed and check that a file can be written in it, before the work that fills it."""
