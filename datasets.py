@@ -213,13 +213,12 @@ class SegmentationFiles(torch.utils.data.Dataset):
             mask = Image.fromarray(self.classes_in_region(np.array(mask), mask_path, image_path, size))
         return image, mask
 
-    def class_pixels(self, index):
-        """Pixels of each class id (an array of IGNORE_INDEX + 1 counts) in pair `index`'s mask as read: void
-        and pixels outside the region of interest left out."""
+    def class_map(self, index):
+        """Pair `index`'s mask as read, as class ids (H x W uint8): void and pixels outside the region of interest
+        IGNORE_INDEX."""
         image_path, mask_path = self.pairs[index]
         mask = open_mask(mask_path, self.colours)
-        classes = self.classes_in_region(np.array(mask), mask_path, image_path, mask.size)
-        return np.bincount(classes.ravel(), minlength=IGNORE_INDEX + 1)
+        return self.classes_in_region(np.array(mask), mask_path, image_path, mask.size)
 
     def to_classes(self, values, mask_path):
         """Raw mask values (or packed colours) -> uint8 class indices (255 = ignore)."""
@@ -288,22 +287,41 @@ def decoded_cache_bytes(share=0.25, most=8 << 30):
     return int(min(most, share * available) / processes) if available else 0
 
 
-def class_shares(dataset, num_classes, limit=64, most_pixels=64_000_000):
-    """Each class's share of the labelled pixels of up to `limit` masks spread over `dataset` (synthetic shapes:
-    its items), read in a seeded random order until they hold `most_pixels` (huge masks are slow to read);
-    with --skip-bad an unreadable mask is left out."""
-    counts = np.zeros(IGNORE_INDEX + 1)
+@dataclass
+class MaskLayout:
+    """Where the classes of the training masks lie: each class's share of the labelled pixels, and how far the
+    classes' distribution over the top halves of the masks lies from that over the bottom halves (`upside_down`),
+    and the left halves' from the right ones' (`mirrored`), as total variation distances: 0 the same, 1 apart."""
+    shares: np.ndarray
+    upside_down: float
+    mirrored: float
+
+
+def half_counts(classes):
+    """Pixels of each class id (5 x (IGNORE_INDEX + 1) counts) in the class map `classes` (H x W), in its top,
+    bottom, left and right halves (the middle row or column of an odd side in neither), and in the whole map."""
+    height, width = classes.shape
+    parts = (classes[:height // 2], classes[height - height // 2:], classes[:, :width // 2],
+             classes[:, width - width // 2:], classes)
+    return np.stack([np.bincount(part.ravel(), minlength=IGNORE_INDEX + 1) for part in parts])
+
+
+def mask_layout(dataset, num_classes, limit=64, most_pixels=64_000_000):
+    """The MaskLayout of up to `limit` masks spread over `dataset` (synthetic shapes: its items), read in a seeded
+    random order until they hold `most_pixels` (huge masks are slow to read); void left out; with --skip-bad an
+    unreadable mask is left out."""
+    counts = np.zeros((5, IGNORE_INDEX + 1))
     for i in np.random.default_rng(0).permutation(spread_indices(len(dataset), limit)):
         try:
-            counts += dataset.class_pixels(i) if hasattr(dataset, "class_pixels") else \
-                np.bincount(dataset[i][1].numpy().ravel(), minlength=IGNORE_INDEX + 1)
+            counts += half_counts(dataset.class_map(i) if hasattr(dataset, "class_map") else dataset[i][1].numpy())
         except DatasetError:
             if not getattr(dataset, "skip_bad", False):
                 raise
-        if counts.sum() >= most_pixels:
+        if counts[4].sum() >= most_pixels:
             break
-    counts = counts[:num_classes]
-    return counts / max(1.0, counts.sum())
+    counts = counts[:, :num_classes]
+    top, bottom, left, right, whole = counts / np.maximum(1.0, counts.sum(axis=1, keepdims=True))
+    return MaskLayout(whole, 0.5 * float(np.abs(top - bottom).sum()), 0.5 * float(np.abs(left - right).sum()))
 
 
 def packed_values(mask_values, void_value):

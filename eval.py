@@ -27,7 +27,8 @@ from drawing import greyed, is_huge, mask_suffix, plot_confusion_matrix, viewabl
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
-from inference import InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, stack_batch, use_precision
+from inference import (InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, stack_batch, trained_flips,
+                       use_precision)
 from metrics import IGNORE_INDEX, SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 from outputs import MARK, MARK_KEY, Planned, check_folder_outputs, check_outputs
 from pairs import list_files, listing
@@ -313,7 +314,7 @@ def evaluate_checkpoint(config, given, inference):
         check_classes(dataset, checkpoint)
     check_output_paths(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
                   {"--save-labels": save_labels, "--overlays": overlays, "--report": report_dir})
-    inference = use_precision(model, inference)
+    inference = trained_flips(use_precision(model, inference), checkpoint.get("args", {}).get("vflip"))
     device = next(model.parameters()).device
     num_classes = max(checkpoint["model_args"]["num_classes"], 2)
     confusion = ConfusionMatrix(num_classes, dataset.ignore_index, device)

@@ -79,6 +79,10 @@ def add_augment_args(parser):
                        help="random zoom range applied before the crop (nnU-Net's; default 0.7 1.4, off in a --time "
                             "run too short for it)")
     group.add_argument("--hflip", type=finite_float, default=0.5, help="probability of a horizontal flip (0: off)")
+    group.add_argument("--vflip", type=finite_float, default=None, metavar="PROB",
+                       help="probability of a vertical flip (0: off; default: 0.5 for data with no up and down, "
+                            "whose masks hold their classes alike in the top and bottom halves, as micrographs do; "
+                            "else 0)")
     group.add_argument("--rotate", type=finite_float, default=10.0,
                        help="largest random rotation in degrees (0: off; default 10, off in a --time run too short "
                             "for it)")
@@ -139,9 +143,11 @@ def add_inference_args(parser, scale=True):
                        help="memory the plan may fill, e.g. 4G or 512M (default: 80%% of what the system has "
                             "available); the plan chooses whole images or tiles, and the batch, to fit it")
     group.add_argument("--tta", action="store_true",
-                       help="test-time augmentation: average with the horizontally flipped image's prediction")
+                       help="test-time augmentation: average with the horizontally flipped image's prediction "
+                            "(default: all four flips for a model trained with vertical flips, else none)")
     group.add_argument("--tta-vflip", action="store_true",
                        help="average all four flips (4 passes; implies --tta): for data with no up and down")
+    group.add_argument("--no-tta", action="store_true", help="one pass, whatever flips the model was trained with")
     add_precision_args(group)
     return group
 

@@ -31,7 +31,7 @@ from errors import ConfigError, DatasetError, UserError, check_at_least, one_lin
 from flags import add_inference_args, config_from, finite_float
 from images import IMAGE_EXTENSIONS, TIFF_SUFFIXES, header_size, is_tiff, read_image
 from inference import (InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, sliding_window_bands,
-                       stack_batch, tile_grid, use_precision)
+                       stack_batch, tile_grid, trained_flips, use_precision)
 from outputs import Planned, check_outputs, is_own_output
 from progress import Progress
 from utils import count, pick_device, warn
@@ -424,7 +424,8 @@ def main(argv=None):
         say(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
     # The model sees images at the scale it was trained at (Carvana: half size) unless -s says otherwise.
     inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
-    inference = use_precision(model, inference, log=say)
+    inference = trained_flips(use_precision(model, inference, log=say), checkpoint.get("args", {}).get("vflip"),
+                              log=say)
     planner = Planner(model, checkpoint["normalize"], inference.options(), classes, inference.max_memory,
                       inference.tile, args.batch_size, log=say)
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold

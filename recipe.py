@@ -25,6 +25,10 @@ VALIDATION_SHARE = 0.1  # at most this share of a budget goes to validation and 
 WARMUP_SHARE = 0.03  # linear learning-rate warm-up, as a share of the planned steps
 SMALL_DATASET = 100  # fewer training images than this get elastic deformation (the U-Net paper had 30)
 ELASTIC_PROBABILITY = 0.5
+# Vertical flips for data with no up and down: the top/bottom asymmetry of the masks' classes (no_up_and_down)
+# under the floor, or at most this many times the left/right one and under the cap.
+UPRIGHT_FLOOR, UPRIGHT_RATIO, UPRIGHT_CAP = 0.01, 1.5, 0.05
+VFLIP_PROBABILITY = 0.5
 AUGMENT_PASSES = 100  # a --time plan showing the training pixels fewer times trains without zoom and rotation
 LIGHT_AUGMENT = {"zoom": (1.0, 1.0), "rotate": 0.0, "elastic": 0.0}
 LIGHT_NAMES = {"zoom": "zoom", "rotate": "rotation", "elastic": "elastic deformation"}
@@ -76,6 +80,7 @@ class Fingerprint:
     median_size: tuple  # (height, width) of the training images at the training scale
     val_pixels: int
     fixed_size: bool = False  # images made at their training size (synthetic shapes): nothing to crop
+    masks: object = None  # datasets.MaskLayout of the training masks: where their classes lie
 
 
 def image_sizes(dataset, limit=SIZE_SAMPLE):
@@ -89,12 +94,13 @@ def image_sizes(dataset, limit=SIZE_SAMPLE):
     return sizes
 
 
-def fingerprint(train_set, val_set, val_scale=1.0):
-    """`val_set` holds images at the files' size, which validation resizes by `val_scale`."""
+def fingerprint(train_set, val_set, val_scale=1.0, masks=None):
+    """`val_set` holds images at the files' size, which validation resizes by `val_scale`; `masks` is the
+    training masks' MaskLayout."""
     train_sizes, val_sizes = image_sizes(train_set), image_sizes(val_set)
     median = (int(statistics.median(h for h, _ in train_sizes)), int(statistics.median(w for _, w in train_sizes)))
     val_pixels = statistics.fmean(h * w for h, w in val_sizes) * len(val_set) * val_scale ** 2
-    return Fingerprint(len(train_set), median, round(val_pixels), hasattr(train_set, "image_size"))
+    return Fingerprint(len(train_set), median, round(val_pixels), hasattr(train_set, "image_size"), masks)
 
 
 def default_batch_and_crop(fp, device_type, stride=32):
@@ -110,6 +116,24 @@ def default_batch_and_crop(fp, device_type, stride=32):
 
 def default_elastic(fp):
     return ELASTIC_PROBABILITY if fp.train_images < SMALL_DATASET else 0.0
+
+
+def no_up_and_down(masks):
+    """Whether the masks' classes lie in the top halves of the images as in the bottom halves, about as closely as
+    in the left halves as in the right (which horizontal flips take as the same): micrographs, cells, aerial views,
+    not street scenes or photos, where the sky is up and the road down. The thresholds lie between the shared
+    data's values (total variation of the classes' shares, top/bottom and left/right): the VNC stack 0.041 and
+    0.047, ISBI 2012 0.006 and 0.025; the VOC subset 0.124 and 0.039, the Carvana sample 0.093 and 0.029. 64 small
+    masks of randomly placed shapes differ by chance by up to 0.07 and 0.04: where in doubt, no vertical flips, as
+    before."""
+    if masks is None:
+        return False
+    return masks.upside_down <= UPRIGHT_FLOOR or masks.upside_down <= min(UPRIGHT_RATIO * masks.mirrored,
+                                                                          UPRIGHT_CAP)
+
+
+def default_vflip(fp):
+    return VFLIP_PROBABILITY if no_up_and_down(fp.masks) else 0.0
 
 
 def passes_over_pixels(plan, fp, batches_per_step):
@@ -322,8 +346,10 @@ def fit_recipe(config, augment, fp, device_type):
     """(batch size, AugmentConfig) for this data and device: the flags given, else the recipe's choices."""
     batch_size, crop_size = default_batch_and_crop(fp, device_type)
     elastic = augment.elastic if augment.elastic is not None else default_elastic(fp)
+    vflip = augment.vflip if augment.vflip is not None else default_vflip(fp)
     crop_size = augment.crop_size if augment.crop_size is not None else crop_size
-    return config.batch_size or batch_size, dataclasses.replace(augment, crop_size=crop_size, elastic=elastic)
+    return config.batch_size or batch_size, dataclasses.replace(augment, crop_size=crop_size, elastic=elastic,
+                                                                vflip=vflip)
 
 
 def plan_run(config, checkpoint, fp, batch_size, augment, world_size, started, time_step, time_end):

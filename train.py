@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import check_resumable, load_checkpoint, save_checkpoint, without_resume_state
-from datasets import DataConfig, build_dataset, class_shares, load_scale, resolve_data
+from datasets import DataConfig, build_dataset, load_scale, mask_layout, resolve_data
 from distributed import all_gather_objects, all_reduce_sum, average_across_processes, init_distributed, \
     is_distributed
 from engine import StepRunner, build_runner, build_scheduler, load_all_weights, load_weights, \
@@ -285,9 +285,10 @@ def train(config, data, augment, model_config, flags, device, rank, world_size, 
         note_batch_of_one(batch_size, config.sync_bn and world_size > 1)
     # The run saves the dataset it found, its mask values and the recipe it chose.
     flags = {**flags, **dataclasses.asdict(data), "batch_size": batch_size, "crop_size": augment.crop_size,
-             "elastic": augment.elastic}
+             "elastic": augment.elastic, "vflip": augment.vflip}
     if config.class_weights in (["balanced"], ["none"]):
-        weights = balanced_weights(train_set, main_process) if config.class_weights == ["balanced"] else None
+        weights = balanced_weights(train_set.classes, fp.masks, main_process) \
+            if config.class_weights == ["balanced"] else None
         config, flags = dataclasses.replace(config, class_weights=weights), {**flags, "class_weights": weights}
     probe = Probe(config, fp, batch_size, augment.crop_size, len(val_set), world_size)
     chosen = None
@@ -398,13 +399,13 @@ def model_flags(model_config):
     return {k: v for k, v in dataclasses.asdict(model_config).items() if k not in ("in_channels", "planned")}
 
 
-def balanced_weights(train_set, main_process):
-    """--class-weights balanced: the weights of the classes' shares of up to 64 training masks, printed."""
-    shares = class_shares(train_set, len(train_set.classes))
-    weights = [round(w, 3) for w in balanced_class_weights(shares)]
+def balanced_weights(classes, masks, main_process):
+    """--class-weights balanced: the weights of the classes' shares in the training masks (a MaskLayout),
+    printed."""
+    weights = [round(w, 3) for w in balanced_class_weights(masks.shares)]
     if main_process:
         print("class weights (balanced, from the training masks' pixels): " + ", ".join(
-            f"{name} {w:g} ({share:.2%})" for name, w, share in zip(train_set.classes, weights, shares)))
+            f"{name} {w:g} ({share:.2%})" for name, w, share in zip(classes, weights, masks.shares)))
     return weights
 
 
@@ -708,14 +709,19 @@ def prepare_data(config, data, augment, device, main_process):
     found, and the batch and augmentation the recipe fits to it. The training set is not augmented yet: the
     plan may still lighten the augmentation (recipe.budget_augment). Validation scores whole images at the
     files' resolution, as eval.py does, so that best.pth follows eval.py's number."""
-    data = resolve_data(data)
+    data, given = resolve_data(data), augment
     if data.dataset == "shapes" and augment.crop_size and main_process:
         print(f"note: --crop-size {augment.crop_size} does not apply to the synthetic shapes, made at --image-size "
               f"{data.image_size}", file=sys.stderr)
     val_set = build_dataset(data, "val", full_resolution=True)
     train_set = build_dataset(data, "train")
-    fp = fingerprint(train_set, val_set, load_scale(data.dataset, data.scale))
+    masks = mask_layout(train_set, len(train_set.classes))
+    fp = fingerprint(train_set, val_set, load_scale(data.dataset, data.scale), masks)
     batch_size, augment = fit_recipe(config, augment, fp, device.type)
+    if main_process and augment.vflip and not augment.no_augment and given.vflip is None:
+        print(f"augmentation: vertical flips too (--vflip {augment.vflip:g}), as the data show no up and down: "
+              f"the masks' classes lie alike in the top and bottom halves (asymmetry {masks.upside_down:.3f}, "
+              f"left/right {masks.mirrored:.3f}); --vflip 0 turns them off")
     return data, train_set, val_set, fp, batch_size, augment
 
 

@@ -22,6 +22,7 @@ class AugmentConfig:
     crop_size: int | None = None  # None: the training recipe chooses (recipe.default_batch_and_crop)
     zoom: tuple = (0.7, 1.4)
     hflip: float = 0.5
+    vflip: float | None = None  # None: the training recipe decides (recipe.default_vflip; 0 here)
     rotate: float = 10.0
     jitter: float = 0.0
     elastic: float | None = None  # probability of an elastic deformation; None: the training recipe decides (0 here)
@@ -30,12 +31,13 @@ class AugmentConfig:
     planned: tuple = ()  # of zoom, rotate, elastic: those no flag set, which a --time plan may turn off
 
     def check(self):
-        if (self.crop_size or 0) < 0 or self.rotate < 0 or self.jitter < 0 or not 0 <= self.hflip <= 1:
-            raise ConfigError(f"--crop-size, --rotate and --jitter cannot be negative and --hflip must lie in "
-                              f"[0, 1], got {self.crop_size}, {self.rotate:g}, {self.jitter:g}, {self.hflip:g}")
+        if (self.crop_size or 0) < 0 or self.rotate < 0 or self.jitter < 0:
+            raise ConfigError(f"--crop-size, --rotate and --jitter cannot be negative, got {self.crop_size}, "
+                              f"{self.rotate:g}, {self.jitter:g}")
         if not 0 < self.zoom[0] <= self.zoom[1]:
             raise ConfigError(f"--zoom needs 0 < MIN <= MAX, got {self.zoom[0]:g} {self.zoom[1]:g}")
-        for flag, probability in (("--elastic", self.elastic), ("--class-crops", self.class_crops)):
+        for flag, probability in (("--hflip", self.hflip), ("--vflip", self.vflip), ("--elastic", self.elastic),
+                                  ("--class-crops", self.class_crops)):
             if probability is not None and not 0 <= probability <= 1:
                 raise ConfigError(f"{flag} is a probability in [0, 1], got {probability:g}")
         return self
@@ -213,7 +215,7 @@ class SmoothElastic(WarpsMaskLikeImage, v2.ElasticTransform):
 
 
 def train_transform(augment):
-    """The training preset after the random zoom + crop (which also rotates): horizontal flip, elastic deformation,
+    """The training preset after the random zoom + crop (which also rotates): flips, elastic deformation,
     colour jitter (and rotation when there is no crop), each of which can be off, on the image and its
     tv_tensors.Mask together."""
     if augment.no_augment:
@@ -221,6 +223,8 @@ def train_transform(augment):
     steps = []
     if augment.hflip:
         steps.append(v2.RandomHorizontalFlip(augment.hflip))
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip(augment.vflip))
     if augment.rotate and not augment.crop_size:
         steps.append(SoftRotation(augment.rotate, interpolation=v2.InterpolationMode.BILINEAR, fill=BEYOND_FILL))
     if augment.elastic:

@@ -468,39 +468,51 @@ def test_rotation_brings_in_void_only_from_beyond_the_image():
     assert voids > 0  # at 45 degrees and zoomed out, some windows reach beyond the image
 
 
-def test_class_shares_count_the_masks_labelled_pixels(tmp_path):
-    """Three masks with a void value: the shares are numpy's counts of the classes over all of them, void aside."""
+def test_mask_layout_counts_the_masks_labelled_pixels_and_where_they_lie(tmp_path):
+    """Three 31 x 40 masks with a void value: the shares are numpy's counts of the classes over all of them, void
+    aside; the asymmetries are the total variation distances of the class shares of rows 0-14 against rows 16-30
+    (the middle row 15 in neither) and of columns 0-19 against 20-39."""
     rng = np.random.default_rng(0)
-    masks = [rng.choice([0, 10, 20, 99], size=(30, 40), p=[0.6, 0.25, 0.1, 0.05]).astype(np.uint8) for _ in range(3)]
+    masks = [rng.choice([0, 10, 20, 99], size=(31, 40), p=[0.6, 0.25, 0.1, 0.05]).astype(np.uint8) for _ in range(3)]
+    masks[0][:15] = 10  # class 1 crowds the top of one mask
     for i, mask in enumerate(masks):
-        save_pair(tmp_path, f"m{i}", np.zeros((30, 40, 3), np.uint8), mask)
+        save_pair(tmp_path, f"m{i}", np.zeros((31, 40, 3), np.uint8), mask)
     args = data_args("--data", tmp_path, "--dataset", "folder", "--val-percent", "0", "--mask-values", "0", "10",
                      "20", "--ignore-index", "99")
-    counts = np.array([sum((m == v).sum() for m in masks) for v in (0, 10, 20)])
-    assert datasets.class_shares(build_dataset(args, "train"), 3) == pytest.approx(counts / counts.sum())
+
+    def shares(part):
+        counts = np.array([sum((part(m) == v).sum() for m in masks) for v in (0, 10, 20)])
+        return counts / counts.sum()
+
+    layout = datasets.mask_layout(build_dataset(args, "train"), 3)
+    assert layout.shares == pytest.approx(shares(lambda m: m))
+    assert layout.upside_down == pytest.approx(0.5 * np.abs(shares(lambda m: m[:15]) - shares(lambda m: m[16:])).sum())
+    assert layout.mirrored == pytest.approx(0.5 * np.abs(shares(lambda m: m[:, :20]) - shares(lambda m: m[:, 20:])).sum())
+    assert layout.upside_down > 0.2 > layout.mirrored
 
 
-def test_class_shares_stop_at_their_pixel_budget_and_skip_bad_masks():
+def test_mask_layout_stops_at_its_pixel_budget_and_skips_bad_masks():
     class Stub:
-        """Ten masks of 1,000 pixels: mask i all of class i % 2; mask 3 unreadable."""
+        """Ten masks of 1,000 pixels (10 x 100): mask i all of class i % 2; mask 3 unreadable."""
         skip_bad = True
 
         def __len__(self):
             return 10
 
-        def class_pixels(self, index):
+        def class_map(self, index):
             if index == 3:
                 raise DatasetError("mask 3 is corrupt")
             read.append(index)
-            return np.bincount([index % 2], minlength=256) * 1000
+            return np.full((10, 100), index % 2, np.uint8)
 
     read = []
-    shares = datasets.class_shares(Stub(), 2, most_pixels=4000)
+    layout = datasets.mask_layout(Stub(), 2, most_pixels=4000)
     assert len(read) == 4 and len(set(read)) == 4 and 3 not in read
-    assert shares == pytest.approx([sum(i % 2 == 0 for i in read) / 4, sum(i % 2 for i in read) / 4])
+    assert layout.shares == pytest.approx([sum(i % 2 == 0 for i in read) / 4, sum(i % 2 for i in read) / 4])
+    assert layout.upside_down == layout.mirrored == 0  # each mask alike in every half
     read.clear()
-    datasets.class_shares(Stub(), 2)
+    datasets.mask_layout(Stub(), 2)
     assert sorted(read) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     Stub.skip_bad = False
     with pytest.raises(DatasetError, match="mask 3 is corrupt"):
-        datasets.class_shares(Stub(), 2)
+        datasets.mask_layout(Stub(), 2)

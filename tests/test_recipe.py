@@ -5,9 +5,11 @@ import math
 
 import pytest
 
+from datasets import MaskLayout
 from recipe import (AUGMENT_PASSES, MAX_VALIDATIONS, MIN_STEPS_PER_EPOCH, Deadline, Fingerprint, Plan,
-                    budget_augment, default_batch_and_crop, default_elastic, duration_text, image_sizes,
+                    budget_augment, default_batch_and_crop, default_elastic, duration_text, fit_recipe, image_sizes,
                     parse_duration, passes_over_pixels, plan_budget, plan_epochs)
+from train import TrainConfig
 from transforms import AugmentConfig
 
 
@@ -62,6 +64,24 @@ def test_fixed_size_images_are_not_cropped():
 def test_small_datasets_get_elastic_deformation():
     assert default_elastic(Fingerprint(23, (512, 512), 0)) > 0
     assert default_elastic(Fingerprint(10582, (375, 500), 0)) == 0
+
+
+@pytest.mark.parametrize("upside_down, mirrored, vflip", [
+    (0.041, 0.047, 0.5),  # the VNC stack: no up and down
+    (0.006, 0.025, 0.5),  # ISBI 2012
+    (0.124, 0.039, 0.0),  # the VOC subset: sky up, ground down
+    (0.093, 0.029, 0.0),  # the Carvana sample: the car above its shadow
+    (0.009, 0.001, 0.5),  # under the floor
+    (0.033, 0.011, 0.0),  # 3x the left/right asymmetry: in doubt, none
+    (0.060, 0.070, 0.0),  # above the cap
+])
+def test_vertical_flips_only_for_masks_with_no_up_and_down(upside_down, mirrored, vflip):
+    fp = Fingerprint(14, (1024, 1024), 0, masks=MaskLayout([0.5, 0.5], upside_down, mirrored))
+    _, augment = fit_recipe(TrainConfig(), AugmentConfig(), fp, "cpu")
+    assert augment.vflip == vflip
+    _, given = fit_recipe(TrainConfig(), AugmentConfig(vflip=0.25), fp, "cpu")
+    assert given.vflip == 0.25  # --vflip overrides
+    assert fit_recipe(TrainConfig(), AugmentConfig(), Fingerprint(14, (64, 64), 0), "cpu")[1].vflip == 0.0
 
 
 def test_tiny_datasets_get_epochs_of_enough_steps():

@@ -346,6 +346,65 @@ def test_balanced_class_weights_are_measured_printed_and_saved(tmp_path, capsys)
     assert "--class-weights takes 'balanced' or 'none' alone, or one number per class" in capsys.readouterr().err
 
 
+def discs(folder, sky=False):
+    """Eight 32 x 32 grey images and their masks: a centred disc (class 1) of a random radius, alike upside down
+    and mirrored; with `sky`, the top 8 rows are class 2 in every mask."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True), (folder / "masks").mkdir()
+    y, x = np.mgrid[:32, :32] + 0.5
+    for i in range(8):
+        mask = ((y - 16) ** 2 + (x - 16) ** 2 < rng.uniform(4, 12) ** 2).astype(np.uint8)
+        if sky:
+            mask[:8] = 2
+        Image.fromarray((mask * 100 + rng.integers(0, 20, mask.shape)).astype(np.uint8)).save(
+            folder / "images" / f"{i}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i}.png")
+    return ["--images", str(folder / "images"), "--masks", str(folder / "masks")]
+
+
+def test_data_with_no_up_and_down_train_with_vertical_flips_and_eval_averages_four(tmp_path, capsys):
+    """Centred discs: the run chooses vertical flips, says so and saves them; eval.py then averages the four flips
+    unless --no-tta. A sky atop every mask: no vertical flips, and eval.py makes one pass."""
+    tiny = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--base-channels", "4", "--depth", "2",
+            "--workers", "0", "--amp", "off", "--sample-every", "0", "--val-percent", "25",
+            "--checkpoint-dir", str(tmp_path / "runs")]
+    data = discs(tmp_path / "discs")
+    run_dir = train.main(data + tiny)
+    assert "augmentation: vertical flips too (--vflip 0.5)" in capsys.readouterr().out
+    assert json.loads((run_dir / "args.json").read_text())["vflip"] == 0.5
+    scores = tmp_path / "scores.json"
+    score = data + ["--json", str(scores), "--amp", "off"]
+    eval_py.main(["-m", str(run_dir / "best.pth")] + score)
+    assert "predictions of the four flips are averaged" in capsys.readouterr().out
+    averaged = json.loads(scores.read_text())
+    eval_py.main(["-m", str(run_dir / "best.pth"), "--no-tta"] + score)
+    assert "four flips" not in capsys.readouterr().out
+    one_pass = json.loads(scores.read_text())
+    assert averaged["options"]["tta_vflip"] and not one_pass["options"]["tta_vflip"]
+    with pytest.raises(SystemExit):
+        eval_py.main(["-m", str(run_dir / "best.pth"), "--no-tta", "--tta"] + score)
+    assert "--no-tta asks for one pass and --tta or --tta-vflip for flipped ones" in capsys.readouterr().err
+    sky = discs(tmp_path / "sky", sky=True)
+    upright = train.main(sky + tiny)
+    assert "vertical flips" not in capsys.readouterr().out
+    assert json.loads((upright / "args.json").read_text())["vflip"] == 0
+    eval_py.main(["-m", str(upright / "best.pth"), *sky, "--json", str(scores), "--amp", "off"])
+    assert not json.loads(scores.read_text())["options"]["tta_vflip"]
+
+
+def test_the_shared_micrographs_get_vertical_flips_and_photos_do_not(shared_data):
+    """The rule on real masks: the VNC stack and ISBI 2012 (sections of tissue) have no up and down; the VOC
+    subset (sky above ground) and the Carvana sample (each car above its shadow) do."""
+    def chosen_vflip(*flags):
+        config, data, augment, _, _ = train.parse_args([*flags, "--workers", "0"])
+        return train.prepare_data(config, data, augment, torch.device("cpu"), main_process=False)[-1].vflip
+
+    vnc, isbi = shared_data / "vnc" / "train", shared_data / "isbi2012" / "train"
+    assert chosen_vflip("--images", str(vnc / "images"), "--masks", str(vnc / "masks")) == 0.5
+    assert chosen_vflip("--images", str(isbi / "image"), "--masks", str(isbi / "label")) == 0.5
+    assert chosen_vflip("--dataset", "voc", "--data", str(shared_data / "voc_subset")) == 0
+    assert chosen_vflip("--dataset", "carvana", "--data", str(shared_data / "carvana_sample")) == 0
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_bad_mask_found_while_loading_is_one_line(tmp_path, shared_data, workers):
     """Without --verify, a corrupt Carvana mask is only met when loaded, maybe in a worker: still one line."""

@@ -129,7 +129,16 @@ def test_no_elastic_step_unless_asked(elastic):
     assert train_transform(AugmentConfig(elastic=1.0, no_augment=True)) is None
 
 
-@pytest.mark.parametrize("flag", ["--elastic", "--class-crops"])
+def test_vertical_flip_flips_image_and_mask_together():
+    """--vflip 1 (and no other step) turns every item upside down, image and mask alike; 0 adds no step."""
+    image, mask = blobs(40, 50)
+    image, mask = tv_tensors.Image(torch.from_numpy(image)[None]), tv_tensors.Mask(torch.from_numpy(mask))
+    flipped_image, flipped_mask = train_transform(AugmentConfig(hflip=0, vflip=1.0, rotate=0))(image, mask)
+    assert torch.equal(flipped_image, image.flip(-2)) and torch.equal(flipped_mask, mask.flip(-2))
+    assert "RandomVerticalFlip" not in repr(train_transform(AugmentConfig(vflip=0.0)))
+
+
+@pytest.mark.parametrize("flag", ["--hflip", "--vflip", "--elastic", "--class-crops"])
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])
 def test_bad_probability_is_a_config_error(flag, value):
     parser = argparse.ArgumentParser()
