@@ -78,7 +78,7 @@ def use_precision(model, config, log=print):
 def trained_flips(config, trained_vflip, log=print):
     """config with its flips decided: those a flag asks for; else, for a model trained with vertical flips too
     (its data have no up and down: micrographs), the average of all four flips, which scored +0.008 mIoU on the
-    VNC stack and +0.004 membrane Dice on ISBI 2012 (docs/inference.md); else one pass."""
+    VNC stack and +0.003 membrane Dice on ISBI 2012 (docs/datasets.md#vertical-flips); else one pass."""
     if config.tta or config.tta_vflip or config.no_tta or not trained_vflip:
         return config
     log("test-time augmentation: the model learnt with vertical flips too (data with no up and down), so its "

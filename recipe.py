@@ -346,7 +346,7 @@ def fit_recipe(config, augment, fp, device_type):
     """(batch size, AugmentConfig) for this data and device: the flags given, else the recipe's choices."""
     batch_size, crop_size = default_batch_and_crop(fp, device_type)
     elastic = augment.elastic if augment.elastic is not None else default_elastic(fp)
-    vflip = augment.vflip if augment.vflip is not None else default_vflip(fp)
+    vflip = augment.vflip if augment.vflip is not None else 0.0 if augment.no_augment else default_vflip(fp)
     crop_size = augment.crop_size if augment.crop_size is not None else crop_size
     return config.batch_size or batch_size, dataclasses.replace(augment, crop_size=crop_size, elastic=elastic,
                                                                 vflip=vflip)

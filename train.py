@@ -709,7 +709,7 @@ def prepare_data(config, data, augment, device, main_process):
     found, and the batch and augmentation the recipe fits to it. The training set is not augmented yet: the
     plan may still lighten the augmentation (recipe.budget_augment). Validation scores whole images at the
     files' resolution, as eval.py does, so that best.pth follows eval.py's number."""
-    data, given = resolve_data(data), augment
+    data = resolve_data(data)
     if data.dataset == "shapes" and augment.crop_size and main_process:
         print(f"note: --crop-size {augment.crop_size} does not apply to the synthetic shapes, made at --image-size "
               f"{data.image_size}", file=sys.stderr)
@@ -717,8 +717,9 @@ def prepare_data(config, data, augment, device, main_process):
     train_set = build_dataset(data, "train")
     masks = mask_layout(train_set, len(train_set.classes))
     fp = fingerprint(train_set, val_set, load_scale(data.dataset, data.scale), masks)
+    vflip_given = augment.vflip is not None
     batch_size, augment = fit_recipe(config, augment, fp, device.type)
-    if main_process and augment.vflip and not augment.no_augment and given.vflip is None:
+    if main_process and augment.vflip and not vflip_given:
         print(f"augmentation: vertical flips too (--vflip {augment.vflip:g}), as the data show no up and down: "
               f"the masks' classes lie alike in the top and bottom halves (asymmetry {masks.upside_down:.3f}, "
               f"left/right {masks.mirrored:.3f}); --vflip 0 turns them off")

@@ -81,6 +81,7 @@ def test_vertical_flips_only_for_masks_with_no_up_and_down(upside_down, mirrored
     assert augment.vflip == vflip
     _, given = fit_recipe(TrainConfig(), AugmentConfig(vflip=0.25), fp, "cpu")
     assert given.vflip == 0.25  # --vflip overrides
+    assert fit_recipe(TrainConfig(), AugmentConfig(no_augment=True), fp, "cpu")[1].vflip == 0.0
     assert fit_recipe(TrainConfig(), AugmentConfig(), Fingerprint(14, (64, 64), 0), "cpu")[1].vflip == 0.0
 
 
