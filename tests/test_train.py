@@ -24,6 +24,7 @@ except ImportError:  # Windows
 import drawing
 import engine
 import eval as eval_py
+import predict as predict_py
 import inference
 import recipe
 import rundir
@@ -384,6 +385,12 @@ def test_data_with_no_up_and_down_train_with_vertical_flips_and_eval_averages_fo
     with pytest.raises(SystemExit):
         eval_py.main(["-m", str(run_dir / "best.pth"), "--no-tta", "--tta"] + score)
     assert "--no-tta asks for one pass and --tta or --tta-vflip for flipped ones" in capsys.readouterr().err
+    segment = ["-m", str(run_dir / "best.pth"), "-i", str(tmp_path / "discs" / "images" / "0.png"), "-o",
+               str(tmp_path / "out.png"), "--amp", "off"]
+    predict_py.main(segment)
+    assert "predictions of the four flips are averaged" in capsys.readouterr().out
+    predict_py.main(segment + ["--no-tta"])
+    assert "four flips" not in capsys.readouterr().out
     sky = discs(tmp_path / "sky", sky=True)
     upright = train.main(sky + tiny)
     assert "vertical flips" not in capsys.readouterr().out
