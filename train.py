@@ -118,24 +118,23 @@ def parse_args(argv=None):
             model_flags = {field.name for field in dataclasses.fields(ModelConfig)} - set(TRAINING_FLAGS)
             p.set_defaults(**{k: v for k, v in resume_defaults(p, args.load, "--load").items() if k in model_flags})
             flags = vars(p.parse_args(argv))
-        configs = [config_from(kind, flags).check() for kind in (TrainConfig, DataConfig, AugmentConfig)]
+        config, data, augment = (config_from(kind, flags).check() for kind in (TrainConfig, DataConfig, AugmentConfig))
         given = given_flags(argv)
         planned = args.time is not None and not (args.resume or args.load or given & set(NETWORK_FLAGS))
         model_config = dataclasses.replace(config_from(ModelConfig, flags), planned=planned)
         if args.time is not None and not args.resume:
-            configs[2] = dataclasses.replace(configs[2], planned=tuple(sorted(set(LIGHT_AUGMENT) - given)))
+            augment = dataclasses.replace(augment, planned=tuple(sorted(set(LIGHT_AUGMENT) - given)))
         # --resume and --load take the weights of the checkpoint, never --encoder-weights: it may have moved.
-        configs.append(model_config.check(reads_weights=not (args.resume or args.load)))
+        model_config = model_config.check(reads_weights=not (args.resume or args.load))
         if planned and model_config.encoder_weights not in ("imagenet", "none"):
             weights_file_encoder(model_config.encoder_weights)  # a file of one of the candidates' networks
-        _, data, augment, model_config = configs
         if augment.crop_size is not None:
             model_config.check_training_side(augment.crop_size, "--crop-size", zero="0 (no crop) ")
         if data.dataset == "shapes":
             model_config.check_training_side(data.image_size, "--image-size")
     except (ConfigError, CheckpointError, EncoderWeightsError) as e:
         p.error(str(e))
-    return (*configs, flags)
+    return config, data, augment, model_config, flags
 
 
 def given_flags(argv):
