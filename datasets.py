@@ -298,11 +298,11 @@ class MaskLayout:
 
 
 def half_counts(classes):
-    """Pixels of each class id (5 x (IGNORE_INDEX + 1) counts) in the class map `classes` (H x W), in its top,
-    bottom, left and right halves (the middle row or column of an odd side in neither), and in the whole map."""
+    """Pixels of each class id (5 x (IGNORE_INDEX + 1) counts) in the class map `classes` (H x W): in the whole
+    map, then in its top, bottom, left and right halves (the middle row or column of an odd side in neither)."""
     height, width = classes.shape
-    parts = (classes[:height // 2], classes[height - height // 2:], classes[:, :width // 2],
-             classes[:, width - width // 2:], classes)
+    parts = (classes, classes[:height // 2], classes[height - height // 2:], classes[:, :width // 2],
+             classes[:, width - width // 2:])
     return np.stack([np.bincount(part.ravel(), minlength=IGNORE_INDEX + 1) for part in parts])
 
 
@@ -317,10 +317,10 @@ def mask_layout(dataset, num_classes, limit=64, most_pixels=64_000_000):
         except DatasetError:
             if not getattr(dataset, "skip_bad", False):
                 raise
-        if counts[4].sum() >= most_pixels:
+        if counts[0].sum() >= most_pixels:
             break
     counts = counts[:, :num_classes]
-    top, bottom, left, right, whole = counts / np.maximum(1.0, counts.sum(axis=1, keepdims=True))
+    whole, top, bottom, left, right = counts / np.maximum(1.0, counts.sum(axis=1, keepdims=True))
     return MaskLayout(whole, 0.5 * float(np.abs(top - bottom).sum()), 0.5 * float(np.abs(left - right).sum()))
 
 

@@ -714,7 +714,9 @@ def prepare_data(config, data, augment, device, main_process):
               f"{data.image_size}", file=sys.stderr)
     val_set = build_dataset(data, "val", full_resolution=True)
     train_set = build_dataset(data, "train")
-    masks = mask_layout(train_set, len(train_set.classes))
+    # The masks are read only where a default needs them: the vertical flips' and the balanced class weights'.
+    needs_masks = augment.vflip is None or config.class_weights == ["balanced"]
+    masks = mask_layout(train_set, len(train_set.classes)) if needs_masks else None
     fp = fingerprint(train_set, val_set, load_scale(data.dataset, data.scale), masks)
     vflip_given = augment.vflip is not None
     batch_size, augment = fit_recipe(config, augment, fp, device.type)

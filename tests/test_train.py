@@ -399,6 +399,18 @@ def test_data_with_no_up_and_down_train_with_vertical_flips_and_eval_averages_fo
     assert not json.loads(scores.read_text())["options"]["tta_vflip"]
 
 
+def test_the_masks_are_not_read_where_no_default_needs_them(tmp_path, monkeypatch):
+    def unwanted(*args):
+        raise AssertionError("the masks were read for nothing")
+
+    monkeypatch.setattr(train, "mask_layout", unwanted)
+    run_dir = train.main(TINY + ["--epochs", "1", "--vflip", "0", "--class-weights", "none",
+                                 "--checkpoint-dir", str(tmp_path)])
+    assert json.loads((run_dir / "args.json").read_text())["vflip"] == 0
+    with pytest.raises(AssertionError, match="read for nothing"):
+        train.main(TINY + ["--epochs", "1", "--vflip", "0", "--checkpoint-dir", str(tmp_path)])  # balanced weights
+
+
 def test_the_shared_micrographs_get_vertical_flips_and_photos_do_not(shared_data):
     """The rule on real masks: the VNC stack and ISBI 2012 (sections of tissue) have no up and down; the VOC
     subset (sky above ground) and the Carvana sample (each car above its shadow) do."""
