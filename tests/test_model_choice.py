@@ -52,9 +52,14 @@ def test_a_short_budget_takes_the_fastest_candidate_a_long_one_the_best_curve():
     assert choose(long).network == best
 
 
-def test_choose_prefers_more_steps_between_near_equals():
+def test_choose_takes_the_higher_share_and_more_steps_between_equals():
     ties = [Timed("resnet34", "none", 0.8, 1.0, 10_000), Timed("resnet34", "none", 0.5, 1.0, 20_000)]
     assert choose(ties).steps == 20_000
+    # The curves' last points: unet16 1.00 at 1,500 steps, the ResNet-18 U-Net 0.99. With more steps and a step
+    # timed faster (a probe's noise between two networks of about the same speed), it still scores lower.
+    unet16, resnet18 = Timed("unet16", "none", 0.32, 1.0, 1_670), Timed("resnet18", "none", 0.30, 1.0, 1_760)
+    assert (unet16.expected, resnet18.expected) == (1.0, 0.99)
+    assert choose([resnet18, unet16]) is unet16
     worse = Timed("resnet18", "none", 0.1, 1.0, 5)  # far more steps but a much lower expected share
     better = Timed("resnet34", "none", 0.8, 1.0, 10_000)
     assert choose([worse, better]) is better
