@@ -27,8 +27,7 @@ from drawing import greyed, is_huge, mask_suffix, plot_confusion_matrix, viewabl
 from errors import ConfigError, DatasetError, UserError, check_at_least, error_line
 from flags import add_dataset_args, add_inference_args, config_from
 from images import IMAGE_EXTENSIONS, read_image
-from inference import (InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, stack_batch, trained_flips,
-                       use_precision)
+from inference import InferenceConfig, Planner, for_model, predict_probs_or_tile, probs_to_labels, stack_batch
 from metrics import IGNORE_INDEX, SCORE_NAMES, ConfusionMatrix, absent_classes, score_text
 from outputs import MARK, MARK_KEY, Planned, check_folder_outputs, check_outputs
 from pairs import list_files, listing
@@ -286,7 +285,6 @@ def evaluate_checkpoint(config, given, inference):
         classes = read_class_names(given["class_names"])
         check_class_names(classes, len(checkpoint["classes"]), given["class_names"])
         checkpoint = {**checkpoint, "classes": classes}  # in the overlays' keys too
-    inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
     save_labels, overlays, confusion_png = config.save_labels, config.overlays, config.confusion
     report_dir = config.report
     if eval_mode:
@@ -314,7 +312,7 @@ def evaluate_checkpoint(config, given, inference):
         check_classes(dataset, checkpoint)
     check_output_paths(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
                   {"--save-labels": save_labels, "--overlays": overlays, "--report": report_dir})
-    inference = trained_flips(use_precision(model, inference), checkpoint.get("args", {}).get("vflip"))
+    inference = for_model(inference, model, checkpoint, trained_scale(checkpoint))
     device = next(model.parameters()).device
     num_classes = max(checkpoint["model_args"]["num_classes"], 2)
     confusion = ConfusionMatrix(num_classes, dataset.ignore_index, device)

@@ -63,6 +63,14 @@ class InferenceConfig:
                 "flips": flip_dims(self.tta, self.tta_vflip), "amp_dtype": AMP_DTYPES[self.amp]}
 
 
+def for_model(config, model, checkpoint, trained_scale, log=print):
+    """config resolved for a checkpoint's model, as eval.py and predict.py run it: at the scale it was trained at
+    (`trained_scale`) unless --scale gives one, in the precision and layout of its device (use_precision, which
+    also lays out the model), and averaging the flips it learnt (trained_flips)."""
+    config = replace(config, scale=config.scale or trained_scale)
+    return trained_flips(use_precision(model, config, log), checkpoint.get("args", {}).get("vflip"), log)
+
+
 def use_precision(model, config, log=print):
     """Choose the precision and layout that config's --amp and --channels-last select on the model's device
     (precision.choose_precision), say which through `log`, and put the model in channels_last when chosen.

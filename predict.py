@@ -30,8 +30,8 @@ from drawing import TIFF_MASK_PIXELS, is_huge, mask_suffix, viewable, viz_pictur
 from errors import ConfigError, DatasetError, UserError, check_at_least, one_line
 from flags import add_inference_args, config_from, finite_float
 from images import IMAGE_EXTENSIONS, TIFF_SUFFIXES, header_size, is_tiff, read_image
-from inference import (InferenceConfig, Planner, predict_probs_or_tile, probs_to_labels, sliding_window_bands,
-                       stack_batch, tile_grid, trained_flips, use_precision)
+from inference import (InferenceConfig, Planner, for_model, predict_probs_or_tile, probs_to_labels,
+                       sliding_window_bands, stack_batch, tile_grid)
 from outputs import Planned, check_outputs, is_own_output
 from progress import Progress
 from utils import count, pick_device, warn
@@ -423,9 +423,7 @@ def main(argv=None):
     if args.mask_threshold is not None and classes > 1:
         say(f"note: -t applies to single-logit models; this one has {classes} classes, labels are the argmax")
     # The model sees images at the scale it was trained at (Carvana: half size) unless -s says otherwise.
-    inference = dataclasses.replace(inference, scale=inference.scale or trained_scale(checkpoint))
-    inference = trained_flips(use_precision(model, inference, log=say), checkpoint.get("args", {}).get("vflip"),
-                              log=say)
+    inference = for_model(inference, model, checkpoint, trained_scale(checkpoint), log=say)
     planner = Planner(model, checkpoint["normalize"], inference.options(), classes, inference.max_memory,
                       inference.tile, args.batch_size, log=say)
     threshold = 0.5 if args.mask_threshold is None else args.mask_threshold
