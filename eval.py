@@ -277,53 +277,29 @@ def main(argv=None):
 def evaluate_checkpoint(config, given, inference):
     """Score (or only segment) the data that `given` (the data flags, None where left out) selects; returns the
     scores, or None without true masks. UserError for bad input."""
-    eval_mode = eval_folder_mode(given, config.split)
+    config, given = with_eval_folder(config, given)
     checkpoint_path = find_checkpoint(config.model)
     model, checkpoint = load_model(checkpoint_path, pick_device(config.device))
-    classes = list(checkpoint["classes"])
     if given["class_names"]:  # other names for the checkpoint's classes
         classes = read_class_names(given["class_names"])
         check_class_names(classes, len(checkpoint["classes"]), given["class_names"])
         checkpoint = {**checkpoint, "classes": classes}  # in the overlays' keys too
-    save_labels, overlays, confusion_png = config.save_labels, config.overlays, config.confusion
-    report_dir = config.report
-    if eval_mode:
-        given = {**given, "images": str(EVAL_DIR / "images"),
-                 "masks": str(EVAL_DIR / "masks") if holds_images(EVAL_DIR / "masks") else None}
-        save_labels = save_labels or str(EVAL_DIR / "labels")
-        confusion_png = confusion_png or (str(EVAL_DIR / "confusion.png") if given["masks"] else None)
-        report_dir = report_dir or (str(EVAL_DIR / "report") if given["masks"] else None)
-    if given["images"] and not given["masks"]:
-        for flag, path in (("--report", report_dir), ("--json", config.json), ("--confusion", confusion_png)):
-            if path:
-                raise ConfigError(f"{flag} needs the true masks: add --masks DIR (label images alone: "
-                                  f"--save-labels DIR)")
-        if not (save_labels or overlays):
-            raise ConfigError("--images without --masks only writes label images: add --save-labels DIR "
-                              "(or --masks DIR to score them)")
-        dataset = ImageFiles(given["images"], checkpoint["normalize"].get("form"))
-        what, data, split = f"{given['images']} (no masks)", None, None
-    else:
-        data, split = choose_data(given, config.split, checkpoint)
-        dataset = build_dataset(data, split, full_resolution=True)
-        where = (f"{data.images} + {data.masks}" if data.dataset == "folder" and data.images else
-                 data.pairs if data.dataset == "folder" and data.pairs else data.dataset)
-        what = f"{where} {split}"
-        check_classes(dataset, checkpoint)
-    check_output_paths(dataset, checkpoint_path, {"--json": config.json, "--confusion": confusion_png},
-                  {"--save-labels": save_labels, "--overlays": overlays, "--report": report_dir})
+    classes = list(checkpoint["classes"])
+    dataset, data, split, what = open_data(config, given, checkpoint)
+    check_output_paths(dataset, checkpoint_path, {"--json": config.json, "--confusion": config.confusion},
+                       {"--save-labels": config.save_labels, "--overlays": config.overlays, "--report": config.report})
     inference = for_model(inference, model, checkpoint, trained_scale(checkpoint))
     device = next(model.parameters()).device
     num_classes = max(checkpoint["model_args"]["num_classes"], 2)
     confusion = ConfusionMatrix(num_classes, dataset.ignore_index, device)
-    gallery = Gallery(num_classes, dataset.ignore_index) if report_dir else None
+    gallery = Gallery(num_classes, dataset.ignore_index) if config.report else None
     start = time.perf_counter()
     done, failures = segment(model, checkpoint, dataset, inference, config.batch_size, config.workers, confusion,
-                              save_labels, overlays, on_image=gallery.add if gallery else None)
+                             config.save_labels, config.overlays, on_image=gallery.add if gallery else None)
     seconds = time.perf_counter() - start
     print(f"{checkpoint_path} on {what}: {count(done, 'image')} in {seconds:.1f} s "
           f"({done / max(seconds, 1e-9):.2f} images/s, scale {inference.scale:g})")
-    for kind, folder in [("label image", save_labels), ("overlay", overlays)]:
+    for kind, folder in [("label image", config.save_labels), ("overlay", config.overlays)]:
         if folder:
             print(f"wrote {count(done, kind)} to {Path(folder)}")
     if data is None:
@@ -332,32 +308,78 @@ def evaluate_checkpoint(config, given, inference):
         return None
     metrics = confusion.compute()
     print(format_table(metrics, classes))
+    run = {"checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset, "split": split, "images": done,
+           "classes": classes, "mask_values": list(checkpoint["mask_values"]), "options": dataclasses.asdict(inference)}
+    save_scores(config, run, metrics, confusion, void_share(confusion, data), gallery, failures)
+    check_complete(failures, done)
+    return metrics
+
+
+def with_eval_folder(config, given):
+    """(config, given) with eval/'s images and masks, and its outputs where no flag names them, when eval.py runs
+    with no data flag and an eval/ folder is there (eval_folder_mode); else as they are."""
+    if not eval_folder_mode(given, config.split):
+        return config, given
+    given = {**given, "images": str(EVAL_DIR / "images"),
+             "masks": str(EVAL_DIR / "masks") if holds_images(EVAL_DIR / "masks") else None}
+    scored = given["masks"] is not None
+    config = dataclasses.replace(
+        config, save_labels=config.save_labels or str(EVAL_DIR / "labels"),
+        confusion=config.confusion or (str(EVAL_DIR / "confusion.png") if scored else None),
+        report=config.report or (str(EVAL_DIR / "report") if scored else None))
+    return config, given
+
+
+def open_data(config, given, checkpoint):
+    """(dataset, DataConfig or None, split, the words that name it): the images and masks `given` selects read as
+    the checkpoint's, or images alone (no DataConfig), which only --save-labels and --overlays can use."""
+    if given["images"] and not given["masks"]:
+        for flag, path in (("--report", config.report), ("--json", config.json), ("--confusion", config.confusion)):
+            if path:
+                raise ConfigError(f"{flag} needs the true masks: add --masks DIR (label images alone: "
+                                  f"--save-labels DIR)")
+        if not (config.save_labels or config.overlays):
+            raise ConfigError("--images without --masks only writes label images: add --save-labels DIR "
+                              "(or --masks DIR to score them)")
+        dataset = ImageFiles(given["images"], checkpoint["normalize"].get("form"))
+        return dataset, None, None, f"{given['images']} (no masks)"
+    data, split = choose_data(given, config.split, checkpoint)
+    dataset = build_dataset(data, split, full_resolution=True)
+    where = (f"{data.images} + {data.masks}" if data.dataset == "folder" and data.images else
+             data.pairs if data.dataset == "folder" and data.pairs else data.dataset)
+    check_classes(dataset, checkpoint)
+    return dataset, data, split, f"{where} {split}"
+
+
+def void_share(confusion, data):
+    """The share of the true pixels that are void, with a warning where it is most of them and no region of
+    interest explains it: masks of another task, whose classes this checkpoint reads as void."""
     void = int(confusion.ignored)
-    void_share = void / max(1, void + int(confusion.mat.sum()))
-    if void_share > 0.5 and not data.roi:  # outside a region of interest, void is expected
+    share = void / max(1, void + int(confusion.mat.sum()))
+    if share > 0.5 and not data.roi:  # outside a region of interest, void is expected
         value = f"colour {data.void_color}" if data.void_color else f"mask value {data.ignore_index}"
-        warn(f"{void_share:.0%} of the true pixels are void ({value}) and were not scored; "
+        warn(f"{share:.0%} of the true pixels are void ({value}) and were not scored; "
              f"if that value is a class of these masks, they are not masks of this checkpoint's task")
-    if confusion_png:
-        plot_confusion_matrix(confusion.mat.cpu().numpy(), classes, confusion_png)
-        print(f"wrote {confusion_png}")
+    return share
+
+
+def save_scores(config, run, metrics, confusion, void, gallery, failures):
+    """The --confusion picture, the --json scores and the --report page; `run` says what was scored and how."""
+    matrix, classes = confusion.mat.cpu(), run["classes"]
+    if config.confusion:
+        plot_confusion_matrix(matrix.numpy(), classes, config.confusion)
+        print(f"wrote {config.confusion}")
     if config.json:
-        scores = {MARK_KEY: MARK, "checkpoint": str(checkpoint_path), "data": what, "dataset": data.dataset,
-                  "split": split, "images": done, "classes": classes, "mask_values": list(checkpoint["mask_values"]),
-                  "options": dataclasses.asdict(inference), **metrics,
-                  "absent_classes": absent_classes(metrics, classes), "left_out": failures,
-                  "confusion_matrix": confusion.mat.cpu().tolist()}
+        scores = {MARK_KEY: MARK, **run, **metrics, "absent_classes": absent_classes(metrics, classes),
+                  "left_out": failures, "confusion_matrix": matrix.tolist()}
         with open(config.json, "w") as f:
             json.dump(_nan_to_none(scores), f, indent=2)
         print(f"wrote {config.json}")
-    if report_dir:
-        page = write_report(report_dir, checkpoint=checkpoint_path, data=what, count=done, metrics=metrics,
-                            matrix=confusion.mat.cpu().numpy(), classes=classes,
-                            mask_values=list(checkpoint["mask_values"]), gallery=gallery,
-                            options=dataclasses.asdict(inference), left_out=failures, void_share=void_share)
+    if config.report:
+        page = write_report(config.report, checkpoint=run["checkpoint"], data=run["data"], count=run["images"],
+                            metrics=metrics, matrix=matrix.numpy(), classes=classes, mask_values=run["mask_values"],
+                            gallery=gallery, options=run["options"], left_out=failures, void_share=void)
         print(f"wrote {page} (open it in a browser; the pictures beside it belong to it)")
-    check_complete(failures, done)
-    return metrics
 
 
 def check_complete(failures, done):
